@@ -1,0 +1,42 @@
+"""Q-GaLore for JAX/Optax: low-rank projected Adam with an INT4 projector and adaptive refresh.
+
+See ``SPEC.md`` sections 1-5 and 7 (numerical contract) and arXiv 2407.08296 (the method).
+"""
+
+from qgalore_jax._src.projector import compute_projector
+from qgalore_jax._src.projector import project
+from qgalore_jax._src.projector import project_back
+from qgalore_jax._src.projector import projector_side
+from qgalore_jax._src.projector import sign_canonical
+from qgalore_jax._src.qgalore import ScaleByQGaLoreState
+from qgalore_jax._src.qgalore import projection_stats
+from qgalore_jax._src.qgalore import qgalore_adamw
+from qgalore_jax._src.qgalore import scale_by_qgalore
+from qgalore_jax._src.quantization import QuantizedArray
+from qgalore_jax._src.quantization import dequantize
+from qgalore_jax._src.quantization import pack_int4
+from qgalore_jax._src.quantization import quantize
+from qgalore_jax._src.quantization import quantized_nbytes
+from qgalore_jax._src.quantization import unpack_int4
+from qgalore_jax._src.schedule import SubspaceState
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "QuantizedArray",
+    "ScaleByQGaLoreState",
+    "SubspaceState",
+    "compute_projector",
+    "dequantize",
+    "pack_int4",
+    "project",
+    "project_back",
+    "projection_stats",
+    "projector_side",
+    "qgalore_adamw",
+    "quantize",
+    "quantized_nbytes",
+    "scale_by_qgalore",
+    "sign_canonical",
+    "unpack_int4",
+)

@@ -1,0 +1,430 @@
+"""Q-GaLore as optax gradient transformations (SPEC sections 1, 2, 4, 5 and 7).
+
+``scale_by_qgalore`` is the core transform: projected Adam on every leaf it is given, with
+no learning rate and no decay. ``qgalore_adamw`` is the user alias: it routes the leaves
+selected by ``mask`` to ``scale_by_qgalore`` and the rest to ``optax.scale_by_adam``, then
+adds decoupled weight decay and the learning rate, in the order of ``optax.adamw``.
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from qgalore_jax._src import projector as proj
+from qgalore_jax._src import schedule
+from qgalore_jax._src.checks import check_bits, check_int, check_number
+
+_is_masked = lambda x: isinstance(x, optax.MaskedNode)
+
+
+class ScaleByQGaLoreState(NamedTuple):
+  """State of :func:`scale_by_qgalore`: arrays only, so it checkpoints with orbax.
+
+  ``mu``, ``nu``, ``projector`` and ``subspace`` are pytrees shaped like the params, with
+  one entry per projected matrix (``optax.MaskedNode`` where a leaf is not routed here).
+  """
+
+  count: jax.Array  # int32 []: updates done so far (the 0-based step of the next update)
+  mu: optax.Updates  # mu_dtype [m, r] ("right") or [r, n] ("left"): low-rank first moment
+  nu: optax.Updates  # float32, same shapes as mu: low-rank second moment
+  projector: optax.Updates  # QuantizedArray (packed codes) or float32 [r, k] per matrix
+  subspace: optax.Updates  # schedule.SubspaceState per matrix
+
+
+def _path_str(path) -> str:
+  return jax.tree_util.keystr(path) or "<root>"
+
+
+def _canonical_shape(shape: tuple[int, ...], axis: int) -> tuple[int, int]:
+  """(out, in) shape of a 2-D leaf whose input axis is ``axis`` (0 or 1)."""
+  return (shape[1], shape[0]) if axis == 0 else (shape[0], shape[1])
+
+
+def _to_canonical(x: jax.Array, axis: int) -> jax.Array:
+  return x.T if axis == 0 else x
+
+
+def _resolve_input_axes(params, input_axis, where: str):
+  """Per-leaf input axis (0 or 1), validated, with MaskedNode where params have one."""
+  if callable(input_axis):
+    input_axis = input_axis(params)
+  if isinstance(input_axis, int) and not isinstance(input_axis, bool):
+    axes = jax.tree.map(lambda p: p if _is_masked(p) else input_axis, params, is_leaf=_is_masked)
+  else:
+    try:
+      axes = jax.tree.map(
+          lambda p, a: p if _is_masked(p) else a, params, input_axis, is_leaf=_is_masked
+      )
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+          f"`input_axis` must be an int or a pytree of ints with the structure of the params"
+          f" given to {where}: {e}"
+      ) from None
+  checked = []
+  flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
+  for (path, p), a in zip(flat_params, jax.tree.leaves(axes), strict=True):
+    name = _path_str(path)
+    if getattr(p, "ndim", None) != 2:
+      raise ValueError(
+          f"{where} projects 2-D matrices only, but parameter {name} has shape"
+          f" {getattr(p, 'shape', None)}; route other leaves elsewhere (e.g. qgalore_adamw's"
+          f" `mask`)"
+      )
+    if isinstance(a, bool) or not isinstance(a, int) or a not in (-2, -1, 0, 1):
+      raise ValueError(f"`input_axis` for parameter {name} must be 0 or 1, got {a!r}")
+    checked.append(a % 2)
+  return checked
+
+
+def scale_by_qgalore(
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_bits: int | None = 4,
+    proj_group_size: int = 256,
+    cos_threshold: float = 0.4,
+    gamma_proj: float = 2,
+    queue_size: int = 5,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    mu_dtype: Any | None = None,
+    input_axis: int | Any | Callable[[optax.Params], Any] = 0,
+) -> optax.GradientTransformation:
+  r"""Projected Adam in an adaptive, INT4-stored low-rank gradient subspace (Q-GaLore).
+
+  Every leaf given to this transform must be a 2-D matrix; read through its input axis it
+  is the canonical (out, in) matrix :math:`W \in \mathbb{R}^{m \times n}` (SPEC section 1).
+  With :math:`r = \min(\text{rank}, m, n)` and the projector :math:`P` found by SVD of the
+  gradient :math:`G` on refresh steps (stored group-wise quantised, always used dequantised):
+
+  .. math::
+
+    R_t &= G_t P^\top \;(m \ge n) \quad\text{or}\quad P^\top G_t \;(m < n) \\
+    \mu_t &= \beta_1 \mu_{t-1} + (1 - \beta_1) R_t, \qquad
+    \nu_t = \beta_2 \nu_{t-1} + (1 - \beta_2) R_t^2 \\
+    u_t &= \frac{\mu_t / (1 - \beta_1^t)}{\sqrt{\nu_t / (1 - \beta_2^t)} + \epsilon}, \qquad
+    \text{update}_t = \text{scale} \cdot (u_t P \;\text{or}\; P u_t)
+
+  Each matrix refreshes its projector on its own schedule (SPEC section 4): every ``gap``
+  steps, where ``gap`` starts at ``update_proj_gap`` and is multiplied by ``gamma_proj``
+  whenever the mean cosine of the last ``queue_size`` successive top singular vectors is at
+  least ``cos_threshold``. The SVD runs only on refresh steps, inside ``lax.cond``.
+
+  A refresh whose gradient (or SVD) is not finite is skipped: the old projector and
+  schedule are kept, and the matrix tries again at its next refresh step (every step while
+  it has no projector yet). The moments follow optax's ``scale_by_adam`` semantics and are
+  not protected; wrap the optimizer in ``optax.apply_if_finite`` to skip such steps whole.
+
+  Args:
+    rank: rank of the subspace; clamped to ``min(m, n)`` per matrix.
+    update_proj_gap: initial refresh interval ``T`` in steps.
+    scale: GaLore's ``alpha``, multiplies the back-projected update.
+    proj_bits: bits of the stored projector (1..8; 4 or fewer are packed two per byte), or
+      ``None`` for a float32 projector (plain GaLore storage).
+    proj_group_size: elements per quantisation group of the projector.
+    cos_threshold: mean cosine in [-1, 1] at or above which the gap grows.
+    gamma_proj: growth factor of the gap (>= 1); 1 disables adaptive refresh.
+    queue_size: number of recent cosines averaged (>= 1).
+    b1: decay of the first moment.
+    b2: decay of the second moment.
+    eps: added to the root of the second moment.
+    mu_dtype: dtype of the stored first moment; ``None`` keeps it float32.
+    input_axis: which axis of each leaf is its input axis: ``0`` for Flax kernels
+      (in, out), ``1`` for arrays stored (out, in); an int, a pytree of ints shaped like
+      the params, or a callable on the params returning one.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose updates have each gradient's dtype.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from qgalore_jax import scale_by_qgalore
+    >>> params = {"w": jnp.ones((8, 4))}
+    >>> tx = optax.chain(scale_by_qgalore(rank=2), optax.scale_by_learning_rate(1e-2))
+    >>> state = tx.init(params)
+    >>> grads = {"w": jnp.arange(32.0).reshape(8, 4)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> updates["w"].shape
+    (8, 4)
+
+  References:
+    Zhang et al., `Q-GaLore: Quantized GaLore with INT4 Projection and Layer-Adaptive
+    Low-Rank Gradients <https://arxiv.org/abs/2407.08296>`_, 2024.
+    Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection
+    <https://arxiv.org/abs/2403.03507>`_, 2024.
+  """
+  check_int(rank, "rank")
+  check_int(update_proj_gap, "update_proj_gap")
+  check_number(scale, "scale")
+  if proj_bits is not None:
+    check_bits(proj_bits, "proj_bits")
+  check_int(proj_group_size, "proj_group_size")
+  check_number(cos_threshold, "cos_threshold", -1.0, 1.0)
+  check_number(gamma_proj, "gamma_proj", 1.0)
+  if not isinstance(gamma_proj, (int, float)):
+    raise TypeError(f"`gamma_proj` must be a Python number, got {type(gamma_proj).__name__}")
+  check_int(queue_size, "queue_size")
+  check_number(b1, "b1", 0.0, 1.0, high_open=True)
+  check_number(b2, "b2", 0.0, 1.0, high_open=True)
+  check_number(eps, "eps", 0.0)
+  mu_dtype = jnp.float32 if mu_dtype is None else jnp.dtype(mu_dtype)
+
+  def leaf_layout(p, axis):
+    shape = _canonical_shape(p.shape, axis)
+    r, k = proj.basis_shape(shape, rank)
+    side = proj.projector_side(shape)
+    low_rank_shape = (shape[0], r) if side == proj.RIGHT else (r, shape[1])
+    return shape, (r, k), side, low_rank_shape
+
+  def init_leaf(p, axis):
+    _, basis_shape, _, low_rank_shape = leaf_layout(p, axis)
+    return (
+        jnp.zeros(low_rank_shape, mu_dtype),
+        jnp.zeros(low_rank_shape, jnp.float32),
+        proj.store_projector(jnp.zeros(basis_shape, jnp.float32), proj_bits, proj_group_size),
+        schedule.init_subspace(basis_shape[1], update_proj_gap, queue_size),
+    )
+
+  def update_leaf(g, mu, nu, stored, subspace, axis, count, count_inc):
+    shape, basis_shape, side, _ = leaf_layout(g, axis)
+    g_MxN = _to_canonical(g, axis).astype(jnp.float32)
+
+    def refresh(carry):
+      old_stored, old_subspace = carry
+      finite = jnp.all(jnp.isfinite(g_MxN))
+      basis_RxK = proj.compute_projector(jnp.where(finite, g_MxN, 0.0), rank)
+      ok = finite & jnp.all(jnp.isfinite(basis_RxK))
+      new = (
+          proj.store_projector(basis_RxK, proj_bits, proj_group_size),
+          schedule.record_refresh(old_subspace, basis_RxK[0], cos_threshold, gamma_proj),
+      )
+      return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, carry)
+
+    stored, subspace = jax.lax.cond(
+        schedule.refresh_due(subspace, count), refresh, lambda carry: carry, (stored, subspace)
+    )
+    basis_RxK = proj.load_projector(stored, basis_shape, proj_bits, proj_group_size)
+    r = proj.project(g_MxN, basis_RxK)
+    mu = (1 - b1) * r + b1 * mu.astype(jnp.float32)
+    nu = (1 - b2) * (r * r) + b2 * nu
+    mu_hat = mu / (1 - b1**count_inc).astype(jnp.float32)
+    nu_hat = nu / (1 - b2**count_inc).astype(jnp.float32)
+    u = mu_hat / (jnp.sqrt(nu_hat) + eps)
+    direction_MxN = scale * proj.project_back(u, basis_RxK, side)
+    direction = _to_canonical(direction_MxN, axis).astype(g.dtype)
+    return direction, mu.astype(mu_dtype), nu, stored, subspace
+
+  def init_fn(params):
+    axes = _resolve_input_axes(params, input_axis, "scale_by_qgalore")
+    leaves, treedef = jax.tree.flatten(params)
+    if not leaves:
+      return ScaleByQGaLoreState(jnp.zeros([], jnp.int32), params, params, params, params)
+    per_leaf = [init_leaf(p, a) for p, a in zip(leaves, axes, strict=True)]
+    mu, nu, stored, subspace = (treedef.unflatten(field) for field in zip(*per_leaf, strict=True))
+    return ScaleByQGaLoreState(jnp.zeros([], jnp.int32), mu, nu, stored, subspace)
+
+  def update_fn(updates, state, params=None):
+    del params
+    axes = _resolve_input_axes(updates, input_axis, "scale_by_qgalore")
+    leaves, treedef = jax.tree.flatten(updates)
+    count_inc = optax.safe_increment(state.count)
+    if not leaves:
+      return updates, state._replace(count=count_inc)
+    per_leaf = [
+        update_leaf(g, mu, nu, stored, sub, a, state.count, count_inc)
+        for g, mu, nu, stored, sub, a in zip(
+            leaves,
+            treedef.flatten_up_to(state.mu),
+            treedef.flatten_up_to(state.nu),
+            treedef.flatten_up_to(state.projector),
+            treedef.flatten_up_to(state.subspace),
+            axes,
+            strict=True,
+        )
+    ]
+    new_updates, mu, nu, stored, subspace = (
+        treedef.unflatten(field) for field in zip(*per_leaf, strict=True)
+    )
+    return new_updates, ScaleByQGaLoreState(count_inc, mu, nu, stored, subspace)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _resolve_mask(mask, params):
+  """Bool pytree shaped like params: which leaves are projected (validated)."""
+  if mask is None:
+    return jax.tree.map(lambda p: jnp.ndim(p) == 2, params)
+  selected = mask(params) if callable(mask) else mask
+  if jax.tree.structure(selected) != jax.tree.structure(params):
+    raise ValueError(
+        "`mask` must have the structure of the params: got "
+        f"{jax.tree.structure(selected)}, params are {jax.tree.structure(params)}"
+    )
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  for (path, p), s in zip(flat, jax.tree.leaves(selected), strict=True):
+    if not isinstance(s, bool) and getattr(s, "dtype", None) != bool:
+      raise TypeError(f"`mask` leaf for parameter {_path_str(path)} must be a bool, got {s!r}")
+    if bool(s) and jnp.ndim(p) != 2:
+      raise ValueError(
+          f"`mask` selects parameter {_path_str(path)} of shape {jnp.shape(p)}, but only 2-D"
+          " matrices can be projected"
+      )
+  return selected
+
+
+def qgalore_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    *,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_bits: int | None = 4,
+    proj_group_size: int = 256,
+    cos_threshold: float = 0.4,
+    gamma_proj: float = 2,
+    queue_size: int = 5,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
+    input_axis: int | Any | Callable[[optax.Params], Any] = 0,
+    mu_dtype: Any | None = None,
+) -> optax.GradientTransformation:
+  r"""AdamW with Q-GaLore on the selected matrices: a drop-in for ``optax.adamw``.
+
+  Leaves selected by ``mask`` get :func:`scale_by_qgalore`; the others get
+  ``optax.scale_by_adam`` with the same ``b1, b2, eps``. Then, for every leaf,
+
+  .. math::
+
+    W \leftarrow W - \eta_t \, (\text{direction} + \lambda W)
+
+  (decoupled weight decay on the old weights, as ``optax.adamw``; SPEC section 5).
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    b1: decay of the first moment.
+    b2: decay of the second moment.
+    eps: added to the root of the second moment.
+    weight_decay: decoupled weight decay ``lambda`` applied to every leaf.
+    rank: see :func:`scale_by_qgalore`.
+    update_proj_gap: see :func:`scale_by_qgalore`.
+    scale: see :func:`scale_by_qgalore`.
+    proj_bits: see :func:`scale_by_qgalore`; ``None`` keeps a float32 projector.
+    proj_group_size: see :func:`scale_by_qgalore`.
+    cos_threshold: see :func:`scale_by_qgalore`.
+    gamma_proj: see :func:`scale_by_qgalore`; 1 gives plain GaLore's fixed gap.
+    queue_size: see :func:`scale_by_qgalore`.
+    mask: which leaves are projected: a pytree of bools shaped like the params, or a
+      callable on the params returning one. Default: every 2-D leaf. (Unlike
+      ``optax.adamw``'s ``mask``, this selects projection, not weight decay.)
+    input_axis: input axis of each projected leaf: 0 for Flax kernels (default), 1 for
+      (out, in) arrays; an int, a pytree of ints or a callable (see
+      :func:`scale_by_qgalore`).
+    mu_dtype: dtype of the stored first moments (default float32 for projected leaves,
+      the param dtype for the others, as ``optax.scale_by_adam``).
+
+  Returns:
+    An ``optax.GradientTransformation``. Under ``optax.inject_hyperparams``, pass callable
+    ``mask``/``input_axis`` and non-default ints such as ``rank`` in ``static_args``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from qgalore_jax import qgalore_adamw, projection_stats
+    >>> params = {"kernel": jnp.ones((16, 8)), "bias": jnp.zeros((8,))}
+    >>> tx = qgalore_adamw(1e-3, rank=4, weight_decay=0.01)
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> int(projection_stats(state)["kernel"]["svd_count"])
+    1
+
+  References:
+    Zhang et al., `Q-GaLore: Quantized GaLore with INT4 Projection and Layer-Adaptive
+    Low-Rank Gradients <https://arxiv.org/abs/2407.08296>`_, 2024.
+    Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection
+    <https://arxiv.org/abs/2403.03507>`_, 2024.
+    Loshchilov and Hutter, `Decoupled Weight Decay Regularization
+    <https://arxiv.org/abs/1711.05101>`_, 2019.
+  """
+  if not callable(learning_rate):
+    check_number(learning_rate, "learning_rate")
+  check_number(weight_decay, "weight_decay", 0.0)
+  galore = scale_by_qgalore(
+      rank=rank,
+      update_proj_gap=update_proj_gap,
+      scale=scale,
+      proj_bits=proj_bits,
+      proj_group_size=proj_group_size,
+      cos_threshold=cos_threshold,
+      gamma_proj=gamma_proj,
+      queue_size=queue_size,
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      mu_dtype=mu_dtype,
+      input_axis=input_axis,
+  )
+  adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
+
+  def labels(params):
+    selected = _resolve_mask(mask, params)
+    return jax.tree.map(lambda s: "qgalore" if s else "adam", selected)
+
+  return optax.chain(
+      optax.partition({"qgalore": galore, "adam": adam}, labels),
+      optax.add_decayed_weights(weight_decay),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def _value(x):
+  """The array inside a Flax NNX variable, or ``x`` itself."""
+  return x.value if hasattr(x, "value") and not isinstance(x, jax.Array) else x
+
+
+def projection_stats(opt_state) -> Any:
+  """Per-matrix refresh statistics, for logging.
+
+  Args:
+    opt_state: the state of an optimizer that contains one :func:`scale_by_qgalore`
+      (e.g. from :func:`qgalore_adamw`, possibly inside ``optax.chain``,
+      ``optax.inject_hyperparams`` or ``flax.nnx.Optimizer``).
+
+  Returns:
+    A pytree shaped like the params: for each projected leaf a dict with int32 ``gap``
+    (current refresh interval), ``svd_count`` (SVDs so far) and ``num_cosines``, and float32
+    ``mean_cosine`` (mean of the filled cosine buffer, 0 while empty); ``None`` elsewhere.
+  """
+  found = [
+      s
+      for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ScaleByQGaLoreState))
+      if isinstance(s, ScaleByQGaLoreState)
+  ]
+  if len(found) != 1:
+    raise ValueError(f"expected one Q-GaLore state in `opt_state`, found {len(found)}")
+
+  def stats(sub):
+    if not isinstance(sub, schedule.SubspaceState):
+      return None
+    sub = schedule.SubspaceState(*map(_value, sub))
+    filled = jnp.arange(sub.cosines.shape[0]) >= sub.cosines.shape[0] - sub.num_cosines
+    total = jnp.sum(jnp.where(filled, sub.cosines, 0.0))
+    return {
+        "gap": sub.gap,
+        "svd_count": sub.svd_count,
+        "num_cosines": sub.num_cosines,
+        "mean_cosine": total / jnp.maximum(sub.num_cosines, 1),
+    }
+
+  return jax.tree.map(
+      stats,
+      found[0].subspace,
+      is_leaf=lambda x: isinstance(x, (schedule.SubspaceState, optax.MaskedNode)),
+  )

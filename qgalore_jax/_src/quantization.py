@@ -1,0 +1,140 @@
+"""Group-wise asymmetric quantisation and INT4 packing (SPEC section 3).
+
+A tensor is read as its canonical matrix, flattened row-major and cut into groups of
+``group_size`` consecutive elements; a trailing partial group is quantised on its own
+elements. With ``b`` bits and ``Q = 2**b - 1``, per group::
+
+  s = max(max - min, 1e-5) / Q
+  z = clamp(round(-min / s), 0, Q)          # round half to even
+  q = clamp(round(w / s) + z, 0, Q)
+  w_hat = s * (q - z)
+
+Codes of at most 4 bits are stored two per byte (element ``2k`` in the low nibble, ``2k + 1``
+in the high nibble), so a 4-bit tensor costs 0.5 byte per element plus 8 bytes per group.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from qgalore_jax._src.checks import check_bits, check_int
+
+MIN_RANGE = 1e-5  # floor of (max - min): a constant group gets a tiny, finite scale.
+
+
+class QuantizedArray(NamedTuple):
+  """A group-wise quantised tensor (SPEC section 3).
+
+  The shape, bit width and group size are not stored: they are static facts known to the
+  code that made the tensor, so the state holds arrays only.
+  """
+
+  codes: jax.Array  # uint8 [ceil(size / 2)] if bits <= 4 (packed), else uint8 [size]
+  scale: jax.Array  # float32 [num_groups]
+  zero: jax.Array  # float32 [num_groups]
+
+
+def num_groups(size: int, group_size: int) -> int:
+  """Number of quantisation groups for ``size`` elements (the last may be partial)."""
+  return -(-size // group_size)
+
+
+def _grouped(flat: jax.Array, group_size: int) -> jax.Array:
+  """Reshapes a flat vector to [num_groups, group_size], padding the last group.
+
+  The padding repeats the last element, which belongs to the last group, so it changes
+  neither that group's min nor its max.
+  """
+  pad = num_groups(flat.size, group_size) * group_size - flat.size
+  if pad:
+    flat = jnp.pad(flat, (0, pad), mode="edge")
+  return flat.reshape(-1, group_size)
+
+
+def pack_int4(codes: jax.Array) -> jax.Array:
+  """Packs 4-bit codes (uint8 values < 16) two per byte.
+
+  Args:
+    codes: uint8 vector of any length; element ``2k`` goes to the low nibble of byte ``k``,
+      element ``2k + 1`` to its high nibble. An odd trailing element leaves the high nibble 0.
+
+  Returns:
+    uint8 vector of length ``ceil(len(codes) / 2)``.
+  """
+  codes = codes.reshape(-1).astype(jnp.uint8)
+  if codes.size % 2:
+    codes = jnp.pad(codes, (0, 1))
+  pairs = codes.reshape(-1, 2)
+  return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def unpack_int4(packed: jax.Array, size: int) -> jax.Array:
+  """Inverse of :func:`pack_int4`: returns the first ``size`` 4-bit codes as uint8."""
+  pairs = jnp.stack([packed & 0xF, packed >> 4], axis=-1)
+  return pairs.reshape(-1)[:size]
+
+
+def quantize(x: jax.Array, bits: int = 4, group_size: int = 256) -> QuantizedArray:
+  """Quantises ``x`` group-wise with round-to-nearest (SPEC section 3).
+
+  ``x`` is flattened row-major (pass the canonical matrix: projector rows, or weights in
+  (out, in) layout) and computed in float32.
+
+  Args:
+    x: array of any shape and float dtype.
+    bits: code width, 1..8. Codes of 4 bits or fewer are packed two per byte.
+    group_size: number of consecutive elements sharing one scale and zero.
+
+  Returns:
+    A :class:`QuantizedArray`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from qgalore_jax import quantize, dequantize
+    >>> q = quantize(jnp.array([[0.0, 0.5], [1.0, -1.0]]), bits=4, group_size=4)
+    >>> q.codes.shape, q.scale.shape
+    ((2,), (1,))
+    >>> dequantize(q, (2, 2), bits=4, group_size=4)
+    Array([[ 0.        ,  0.53333336],
+           [ 1.        , -1.        ]], dtype=float32)
+  """
+  check_bits(bits)
+  check_int(group_size, "group_size")
+  levels = 2**bits - 1
+  flat = jnp.asarray(x, jnp.float32).reshape(-1)
+  groups = _grouped(flat, group_size)
+  lo = groups.min(axis=1)
+  hi = groups.max(axis=1)
+  scale = jnp.maximum(hi - lo, MIN_RANGE) / levels
+  zero = jnp.clip(jnp.round(-lo / scale), 0, levels)
+  codes = jnp.clip(jnp.round(groups / scale[:, None]) + zero[:, None], 0, levels)
+  codes = codes.astype(jnp.uint8).reshape(-1)[: flat.size]
+  if bits <= 4:
+    codes = pack_int4(codes)
+  return QuantizedArray(codes=codes, scale=scale, zero=zero)
+
+
+def dequantize(
+    q: QuantizedArray, shape: tuple[int, ...], bits: int = 4, group_size: int = 256
+) -> jax.Array:
+  """Returns the float32 tensor ``s * (code - z)`` of ``shape`` (SPEC section 3).
+
+  Args:
+    q: what :func:`quantize` returned.
+    shape: the shape of the tensor that was quantised.
+    bits: the code width it was quantised with.
+    group_size: the group size it was quantised with.
+  """
+  size = 1
+  for d in shape:
+    size *= d
+  codes = unpack_int4(q.codes, size) if bits <= 4 else q.codes
+  groups = _grouped(codes.astype(jnp.float32), group_size)
+  values = q.scale[:, None] * (groups - q.zero[:, None])
+  return values.reshape(-1)[:size].reshape(shape)
+
+
+def quantized_nbytes(q: QuantizedArray) -> int:
+  """Bytes a :class:`QuantizedArray` really stores (codes, scales and zeros)."""
+  return sum(int(a.size) * a.dtype.itemsize for a in q)
