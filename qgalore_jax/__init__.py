@@ -3,6 +3,7 @@
 See ``SPEC.md`` sections 1-5 and 7 (numerical contract) and arXiv 2407.08296 (the method).
 """
 
+from qgalore_jax._src.checks import STATIC_ARGS
 from qgalore_jax._src.projector import compute_projector
 from qgalore_jax._src.projector import project
 from qgalore_jax._src.projector import project_back
@@ -23,20 +24,21 @@ from qgalore_jax._src.schedule import SubspaceState
 __version__ = "0.1.0"
 
 __all__ = (
-    "QuantizedArray",
-    "ScaleByQGaLoreState",
-    "SubspaceState",
-    "compute_projector",
-    "dequantize",
-    "pack_int4",
-    "project",
-    "project_back",
-    "projection_stats",
-    "projector_side",
-    "qgalore_adamw",
-    "quantize",
-    "quantized_nbytes",
-    "scale_by_qgalore",
-    "sign_canonical",
-    "unpack_int4",
+  "STATIC_ARGS",
+  "QuantizedArray",
+  "ScaleByQGaLoreState",
+  "SubspaceState",
+  "compute_projector",
+  "dequantize",
+  "pack_int4",
+  "project",
+  "project_back",
+  "projection_stats",
+  "projector_side",
+  "qgalore_adamw",
+  "quantize",
+  "quantized_nbytes",
+  "scale_by_qgalore",
+  "sign_canonical",
+  "unpack_int4",
 )

@@ -2,11 +2,39 @@
 
 import numbers
 
+import jax
+
+# Arguments of `qgalore_adamw` that fix shapes or control flow and so must stay Python
+# values: pass them as `static_args` to `optax.inject_hyperparams`, which otherwise turns
+# every numeric argument, defaults included, into an array.
+STATIC_ARGS = (
+  "rank",
+  "update_proj_gap",
+  "proj_bits",
+  "proj_group_size",
+  "gamma_proj",
+  "queue_size",
+  "mask",
+  "input_axis",
+  "mu_dtype",
+)
+
+
+def _static_hint(value, name: str) -> str:
+  if isinstance(value, jax.Array):
+    return (
+      f"; `{name}` must be a static Python value, not an array. Under"
+      " optax.inject_hyperparams use static_args=qgalore_jax.STATIC_ARGS"
+    )
+  return ""
+
 
 def check_int(value, name: str, minimum: int = 1) -> int:
   """Returns ``value`` if it is an int (not a bool) >= ``minimum``; else raises naming it."""
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}")
+    raise TypeError(
+      f"`{name}` must be an int, got {type(value).__name__} {value!r}{_static_hint(value, name)}"
+    )
   if value < minimum:
     raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
   return int(value)

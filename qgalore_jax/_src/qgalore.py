@@ -7,7 +7,8 @@ adds decoupled weight decay and the learning rate, in the order of ``optax.adamw
 """
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,11 @@ import optax
 
 from qgalore_jax._src import projector as proj
 from qgalore_jax._src import schedule
-from qgalore_jax._src.checks import check_bits, check_int, check_number
+from qgalore_jax._src.checks import _static_hint
+from qgalore_jax._src.checks import check_bits
+from qgalore_jax._src.checks import check_int
+from qgalore_jax._src.checks import check_number
+from qgalore_jax._src.quantization import QuantizedArray
 
 _is_masked = lambda x: isinstance(x, optax.MaskedNode)
 
@@ -47,6 +52,15 @@ def _to_canonical(x: jax.Array, axis: int) -> jax.Array:
   return x.T if axis == 0 else x
 
 
+def _as_tuple(cls, x):
+  """Rebuilds NamedTuple ``cls`` from ``x`` by field name.
+
+  Containers such as ``flax.nnx.Optimizer`` hand the state back as their own mapping
+  types; ``lax.cond`` needs both branches to have one pytree structure.
+  """
+  return cls(*(getattr(x, field) for field in cls._fields))
+
+
 def _resolve_input_axes(params, input_axis, where: str):
   """Per-leaf input axis (0 or 1), validated, with MaskedNode where params have one."""
   if callable(input_axis):
@@ -56,12 +70,12 @@ def _resolve_input_axes(params, input_axis, where: str):
   else:
     try:
       axes = jax.tree.map(
-          lambda p, a: p if _is_masked(p) else a, params, input_axis, is_leaf=_is_masked
+        lambda p, a: p if _is_masked(p) else a, params, input_axis, is_leaf=_is_masked
       )
     except (ValueError, TypeError) as e:
       raise ValueError(
-          f"`input_axis` must be an int or a pytree of ints with the structure of the params"
-          f" given to {where}: {e}"
+        f"`input_axis` must be an int or a pytree of ints with the structure of the params"
+        f" given to {where}: {e}"
       ) from None
   checked = []
   flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -69,30 +83,33 @@ def _resolve_input_axes(params, input_axis, where: str):
     name = _path_str(path)
     if getattr(p, "ndim", None) != 2:
       raise ValueError(
-          f"{where} projects 2-D matrices only, but parameter {name} has shape"
-          f" {getattr(p, 'shape', None)}; route other leaves elsewhere (e.g. qgalore_adamw's"
-          f" `mask`)"
+        f"{where} projects 2-D matrices only, but parameter {name} has shape"
+        f" {getattr(p, 'shape', None)}; route other leaves elsewhere (e.g. qgalore_adamw's"
+        f" `mask`)"
       )
     if isinstance(a, bool) or not isinstance(a, int) or a not in (-2, -1, 0, 1):
-      raise ValueError(f"`input_axis` for parameter {name} must be 0 or 1, got {a!r}")
+      raise ValueError(
+        f"`input_axis` for parameter {name} must be 0 or 1, got {a!r}"
+        f"{_static_hint(a, 'input_axis')}"
+      )
     checked.append(a % 2)
   return checked
 
 
 def scale_by_qgalore(
-    rank: int = 128,
-    update_proj_gap: int = 200,
-    scale: float = 0.25,
-    proj_bits: int | None = 4,
-    proj_group_size: int = 256,
-    cos_threshold: float = 0.4,
-    gamma_proj: float = 2,
-    queue_size: int = 5,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    mu_dtype: Any | None = None,
-    input_axis: int | Any | Callable[[optax.Params], Any] = 0,
+  rank: int = 128,
+  update_proj_gap: int = 200,
+  scale: float = 0.25,
+  proj_bits: int | None = 4,
+  proj_group_size: int = 256,
+  cos_threshold: float = 0.4,
+  gamma_proj: float = 2,
+  queue_size: int = 5,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  mu_dtype: Any | None = None,
+  input_axis: int | Any | Callable[[optax.Params], Any] = 0,
 ) -> optax.GradientTransformation:
   r"""Projected Adam in an adaptive, INT4-stored low-rank gradient subspace (Q-GaLore).
 
@@ -165,8 +182,11 @@ def scale_by_qgalore(
   check_int(proj_group_size, "proj_group_size")
   check_number(cos_threshold, "cos_threshold", -1.0, 1.0)
   check_number(gamma_proj, "gamma_proj", 1.0)
-  if not isinstance(gamma_proj, (int, float)):
-    raise TypeError(f"`gamma_proj` must be a Python number, got {type(gamma_proj).__name__}")
+  if isinstance(gamma_proj, bool) or not isinstance(gamma_proj, (int, float)):
+    raise TypeError(
+      f"`gamma_proj` must be a Python number, got {type(gamma_proj).__name__}"
+      f"{_static_hint(gamma_proj, 'gamma_proj')}"
+    )
   check_int(queue_size, "queue_size")
   check_number(b1, "b1", 0.0, 1.0, high_open=True)
   check_number(b2, "b2", 0.0, 1.0, high_open=True)
@@ -183,36 +203,41 @@ def scale_by_qgalore(
   def init_leaf(p, axis):
     _, basis_shape, _, low_rank_shape = leaf_layout(p, axis)
     return (
-        jnp.zeros(low_rank_shape, mu_dtype),
-        jnp.zeros(low_rank_shape, jnp.float32),
-        proj.store_projector(jnp.zeros(basis_shape, jnp.float32), proj_bits, proj_group_size),
-        schedule.init_subspace(basis_shape[1], update_proj_gap, queue_size),
+      jnp.zeros(low_rank_shape, mu_dtype),
+      jnp.zeros(low_rank_shape, jnp.float32),
+      proj.store_projector(jnp.zeros(basis_shape, jnp.float32), proj_bits, proj_group_size),
+      schedule.init_subspace(basis_shape[1], update_proj_gap, queue_size),
     )
 
   def update_leaf(g, mu, nu, stored, subspace, axis, count, count_inc):
-    shape, basis_shape, side, _ = leaf_layout(g, axis)
+    _, basis_shape, side, _ = leaf_layout(g, axis)
+    if proj_bits is not None:
+      stored = _as_tuple(QuantizedArray, stored)
+    subspace = _as_tuple(schedule.SubspaceState, subspace)
     g_MxN = _to_canonical(g, axis).astype(jnp.float32)
 
     def refresh(carry):
-      old_stored, old_subspace = carry
+      old_subspace = carry[1]
       finite = jnp.all(jnp.isfinite(g_MxN))
       basis_RxK = proj.compute_projector(jnp.where(finite, g_MxN, 0.0), rank)
       ok = finite & jnp.all(jnp.isfinite(basis_RxK))
       new = (
-          proj.store_projector(basis_RxK, proj_bits, proj_group_size),
-          schedule.record_refresh(old_subspace, basis_RxK[0], cos_threshold, gamma_proj),
+        proj.store_projector(basis_RxK, proj_bits, proj_group_size),
+        schedule.record_refresh(old_subspace, basis_RxK[0], cos_threshold, gamma_proj),
       )
       return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, carry)
 
     stored, subspace = jax.lax.cond(
-        schedule.refresh_due(subspace, count), refresh, lambda carry: carry, (stored, subspace)
+      schedule.refresh_due(subspace, count), refresh, lambda carry: carry, (stored, subspace)
     )
     basis_RxK = proj.load_projector(stored, basis_shape, proj_bits, proj_group_size)
     r = proj.project(g_MxN, basis_RxK)
     mu = (1 - b1) * r + b1 * mu.astype(jnp.float32)
     nu = (1 - b2) * (r * r) + b2 * nu
-    mu_hat = mu / (1 - b1**count_inc).astype(jnp.float32)
-    nu_hat = nu / (1 - b2**count_inc).astype(jnp.float32)
+    # Bias correction as a multiply by the float32 reciprocal: XLA rewrites the division
+    # into exactly this, so the torch twin can match it bit for bit.
+    mu_hat = mu * (1 / (1 - b1**count_inc).astype(jnp.float32))
+    nu_hat = nu * (1 / (1 - b2**count_inc).astype(jnp.float32))
     u = mu_hat / (jnp.sqrt(nu_hat) + eps)
     direction_MxN = scale * proj.project_back(u, basis_RxK, side)
     direction = _to_canonical(direction_MxN, axis).astype(g.dtype)
@@ -235,19 +260,19 @@ def scale_by_qgalore(
     if not leaves:
       return updates, state._replace(count=count_inc)
     per_leaf = [
-        update_leaf(g, mu, nu, stored, sub, a, state.count, count_inc)
-        for g, mu, nu, stored, sub, a in zip(
-            leaves,
-            treedef.flatten_up_to(state.mu),
-            treedef.flatten_up_to(state.nu),
-            treedef.flatten_up_to(state.projector),
-            treedef.flatten_up_to(state.subspace),
-            axes,
-            strict=True,
-        )
+      update_leaf(g, mu, nu, stored, sub, a, state.count, count_inc)
+      for g, mu, nu, stored, sub, a in zip(
+        leaves,
+        treedef.flatten_up_to(state.mu),
+        treedef.flatten_up_to(state.nu),
+        treedef.flatten_up_to(state.projector),
+        treedef.flatten_up_to(state.subspace),
+        axes,
+        strict=True,
+      )
     ]
     new_updates, mu, nu, stored, subspace = (
-        treedef.unflatten(field) for field in zip(*per_leaf, strict=True)
+      treedef.unflatten(field) for field in zip(*per_leaf, strict=True)
     )
     return new_updates, ScaleByQGaLoreState(count_inc, mu, nu, stored, subspace)
 
@@ -261,39 +286,39 @@ def _resolve_mask(mask, params):
   selected = mask(params) if callable(mask) else mask
   if jax.tree.structure(selected) != jax.tree.structure(params):
     raise ValueError(
-        "`mask` must have the structure of the params: got "
-        f"{jax.tree.structure(selected)}, params are {jax.tree.structure(params)}"
+      "`mask` must have the structure of the params: got "
+      f"{jax.tree.structure(selected)}, params are {jax.tree.structure(params)}"
     )
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   for (path, p), s in zip(flat, jax.tree.leaves(selected), strict=True):
-    if not isinstance(s, bool) and getattr(s, "dtype", None) != bool:
+    if not isinstance(s, bool) and getattr(s, "dtype", None) != jnp.bool_:
       raise TypeError(f"`mask` leaf for parameter {_path_str(path)} must be a bool, got {s!r}")
     if bool(s) and jnp.ndim(p) != 2:
       raise ValueError(
-          f"`mask` selects parameter {_path_str(path)} of shape {jnp.shape(p)}, but only 2-D"
-          " matrices can be projected"
+        f"`mask` selects parameter {_path_str(path)} of shape {jnp.shape(p)}, but only 2-D"
+        " matrices can be projected"
       )
   return selected
 
 
 def qgalore_adamw(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    *,
-    rank: int = 128,
-    update_proj_gap: int = 200,
-    scale: float = 0.25,
-    proj_bits: int | None = 4,
-    proj_group_size: int = 256,
-    cos_threshold: float = 0.4,
-    gamma_proj: float = 2,
-    queue_size: int = 5,
-    mask: Any | Callable[[optax.Params], Any] | None = None,
-    input_axis: int | Any | Callable[[optax.Params], Any] = 0,
-    mu_dtype: Any | None = None,
+  learning_rate: optax.ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: float = 0.0,
+  *,
+  rank: int = 128,
+  update_proj_gap: int = 200,
+  scale: float = 0.25,
+  proj_bits: int | None = 4,
+  proj_group_size: int = 256,
+  cos_threshold: float = 0.4,
+  gamma_proj: float = 2,
+  queue_size: int = 5,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
+  input_axis: int | Any | Callable[[optax.Params], Any] = 0,
+  mu_dtype: Any | None = None,
 ) -> optax.GradientTransformation:
   r"""AdamW with Q-GaLore on the selected matrices: a drop-in for ``optax.adamw``.
 
@@ -330,8 +355,9 @@ def qgalore_adamw(
       the param dtype for the others, as ``optax.scale_by_adam``).
 
   Returns:
-    An ``optax.GradientTransformation``. Under ``optax.inject_hyperparams``, pass callable
-    ``mask``/``input_axis`` and non-default ints such as ``rank`` in ``static_args``.
+    An ``optax.GradientTransformation``. Under ``optax.inject_hyperparams`` (which turns
+    every numeric argument into an array), pass ``static_args=qgalore_jax.STATIC_ARGS``:
+    ``optax.inject_hyperparams(qgalore_adamw, static_args=STATIC_ARGS)(learning_rate=...)``.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -357,19 +383,19 @@ def qgalore_adamw(
     check_number(learning_rate, "learning_rate")
   check_number(weight_decay, "weight_decay", 0.0)
   galore = scale_by_qgalore(
-      rank=rank,
-      update_proj_gap=update_proj_gap,
-      scale=scale,
-      proj_bits=proj_bits,
-      proj_group_size=proj_group_size,
-      cos_threshold=cos_threshold,
-      gamma_proj=gamma_proj,
-      queue_size=queue_size,
-      b1=b1,
-      b2=b2,
-      eps=eps,
-      mu_dtype=mu_dtype,
-      input_axis=input_axis,
+    rank=rank,
+    update_proj_gap=update_proj_gap,
+    scale=scale,
+    proj_bits=proj_bits,
+    proj_group_size=proj_group_size,
+    cos_threshold=cos_threshold,
+    gamma_proj=gamma_proj,
+    queue_size=queue_size,
+    b1=b1,
+    b2=b2,
+    eps=eps,
+    mu_dtype=mu_dtype,
+    input_axis=input_axis,
   )
   adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
 
@@ -378,15 +404,25 @@ def qgalore_adamw(
     return jax.tree.map(lambda s: "qgalore" if s else "adam", selected)
 
   return optax.chain(
-      optax.partition({"qgalore": galore, "adam": adam}, labels),
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
+    optax.partition({"qgalore": galore, "adam": adam}, labels),
+    optax.add_decayed_weights(weight_decay),
+    optax.scale_by_learning_rate(learning_rate),
   )
 
 
-def _value(x):
-  """The array inside a Flax NNX variable, or ``x`` itself."""
-  return x.value if hasattr(x, "value") and not isinstance(x, jax.Array) else x
+def _as_subspace(x):
+  """A ``SubspaceState`` from ``x``, or None when ``x`` is not one.
+
+  ``flax.nnx.Optimizer`` wraps each param's state in a variable and, after an update,
+  holds the NamedTuple as a mapping of its fields.
+  """
+  x = x.get_value() if hasattr(x, "get_value") else x
+  if isinstance(x, schedule.SubspaceState):
+    return x
+  fields = schedule.SubspaceState._fields
+  if hasattr(x, "keys") and set(fields) <= set(x.keys()):
+    return schedule.SubspaceState(*(x[f] for f in fields))
+  return None
 
 
 def projection_stats(opt_state) -> Any:
@@ -403,28 +439,28 @@ def projection_stats(opt_state) -> Any:
     ``mean_cosine`` (mean of the filled cosine buffer, 0 while empty); ``None`` elsewhere.
   """
   found = [
-      s
-      for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ScaleByQGaLoreState))
-      if isinstance(s, ScaleByQGaLoreState)
+    s
+    for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ScaleByQGaLoreState))
+    if isinstance(s, ScaleByQGaLoreState)
   ]
   if len(found) != 1:
     raise ValueError(f"expected one Q-GaLore state in `opt_state`, found {len(found)}")
 
   def stats(sub):
-    if not isinstance(sub, schedule.SubspaceState):
+    sub = _as_subspace(sub)
+    if sub is None:
       return None
-    sub = schedule.SubspaceState(*map(_value, sub))
     filled = jnp.arange(sub.cosines.shape[0]) >= sub.cosines.shape[0] - sub.num_cosines
     total = jnp.sum(jnp.where(filled, sub.cosines, 0.0))
     return {
-        "gap": sub.gap,
-        "svd_count": sub.svd_count,
-        "num_cosines": sub.num_cosines,
-        "mean_cosine": total / jnp.maximum(sub.num_cosines, 1),
+      "gap": sub.gap,
+      "svd_count": sub.svd_count,
+      "num_cosines": sub.num_cosines,
+      "mean_cosine": total / jnp.maximum(sub.num_cosines, 1),
     }
 
-  return jax.tree.map(
-      stats,
-      found[0].subspace,
-      is_leaf=lambda x: isinstance(x, (schedule.SubspaceState, optax.MaskedNode)),
-  )
+  def is_matrix_state(x):
+    unwrapped = x.get_value() if hasattr(x, "get_value") else x
+    return isinstance(unwrapped, optax.MaskedNode) or _as_subspace(x) is not None
+
+  return jax.tree.map(stats, found[0].subspace, is_leaf=is_matrix_state)

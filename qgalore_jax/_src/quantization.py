@@ -5,9 +5,16 @@ A tensor is read as its canonical matrix, flattened row-major and cut into group
 elements. With ``b`` bits and ``Q = 2**b - 1``, per group::
 
   s = max(max - min, 1e-5) / Q
-  z = clamp(round(-min / s), 0, Q)          # round half to even
+  z = round(-min / s)                       # round half to even; NOT clamped (see below)
   q = clamp(round(w / s) + z, 0, Q)
   w_hat = s * (q - z)
+
+SPEC section 3 (after the authors' code, itself after AWQ) clamps ``z`` to [0, Q], which
+only matters when ``z`` is stored as a Q-bit integer. Here ``z`` is float32, and the clamp
+would clip every single-sign group to [0, max - min]: a rank-1 projector ``[1.0]`` decodes
+as ``1e-5`` and its matrix stops training. Without the clamp the codes equal the authors'
+whenever a group spans zero (``0 <= round(-min / s) <= Q``), and every group keeps the
+bound ``|w - w_hat| <= s / 2`` (plus float32 rounding). See ``docs/numerics.md``.
 
 Codes of at most 4 bits are stored two per byte (element ``2k`` in the low nibble, ``2k + 1``
 in the high nibble), so a 4-bit tensor costs 0.5 byte per element plus 8 bytes per group.
@@ -18,7 +25,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from qgalore_jax._src.checks import check_bits, check_int
+from qgalore_jax._src.checks import check_bits
+from qgalore_jax._src.checks import check_int
 
 MIN_RANGE = 1e-5  # floor of (max - min): a constant group gets a tiny, finite scale.
 
@@ -50,6 +58,17 @@ def _grouped(flat: jax.Array, group_size: int) -> jax.Array:
   if pad:
     flat = jnp.pad(flat, (0, pad), mode="edge")
   return flat.reshape(-1, group_size)
+
+
+def exact_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+  """``numerator / denominator`` rounded as IEEE division, with the denominator broadcast.
+
+  XLA rewrites ``a / broadcast(b)`` into ``a * broadcast(1 / b)``, which can be 1 ulp off
+  and flip a code at a rounding boundary. Materialising the broadcast behind an
+  optimisation barrier keeps the true division, so codes match torch bit for bit.
+  """
+  denominator = jnp.broadcast_to(denominator, numerator.shape)
+  return numerator / jax.lax.optimization_barrier(denominator)
 
 
 def pack_int4(codes: jax.Array) -> jax.Array:
@@ -97,7 +116,7 @@ def quantize(x: jax.Array, bits: int = 4, group_size: int = 256) -> QuantizedArr
     ((2,), (1,))
     >>> dequantize(q, (2, 2), bits=4, group_size=4)
     Array([[ 0.        ,  0.53333336],
-           [ 1.        , -1.        ]], dtype=float32)
+           [ 0.9333334 , -0.9333334 ]], dtype=float32)
   """
   check_bits(bits)
   check_int(group_size, "group_size")
@@ -106,9 +125,9 @@ def quantize(x: jax.Array, bits: int = 4, group_size: int = 256) -> QuantizedArr
   groups = _grouped(flat, group_size)
   lo = groups.min(axis=1)
   hi = groups.max(axis=1)
-  scale = jnp.maximum(hi - lo, MIN_RANGE) / levels
-  zero = jnp.clip(jnp.round(-lo / scale), 0, levels)
-  codes = jnp.clip(jnp.round(groups / scale[:, None]) + zero[:, None], 0, levels)
+  scale = exact_divide(jnp.maximum(hi - lo, MIN_RANGE), jnp.float32(levels))
+  zero = jnp.round(-lo / scale)
+  codes = jnp.clip(jnp.round(exact_divide(groups, scale[:, None])) + zero[:, None], 0, levels)
   codes = codes.astype(jnp.uint8).reshape(-1)[: flat.size]
   if bits <= 4:
     codes = pack_int4(codes)
@@ -116,7 +135,7 @@ def quantize(x: jax.Array, bits: int = 4, group_size: int = 256) -> QuantizedArr
 
 
 def dequantize(
-    q: QuantizedArray, shape: tuple[int, ...], bits: int = 4, group_size: int = 256
+  q: QuantizedArray, shape: tuple[int, ...], bits: int = 4, group_size: int = 256
 ) -> jax.Array:
   """Returns the float32 tensor ``s * (code - z)`` of ``shape`` (SPEC section 3).
 

@@ -35,11 +35,11 @@ class SubspaceState(NamedTuple):
 def init_subspace(k: int, update_proj_gap: int, queue_size: int) -> SubspaceState:
   """State of a matrix whose singular vectors have length ``k``, before any refresh."""
   return SubspaceState(
-      gap=jnp.asarray(update_proj_gap, jnp.int32),
-      cosines=jnp.zeros((queue_size,), jnp.float32),
-      num_cosines=jnp.zeros([], jnp.int32),
-      top_vector=jnp.zeros((k,), jnp.float32),
-      svd_count=jnp.zeros([], jnp.int32),
+    gap=jnp.asarray(update_proj_gap, jnp.int32),
+    cosines=jnp.zeros((queue_size,), jnp.float32),
+    num_cosines=jnp.zeros([], jnp.int32),
+    top_vector=jnp.zeros((k,), jnp.float32),
+    svd_count=jnp.zeros([], jnp.int32),
   )
 
 
@@ -63,7 +63,7 @@ def grow_gap(gap: jax.Array, gamma_proj: float) -> jax.Array:
 
 
 def record_refresh(
-    state: SubspaceState, top_vector: jax.Array, cos_threshold: float, gamma_proj: float
+  state: SubspaceState, top_vector: jax.Array, cos_threshold: float, gamma_proj: float
 ) -> SubspaceState:
   """State after a refresh whose new sign-canonical top singular vector is ``top_vector``."""
   has_previous = state.svd_count > 0
@@ -72,14 +72,14 @@ def record_refresh(
   pushed = jnp.concatenate([state.cosines[1:], c[None]])
   cosines = jnp.where(has_previous, pushed, state.cosines)
   num_cosines = jnp.where(
-      has_previous, jnp.minimum(state.num_cosines + 1, queue_size), state.num_cosines
+    has_previous, jnp.minimum(state.num_cosines + 1, queue_size), state.num_cosines
   )
   stable = (num_cosines == queue_size) & (jnp.mean(cosines) >= cos_threshold)
   gap = jnp.where(has_previous & stable, grow_gap(state.gap, gamma_proj), state.gap)
   return SubspaceState(
-      gap=gap,
-      cosines=cosines,
-      num_cosines=num_cosines,
-      top_vector=top_vector.astype(jnp.float32),
-      svd_count=state.svd_count + 1,
+    gap=gap,
+    cosines=cosines,
+    num_cosines=num_cosines,
+    top_vector=top_vector.astype(jnp.float32),
+    svd_count=state.svd_count + 1,
   )
