@@ -1,0 +1,37 @@
+"""Q-GaLore for PyTorch: low-rank projected AdamW with an INT4 projector and adaptive refresh.
+
+The twin of ``qgalore_jax``: the same module and function names, the same numbers. See
+``SPEC.md`` sections 1-5 and 7 (numerical contract) and arXiv 2407.08296 (the method).
+"""
+
+from qgalore_torch._src.optimizer import QGaLoreAdamW
+from qgalore_torch._src.projector import compute_projector
+from qgalore_torch._src.projector import project
+from qgalore_torch._src.projector import project_back
+from qgalore_torch._src.projector import projector_side
+from qgalore_torch._src.projector import sign_canonical
+from qgalore_torch._src.quantization import QuantizedTensor
+from qgalore_torch._src.quantization import dequantize
+from qgalore_torch._src.quantization import pack_int4
+from qgalore_torch._src.quantization import quantize
+from qgalore_torch._src.quantization import quantized_nbytes
+from qgalore_torch._src.quantization import unpack_int4
+from qgalore_torch._src.schedule import SubspaceState
+
+__version__ = "0.1.0"
+
+__all__ = (
+  "QGaLoreAdamW",
+  "QuantizedTensor",
+  "SubspaceState",
+  "compute_projector",
+  "dequantize",
+  "pack_int4",
+  "project",
+  "project_back",
+  "projector_side",
+  "quantize",
+  "quantized_nbytes",
+  "sign_canonical",
+  "unpack_int4",
+)

@@ -1,0 +1,476 @@
+"""Q-GaLore AdamW as a ``torch.optim.Optimizer`` (SPEC sections 1, 2, 4, 5 and 7).
+
+The twin of ``qgalore_jax.qgalore_adamw``: the same arithmetic, written once in float32 as
+pure functions (:func:`adam_direction`, :func:`refresh_projector`, :func:`apply_update`);
+:class:`QGaLoreAdamW` only validates, groups and holds tensor state.
+
+Where the state lives. ``step`` and the refresh schedule (``gap``, ``cosines``,
+``num_cosines``, ``top_vector``, ``svd_count``) are small CPU tensors, like ``state["step"]``
+of torch's own optimizers with ``capturable=False``; moments and projector live on the
+parameter's device. Deciding whether a matrix refreshes therefore reads CPU memory only, so
+a step without a refresh never waits for the accelerator. A refresh step copies the new top
+singular vector and a finiteness flag back to the CPU; on CUDA that step already
+synchronises, since ``torch.linalg.svd`` does.
+"""
+
+import torch
+
+from qgalore_torch._src import projector as proj
+from qgalore_torch._src import schedule
+from qgalore_torch._src.checks import check_bits
+from qgalore_torch._src.checks import check_int
+from qgalore_torch._src.checks import check_number
+from qgalore_torch._src.quantization import QuantizedTensor
+
+_HOST = torch.device("cpu")
+_SCHEDULE_KEYS = schedule.SubspaceState._fields
+_HOST_KEYS = ("step", *_SCHEDULE_KEYS)
+
+
+def adam_direction(grad, exp_avg, exp_avg_sq, step, b1, b2, eps):
+  r"""One Adam step on float32 tensors (SPEC section 5; optax ``scale_by_adam``, eps_root 0).
+
+  .. math::
+
+    m_t = (1 - \beta_1) g + \beta_1 m_{t-1}, \quad
+    v_t = (1 - \beta_2) g^2 + \beta_2 v_{t-1}, \quad
+    u_t = \frac{m_t / (1 - \beta_1^t)}{\sqrt{v_t / (1 - \beta_2^t)} + \epsilon}
+
+  Both divisions by a bias correction are computed as multiplies by its float32
+  reciprocal, as XLA computes them.
+
+  Args:
+    grad: float32 gradient (the low-rank ``R`` for a projected matrix).
+    exp_avg: float32 first moment ``m_{t-1}``, same shape.
+    exp_avg_sq: float32 second moment ``v_{t-1}``, same shape.
+    step: float32 0-dim tensor, the 1-based step ``t`` of the new moments.
+    b1: decay of the first moment.
+    b2: decay of the second moment.
+    eps: added to the root of the second moment.
+
+  Returns:
+    ``(u, m, v)``: the Adam direction and the new moments, all float32.
+  """
+  m = (1 - b1) * grad + b1 * exp_avg
+  v = (1 - b2) * (grad * grad) + b2 * exp_avg_sq
+  # Multiplying by the float32 reciprocal of each bias correction, as XLA computes a
+  # division by a broadcast scalar (and torch's CUDA kernel a division by a CPU scalar):
+  # written out, the same expression runs on JAX, torch CPU and torch CUDA.
+  m_hat = m * (1 / (1 - b1**step))
+  v_hat = v * (1 / (1 - b2**step))
+  u = m_hat / (torch.sqrt(v_hat) + eps)
+  return u, m, v
+
+
+def refresh_projector(
+  grad_MxN, stored, subspace, rank, bits, group_size, cos_threshold, gamma_proj
+):
+  """New stored projector and schedule after an SVD of ``grad_MxN`` (SPEC sections 2-4).
+
+  A refresh whose gradient or SVD is not finite is skipped: the old projector and schedule
+  come back unchanged, so the matrix tries again at its next refresh step (every step while
+  it has no projector yet).
+
+  Args:
+    grad_MxN: float32 canonical (out, in) gradient.
+    stored: the current stored projector (a :class:`QuantizedTensor`, or float32 [r, k]).
+    subspace: the current :class:`~qgalore_torch._src.schedule.SubspaceState`.
+    rank: requested rank; clamped to ``min(m, n)``.
+    bits: projector bits, or ``None`` for a float32 projector.
+    group_size: projector quantisation group size.
+    cos_threshold: see :func:`~qgalore_torch._src.schedule.record_refresh`.
+    gamma_proj: see :func:`~qgalore_torch._src.schedule.record_refresh`.
+
+  Returns:
+    ``(stored, subspace)``, each on the device the old one was on.
+  """
+  finite = torch.isfinite(grad_MxN).all()
+  basis_RxK = proj.compute_projector(torch.where(finite, grad_MxN, 0.0), rank)
+  ok = finite & torch.isfinite(basis_RxK).all()
+  new_stored = proj.store_projector(basis_RxK, bits, group_size)
+  stored = _where(ok, new_stored, stored)
+  host = subspace.gap.device
+  new_subspace = schedule.record_refresh(subspace, basis_RxK[0].to(host), cos_threshold, gamma_proj)
+  subspace = _where(ok.to(host), new_subspace, subspace)
+  return stored, subspace
+
+
+def _where(ok, new, old):
+  """``new`` where ``ok`` else ``old``; field by field for a NamedTuple of tensors."""
+  if isinstance(new, tuple):
+    return type(new)(*(torch.where(ok, a, b) for a, b in zip(new, old, strict=True)))
+  return torch.where(ok, new, old)
+
+
+def apply_update(param, direction, lr, weight_decay):
+  """``W <- W - lr * (direction + weight_decay * W)`` on the old ``W`` (SPEC section 5).
+
+  Computed in float32 and written back once, rounded to the parameter's dtype.
+  """
+  w = param.to(torch.float32)
+  param.copy_(w - lr * (direction + weight_decay * w))
+
+
+def _stored_from_state(state, bits):
+  if bits is None:
+    return state["proj_basis"]
+  return QuantizedTensor(state["proj_codes"], state["proj_scale"], state["proj_zero"])
+
+
+def _stored_to_state(stored):
+  if isinstance(stored, QuantizedTensor):
+    return {"proj_codes": stored.codes, "proj_scale": stored.scale, "proj_zero": stored.zero}
+  return {"proj_basis": stored}
+
+
+def _check_group(group, index):
+  """Validates one param group (defaults already merged in); raises naming the argument."""
+  check_number(group["lr"], "lr", 0.0)
+  betas = group["betas"]
+  if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+    raise TypeError(f"`betas` must be a pair (beta1, beta2), got {betas!r}")
+  check_number(betas[0], "betas[0]", 0.0, 1.0, high_open=True)
+  check_number(betas[1], "betas[1]", 0.0, 1.0, high_open=True)
+  check_number(group["eps"], "eps", 0.0)
+  check_number(group["weight_decay"], "weight_decay", 0.0)
+  for i, p in enumerate(group["params"]):
+    if not isinstance(p, torch.Tensor) or not p.is_floating_point():
+      raise TypeError(
+        f"param group {index}: params[{i}] must be a floating-point tensor, got"
+        f" {getattr(p, 'dtype', type(p).__name__)}"
+      )
+  if "rank" not in group:
+    return
+  check_int(group["rank"], "rank")
+  check_int(group["update_proj_gap"], "update_proj_gap")
+  check_number(group["scale"], "scale")
+  if group["proj_bits"] is not None:
+    check_bits(group["proj_bits"], "proj_bits")
+  check_int(group["proj_group_size"], "proj_group_size")
+  check_number(group["cos_threshold"], "cos_threshold", -1.0, 1.0)
+  gamma_proj = group["gamma_proj"]
+  if isinstance(gamma_proj, bool) or not isinstance(gamma_proj, (int, float)):
+    raise TypeError(f"`gamma_proj` must be a Python number, got {type(gamma_proj).__name__}")
+  check_number(gamma_proj, "gamma_proj", 1.0)
+  check_int(group["queue_size"], "queue_size")
+  for i, p in enumerate(group["params"]):
+    if p.dim() != 2:
+      raise ValueError(
+        f"param group {index} has `rank`, so its params must be 2-D (out, in) matrices,"
+        f" but params[{i}] has shape {tuple(p.shape)}; put it in a group without `rank`"
+      )
+
+
+class QGaLoreAdamW(torch.optim.Optimizer):
+  r"""AdamW with Q-GaLore projection on the param groups that carry ``rank``.
+
+  For a group with ``rank``, every parameter is a canonical (out, in) matrix
+  :math:`W \in \mathbb{R}^{m \times n}` (as ``nn.Linear`` stores it). With
+  :math:`r = \min(\text{rank}, m, n)` and the projector :math:`P` found by SVD of the
+  gradient :math:`G` on refresh steps (stored group-wise quantised, always used
+  dequantised, also on the step that ran the SVD):
+
+  .. math::
+
+    R_t &= G_t P^\top \;(m \ge n) \quad\text{or}\quad P^\top G_t \;(m < n) \\
+    u_t &= \text{Adam}(R_t) \quad\text{(float32 moments of shape } R_t\text{)} \\
+    W &\leftarrow W - \eta \, (\text{scale} \cdot (u_t P \;\text{or}\; P u_t) + \lambda W)
+
+  Each matrix refreshes on its own schedule (SPEC section 4): on its 0-based step ``t`` when
+  ``t % gap == 0``, where ``gap`` starts at ``update_proj_gap`` and is multiplied by
+  ``gamma_proj`` whenever the mean signed cosine of the last ``queue_size`` successive top
+  singular vectors is at least ``cos_threshold``. A refresh whose gradient or SVD is not
+  finite is skipped (old projector and schedule kept); the moments are not protected.
+  Parameters of groups without ``rank`` get plain AdamW with the same formulas.
+
+  Group keys (defaults from the constructor): ``rank`` (selects projection; no default),
+  ``update_proj_gap``, ``scale``, ``proj_bits`` (``None``: float32 projector),
+  ``proj_group_size``, ``cos_threshold``, ``gamma_proj``, ``queue_size``, and torch's
+  ``lr``, ``betas``, ``eps``, ``weight_decay``.
+
+  State (tensors only, so ``torch.save``/``torch.load(weights_only=True)`` round-trips it
+  and training resumes bit-identically): ``step`` (float32 [] on CPU: updates so far),
+  ``exp_avg`` and ``exp_avg_sq`` (float32), and for projected matrices ``proj_codes``,
+  ``proj_scale``, ``proj_zero`` (or ``proj_basis`` when ``proj_bits`` is ``None``) on the
+  parameter's device plus the schedule ``gap``, ``cosines``, ``num_cosines``,
+  ``top_vector``, ``svd_count`` on CPU (see the module docstring for why).
+
+  Args:
+    params: parameters or param groups; groups with a ``rank`` key are projected.
+    lr: learning rate.
+    betas: ``(beta1, beta2)``, decays of the two moments.
+    eps: added to the root of the second moment.
+    weight_decay: decoupled weight decay ``lambda``, applied to the old weights.
+    seed: seed of the stochastic rounding of INT8 weights (SPEC section 6); kept in
+      ``defaults``, unused by this optimizer's float weights.
+    update_proj_gap: initial refresh interval in steps.
+    scale: GaLore's ``alpha``, multiplies the back-projected update.
+    proj_bits: bits of the stored projector (1..8; 4 or fewer packed two per byte), or
+      ``None`` for a float32 projector.
+    proj_group_size: elements per projector quantisation group.
+    cos_threshold: mean cosine in [-1, 1] at or above which the gap grows.
+    gamma_proj: growth factor of the gap (>= 1); 1 gives plain GaLore's fixed gap.
+    queue_size: number of recent cosines averaged (>= 1).
+
+  Example:
+    >>> import torch
+    >>> from qgalore_torch import QGaLoreAdamW
+    >>> model = torch.nn.Linear(8, 16)
+    >>> opt = QGaLoreAdamW(
+    ...     [{"params": [model.weight], "rank": 4}, {"params": [model.bias]}], lr=1e-3
+    ... )
+    >>> model(torch.ones(2, 8)).sum().backward()
+    >>> opt.step()
+    >>> opt.projection_stats()[0]["svd_count"], opt.projection_stats()[1]
+    (1, None)
+
+  References:
+    Zhang et al., `Q-GaLore: Quantized GaLore with INT4 Projection and Layer-Adaptive
+    Low-Rank Gradients <https://arxiv.org/abs/2407.08296>`_, 2024.
+    Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection
+    <https://arxiv.org/abs/2403.03507>`_, 2024.
+    Loshchilov and Hutter, `Decoupled Weight Decay Regularization
+    <https://arxiv.org/abs/1711.05101>`_, 2019.
+  """
+
+  def __init__(
+    self,
+    params,
+    lr=1e-3,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.0,
+    seed=0,
+    *,
+    update_proj_gap=200,
+    scale=0.25,
+    proj_bits=4,
+    proj_group_size=256,
+    cos_threshold=0.4,
+    gamma_proj=2,
+    queue_size=5,
+  ):
+    check_int(seed, "seed", minimum=0)
+    defaults = dict(
+      lr=lr,
+      betas=betas,
+      eps=eps,
+      weight_decay=weight_decay,
+      seed=seed,
+      update_proj_gap=update_proj_gap,
+      scale=scale,
+      proj_bits=proj_bits,
+      proj_group_size=proj_group_size,
+      cos_threshold=cos_threshold,
+      gamma_proj=gamma_proj,
+      queue_size=queue_size,
+    )
+    super().__init__(params, defaults)
+
+  def add_param_group(self, param_group):
+    """Adds a param group after validating it (see the class docstring for its keys)."""
+    params = param_group["params"]
+    if isinstance(params, torch.Tensor):
+      params = [params]
+    elif isinstance(params, set):
+      raise TypeError("`params` must be an ordered collection of tensors, not a set")
+    else:
+      params = list(params)
+    param_group = {**param_group, "params": params}
+    _check_group({**self.defaults, **param_group}, len(self.param_groups))
+    super().add_param_group(param_group)
+
+  @torch.no_grad()
+  def step(self, closure=None):
+    """Updates every parameter that has a gradient.
+
+    Args:
+      closure: optional callable that re-evaluates the model and returns the loss.
+
+    Returns:
+      The loss returned by ``closure``, or ``None``.
+    """
+    loss = None
+    if closure is not None:
+      with torch.enable_grad():
+        loss = closure()
+    for group in self.param_groups:
+      for p in group["params"]:
+        if p.grad is not None:
+          self._update(p, group)
+    return loss
+
+  def register_layerwise_hooks(self, accumulation_steps=1):
+    """Runs each parameter's update inside ``backward()``, once its gradient is complete.
+
+    Layer-wise mode (GaLore section 4.2): a parameter is updated as soon as autograd has
+    accumulated its gradient and the gradient is freed right away, so at most one
+    layer's full gradient is alive at a time. The arithmetic is that of :meth:`step`,
+    so the weights are the same as in normal mode. Every parameter that requires a
+    gradient is updated, projected or not.
+
+    With gradient accumulation, a parameter is updated on every ``accumulation_steps``-th
+    gradient it receives (the last micro-batch of each batch) and its gradient keeps
+    accumulating in between. The micro-batch count lives in the hooks, not in the state:
+    register the hooks on a resumed optimizer at a batch boundary, and give every
+    trainable parameter a gradient in every micro-batch. Do not call :meth:`step` or
+    ``zero_grad`` in this mode; learning-rate schedulers work as usual.
+
+    Args:
+      accumulation_steps: micro-batches per optimizer step (>= 1).
+
+    Returns:
+      The hook handles; ``handle.remove()`` on each goes back to normal mode.
+
+    References:
+      Zhao et al., `GaLore <https://arxiv.org/abs/2403.03507>`_, section 4.2, 2024.
+    """
+    check_int(accumulation_steps, "accumulation_steps")
+    return [
+      p.register_post_accumulate_grad_hook(self._layerwise_hook(group, accumulation_steps))
+      for group in self.param_groups
+      for p in group["params"]
+      if p.requires_grad
+    ]
+
+  def _layerwise_hook(self, group, accumulation_steps):
+    received = 0
+
+    def hook(p):
+      nonlocal received
+      received += 1
+      if received % accumulation_steps == 0:
+        with torch.no_grad():
+          self._update(p, group)
+        p.grad = None
+
+    return hook
+
+  def _update(self, p, group):
+    if p.grad.is_sparse:
+      raise RuntimeError("QGaLoreAdamW does not support sparse gradients")
+    if "rank" in group:
+      self._update_projected(p, group)
+      return
+    state = self.state[p]
+    if not state:
+      state["step"] = torch.zeros([], dtype=torch.float32, device=_HOST)
+      state["exp_avg"] = torch.zeros_like(
+        p, dtype=torch.float32, memory_format=torch.preserve_format
+      )
+      state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+    b1, b2 = group["betas"]
+    state["step"] += 1
+    u, m, v = adam_direction(
+      p.grad.to(torch.float32),
+      state["exp_avg"],
+      state["exp_avg_sq"],
+      state["step"],
+      b1,
+      b2,
+      group["eps"],
+    )
+    state["exp_avg"].copy_(m)
+    state["exp_avg_sq"].copy_(v)
+    apply_update(p, u, group["lr"], group["weight_decay"])
+
+  def _update_projected(self, p, group):
+    shape = tuple(p.shape)
+    rank, bits, group_size = group["rank"], group["proj_bits"], group["proj_group_size"]
+    basis_shape = proj.basis_shape(shape, rank)
+    side = proj.projector_side(shape)
+    state = self.state[p]
+    if not state:
+      r, k = basis_shape
+      low_rank_shape = (shape[0], r) if side == proj.RIGHT else (r, shape[1])
+      empty = torch.zeros(basis_shape, dtype=torch.float32, device=p.device)
+      subspace = schedule.init_subspace(k, group["update_proj_gap"], group["queue_size"], _HOST)
+      state["step"] = torch.zeros([], dtype=torch.float32, device=_HOST)
+      state["exp_avg"] = torch.zeros(low_rank_shape, dtype=torch.float32, device=p.device)
+      state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+      state.update(_stored_to_state(proj.store_projector(empty, bits, group_size)))
+      state.update(subspace._asdict())
+    grad_MxN = p.grad.to(torch.float32)
+    stored = _stored_from_state(state, bits)
+    subspace = schedule.SubspaceState(*(state[key] for key in _SCHEDULE_KEYS))
+    # CPU tensors only: deciding costs no device synchronisation.
+    if bool(schedule.refresh_due(subspace, state["step"])):
+      stored, subspace = refresh_projector(
+        grad_MxN,
+        stored,
+        subspace,
+        rank,
+        bits,
+        group_size,
+        group["cos_threshold"],
+        group["gamma_proj"],
+      )
+      state.update(_stored_to_state(stored))
+      state.update(subspace._asdict())
+    basis_RxK = proj.load_projector(stored, basis_shape, bits, group_size)
+    b1, b2 = group["betas"]
+    state["step"] += 1
+    u, m, v = adam_direction(
+      proj.project(grad_MxN, basis_RxK),
+      state["exp_avg"],
+      state["exp_avg_sq"],
+      state["step"],
+      b1,
+      b2,
+      group["eps"],
+    )
+    state["exp_avg"].copy_(m)
+    state["exp_avg_sq"].copy_(v)
+    direction = group["scale"] * proj.project_back(u, basis_RxK, side)
+    apply_update(p, direction, group["lr"], group["weight_decay"])
+
+  def load_state_dict(self, state_dict):
+    """Loads a state from :meth:`state_dict`, keeping each state tensor's saved dtype.
+
+    ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter's dtype
+    (which would turn bf16 params' float32 moments and the uint8 projector codes into
+    bf16); here every tensor keeps its saved dtype, the schedule and ``step`` stay on the
+    CPU and the rest moves to the parameter's device.
+    """
+    super().load_state_dict(state_dict)
+    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = [p for g in self.param_groups for p in g["params"]]
+    for i, p in zip(saved_ids, params, strict=True):
+      if i in state_dict["state"]:
+        self.state[p] = {
+          key: value.to(device=_HOST if key in _HOST_KEYS else p.device, copy=True)
+          for key, value in state_dict["state"][i].items()
+        }
+
+  def projection_stats(self):
+    """Per-matrix refresh statistics, for logging (reads tensors: call outside the step).
+
+    Returns:
+      A list with one entry per parameter, in param-group order: for a projected matrix a
+      dict with int ``gap`` (current refresh interval), ``svd_count`` (SVDs so far),
+      ``num_cosines`` and float ``mean_cosine`` (mean of the filled cosine buffer, 0 while
+      empty); ``None`` for parameters of groups without ``rank``.
+    """
+    stats = []
+    for group in self.param_groups:
+      for p in group["params"]:
+        if "rank" not in group:
+          stats.append(None)
+          continue
+        state = self.state.get(p)
+        if not state:
+          stats.append(
+            {"gap": group["update_proj_gap"], "svd_count": 0, "num_cosines": 0, "mean_cosine": 0.0}
+          )
+          continue
+        num = int(state["num_cosines"])
+        filled = state["cosines"][state["cosines"].shape[0] - num :]
+        stats.append(
+          {
+            "gap": int(state["gap"]),
+            "svd_count": int(state["svd_count"]),
+            "num_cosines": num,
+            "mean_cosine": float(filled.sum()) / max(num, 1),
+          }
+        )
+    return stats

@@ -1,0 +1,101 @@
+"""The GaLore projector: SVD, sign rule, (de)quantised storage, projection (SPEC sections 1-3).
+
+Everything here works on the canonical gradient ``G`` of shape (m, n) = (out, in), which is
+how torch stores ``Linear.weight``. With ``r = min(rank, m, n)``:
+
+* m >= n, side ``"right"``: ``P`` = top-r rows of ``Vt`` (r x n); ``R = G P^T``; back ``D P``.
+* m <  n, side ``"left"``:  ``P`` = top-r columns of ``U`` (m x r); ``R = P^T G``; back ``P D``.
+
+The projector is always kept as ``basis_RxK``, the r x k matrix whose rows are the kept
+singular vectors (``P`` for "right", ``P^T`` for "left"); that is also the matrix that is
+quantised, so (in, out) and (out, in) layouts give the same codes. This is the twin of
+``qgalore_jax._src.projector``.
+"""
+
+import torch
+
+from qgalore_torch._src import quantization
+
+RIGHT = "right"
+LEFT = "left"
+
+
+def projector_side(shape: tuple[int, int]) -> str:
+  """``"right"`` if the canonical (out, in) matrix has out >= in, else ``"left"``."""
+  out_dim, in_dim = shape
+  return RIGHT if out_dim >= in_dim else LEFT
+
+
+def effective_rank(shape: tuple[int, int], rank: int) -> int:
+  """``min(rank, m, n)``: the rank is clamped to the matrix (SPEC section 1)."""
+  return min(rank, *shape)
+
+
+def basis_shape(shape: tuple[int, int], rank: int) -> tuple[int, int]:
+  """Shape (r, k) of ``basis_RxK`` for a canonical matrix of ``shape``."""
+  out_dim, in_dim = shape
+  k = in_dim if projector_side(shape) == RIGHT else out_dim
+  return effective_rank(shape, rank), k
+
+
+def sign_canonical(vectors_RxK: torch.Tensor) -> torch.Tensor:
+  """Flips each row so that its entry of largest magnitude is positive (SPEC section 2).
+
+  Ties go to the first such index, as ``torch.argmax`` does. SVD libraries disagree on the
+  sign of singular vectors; this makes JAX, torch, CPU and GPU agree.
+  """
+  idx = torch.argmax(vectors_RxK.abs(), dim=1, keepdim=True)
+  pivot = torch.gather(vectors_RxK, 1, idx)
+  return vectors_RxK * torch.where(pivot < 0, -1.0, 1.0).to(vectors_RxK.dtype)
+
+
+def compute_projector(grad_MxN: torch.Tensor, rank: int) -> torch.Tensor:
+  """Returns the sign-canonical float32 ``basis_RxK`` of a canonical gradient.
+
+  The SVD runs in float32 (bf16/f16 gradients are upcast) and is thin. On CUDA,
+  ``torch.linalg.svd`` synchronises the device with the host.
+
+  Args:
+    grad_MxN: canonical (out, in) gradient.
+    rank: requested rank; clamped to ``min(m, n)``.
+
+  Returns:
+    float32 [r, k]: the top-r right singular vectors as rows ("right"), or the top-r left
+    singular vectors as rows ("left").
+
+  References:
+    Zhao et al., `GaLore <https://arxiv.org/abs/2403.03507>`_, algorithm 2, 2024.
+  """
+  shape = tuple(grad_MxN.shape)
+  r = effective_rank(shape, rank)
+  u_MxK, _, vt_KxN = torch.linalg.svd(grad_MxN.to(torch.float32), full_matrices=False)
+  rows = vt_KxN[:r] if projector_side(shape) == RIGHT else u_MxK[:, :r].T
+  return sign_canonical(rows)
+
+
+def project(grad_MxN: torch.Tensor, basis_RxK: torch.Tensor) -> torch.Tensor:
+  """Projects a canonical gradient: ``G P^T`` (m x r) or ``P^T G`` (r x n)."""
+  if projector_side(tuple(grad_MxN.shape)) == RIGHT:
+    return grad_MxN @ basis_RxK.T
+  return basis_RxK @ grad_MxN
+
+
+def project_back(low_rank: torch.Tensor, basis_RxK: torch.Tensor, side: str) -> torch.Tensor:
+  """Back-projects a low-rank update to the canonical (m, n) space: ``D P`` or ``P D``."""
+  if side == RIGHT:
+    return low_rank @ basis_RxK
+  return basis_RxK.T @ low_rank
+
+
+def store_projector(basis_RxK: torch.Tensor, bits: int | None, group_size: int):
+  """The stored form of a projector: a packed :class:`QuantizedTensor`, or float32 if no bits."""
+  if bits is None:
+    return basis_RxK.to(torch.float32)
+  return quantization.quantize(basis_RxK, bits, group_size)
+
+
+def load_projector(stored, shape_RxK: tuple[int, int], bits: int | None, group_size: int):
+  """The float32 ``basis_RxK`` used to project and back-project (dequantised if stored so)."""
+  if bits is None:
+    return stored
+  return quantization.dequantize(stored, shape_RxK, bits, group_size)

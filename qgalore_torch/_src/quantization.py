@@ -1,0 +1,155 @@
+"""Group-wise asymmetric quantisation and INT4 packing (SPEC section 3).
+
+A tensor is read as its canonical matrix, flattened row-major and cut into groups of
+``group_size`` consecutive elements; a trailing partial group is quantised on its own
+elements. With ``b`` bits and ``Q = 2**b - 1``, per group::
+
+  s = max(max - min, 1e-5) / Q
+  z = round(-min / s)                       # round half to even; NOT clamped (see below)
+  q = clamp(round(w / s) + z, 0, Q)
+  w_hat = s * (q - z)
+
+SPEC section 3 (after the authors' code) clamps ``z`` to [0, Q], which only matters when
+``z`` is stored as a Q-bit integer. Here ``z`` is float32, and the clamp would clip every
+single-sign group to [0, max - min] (a rank-1 projector ``[1.0]`` would decode as ``1e-5``).
+Without the clamp the codes equal the authors' whenever a group spans zero, and every group
+keeps ``|w - w_hat| <= s / 2`` (plus float32 rounding). ``qgalore_jax`` does the same.
+
+Codes of at most 4 bits are stored two per byte (element ``2k`` in the low nibble, ``2k + 1``
+in the high nibble), so a 4-bit tensor costs 0.5 byte per element plus 8 bytes per group.
+This is the twin of ``qgalore_jax._src.quantization``: the same input gives the same codes,
+scales and zeros, bit for bit.
+"""
+
+from typing import NamedTuple
+
+import torch
+
+from qgalore_torch._src.checks import check_bits
+from qgalore_torch._src.checks import check_int
+
+MIN_RANGE = 1e-5  # floor of (max - min): a constant group gets a tiny, finite scale.
+
+
+class QuantizedTensor(NamedTuple):
+  """A group-wise quantised tensor (SPEC section 3).
+
+  The shape, bit width and group size are not stored: they are static facts known to the
+  code that made the tensor, so optimizer state holds tensors only.
+  """
+
+  codes: torch.Tensor  # uint8 [ceil(size / 2)] if bits <= 4 (packed), else uint8 [size]
+  scale: torch.Tensor  # float32 [num_groups]
+  zero: torch.Tensor  # float32 [num_groups]: zero point, an integer value, not clamped
+
+
+def num_groups(size: int, group_size: int) -> int:
+  """Number of quantisation groups for ``size`` elements (the last may be partial)."""
+  return -(-size // group_size)
+
+
+def _grouped(flat: torch.Tensor, group_size: int) -> torch.Tensor:
+  """Reshapes a flat vector to [num_groups, group_size], padding the last group.
+
+  The padding repeats the last element, which belongs to the last group, so it changes
+  neither that group's min nor its max.
+  """
+  pad = num_groups(flat.numel(), group_size) * group_size - flat.numel()
+  if pad:
+    flat = torch.cat([flat, flat[-1:].expand(pad)])
+  return flat.reshape(-1, group_size)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+  """Packs 4-bit codes (uint8 values < 16) two per byte.
+
+  Args:
+    codes: uint8 tensor of any shape, read flattened; element ``2k`` goes to the low nibble
+      of byte ``k``, element ``2k + 1`` to its high nibble. An odd trailing element leaves
+      the high nibble 0.
+
+  Returns:
+    uint8 vector of length ``ceil(codes.numel() / 2)``.
+  """
+  codes = codes.reshape(-1).to(torch.uint8)
+  if codes.numel() % 2:
+    codes = torch.cat([codes, codes.new_zeros(1)])
+  pairs = codes.reshape(-1, 2)
+  return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, size: int) -> torch.Tensor:
+  """Inverse of :func:`pack_int4`: returns the first ``size`` 4-bit codes as uint8."""
+  pairs = torch.stack([packed & 0xF, packed >> 4], dim=-1)
+  return pairs.reshape(-1)[:size]
+
+
+def quantize(x: torch.Tensor, bits: int = 4, group_size: int = 256) -> QuantizedTensor:
+  """Quantises ``x`` group-wise with round-to-nearest (SPEC section 3).
+
+  ``x`` is flattened row-major (pass the canonical matrix: projector rows, or weights in
+  (out, in) layout) and computed in float32.
+
+  Args:
+    x: tensor of any shape and float dtype.
+    bits: code width, 1..8. Codes of 4 bits or fewer are packed two per byte.
+    group_size: number of consecutive elements sharing one scale and zero.
+
+  Returns:
+    A :class:`QuantizedTensor` on the device of ``x``.
+
+  Example:
+    >>> import torch
+    >>> from qgalore_torch import quantize, dequantize
+    >>> q = quantize(torch.tensor([[0.0, 0.5], [1.0, -1.0]]), bits=4, group_size=4)
+    >>> q.codes.shape, q.scale.shape
+    (torch.Size([2]), torch.Size([1]))
+    >>> dequantize(q, (2, 2), bits=4, group_size=4)
+    tensor([[ 0.0000,  0.5333],
+            [ 0.9333, -0.9333]])
+
+  References:
+    Zhang et al., `Q-GaLore <https://arxiv.org/abs/2407.08296>`_, section 3.2, 2024.
+  """
+  check_bits(bits)
+  check_int(group_size, "group_size")
+  levels = 2**bits - 1
+  flat = x.detach().to(torch.float32).reshape(-1)
+  groups = _grouped(flat, group_size)
+  lo = groups.amin(dim=1)
+  hi = groups.amax(dim=1)
+  scale = torch.clamp(hi - lo, min=MIN_RANGE) / levels
+  zero = torch.round(-lo / scale)
+  codes = torch.clamp(torch.round(groups / scale[:, None]) + zero[:, None], 0, levels)
+  codes = codes.to(torch.uint8).reshape(-1)[: flat.numel()]
+  if bits <= 4:
+    codes = pack_int4(codes)
+  return QuantizedTensor(codes=codes, scale=scale, zero=zero)
+
+
+def dequantize(
+  q: QuantizedTensor, shape: tuple[int, ...], bits: int = 4, group_size: int = 256
+) -> torch.Tensor:
+  """Returns the float32 tensor ``s * (code - z)`` of ``shape`` (SPEC section 3).
+
+  Args:
+    q: what :func:`quantize` returned.
+    shape: the shape of the tensor that was quantised.
+    bits: the code width it was quantised with.
+    group_size: the group size it was quantised with.
+
+  Returns:
+    float32 tensor of ``shape`` on the device of ``q``.
+  """
+  size = 1
+  for d in shape:
+    size *= d
+  codes = unpack_int4(q.codes, size) if bits <= 4 else q.codes
+  groups = _grouped(codes.to(torch.float32), group_size)
+  values = q.scale[:, None] * (groups - q.zero[:, None])
+  return values.reshape(-1)[:size].reshape(shape)
+
+
+def quantized_nbytes(q: QuantizedTensor) -> int:
+  """Bytes a :class:`QuantizedTensor` really stores (codes, scales and zeros)."""
+  return sum(t.numel() * t.element_size() for t in q)
