@@ -28,15 +28,29 @@ _is_masked = lambda x: isinstance(x, optax.MaskedNode)
 class ScaleByQGaLoreState(NamedTuple):
   """State of :func:`scale_by_qgalore`: arrays only, so it checkpoints with orbax.
 
-  ``mu``, ``nu``, ``projector`` and ``subspace`` are pytrees shaped like the params, with
-  one entry per projected matrix (``optax.MaskedNode`` where a leaf is not routed here).
+  Like optax's states it is a tuple of pytrees shaped like the params, one array per
+  projected matrix in each (``optax.MaskedNode`` where a leaf is not routed here), so that
+  containers which wrap state per param (``flax.nnx.Optimizer``) see plain arrays.
   """
 
   count: jax.Array  # int32 []: updates done so far (the 0-based step of the next update)
   mu: optax.Updates  # mu_dtype [m, r] ("right") or [r, n] ("left"): low-rank first moment
   nu: optax.Updates  # float32, same shapes as mu: low-rank second moment
-  projector: optax.Updates  # QuantizedArray (packed codes) or float32 [r, k] per matrix
-  subspace: optax.Updates  # schedule.SubspaceState per matrix
+  # QuantizedArray whose fields are trees (codes uint8 packed, scale and zero float32), or
+  # a tree of float32 [r, k] bases when proj_bits is None.
+  projector: Any
+  subspace: schedule.SubspaceState  # whose fields are trees: gap, cosines, ... per matrix
+
+
+def _struct_of_trees(cls, treedef, per_leaf):
+  """``cls`` whose fields are trees, from one ``cls`` per leaf (a pytree transpose)."""
+  return cls(*(treedef.unflatten([getattr(x, f) for x in per_leaf]) for f in cls._fields))
+
+
+def _per_leaf(cls, treedef, struct):
+  """Inverse of :func:`_struct_of_trees`: one ``cls`` per leaf of ``treedef``."""
+  fields = [treedef.flatten_up_to(getattr(struct, f)) for f in cls._fields]
+  return [cls(*values) for values in zip(*fields, strict=True)]
 
 
 def _path_str(path) -> str:
@@ -50,15 +64,6 @@ def _canonical_shape(shape: tuple[int, ...], axis: int) -> tuple[int, int]:
 
 def _to_canonical(x: jax.Array, axis: int) -> jax.Array:
   return x.T if axis == 0 else x
-
-
-def _as_tuple(cls, x):
-  """Rebuilds NamedTuple ``cls`` from ``x`` by field name.
-
-  Containers such as ``flax.nnx.Optimizer`` hand the state back as their own mapping
-  types; ``lax.cond`` needs both branches to have one pytree structure.
-  """
-  return cls(*(getattr(x, field) for field in cls._fields))
 
 
 def _resolve_input_axes(params, input_axis, where: str):
@@ -211,9 +216,6 @@ def scale_by_qgalore(
 
   def update_leaf(g, mu, nu, stored, subspace, axis, count, count_inc):
     _, basis_shape, side, _ = leaf_layout(g, axis)
-    if proj_bits is not None:
-      stored = _as_tuple(QuantizedArray, stored)
-    subspace = _as_tuple(schedule.SubspaceState, subspace)
     g_MxN = _to_canonical(g, axis).astype(jnp.float32)
 
     def refresh(carry):
@@ -243,38 +245,54 @@ def scale_by_qgalore(
     direction = _to_canonical(direction_MxN, axis).astype(g.dtype)
     return direction, mu.astype(mu_dtype), nu, stored, subspace
 
+  def pack_projectors(treedef, stored):
+    if proj_bits is None:
+      return treedef.unflatten(stored)
+    return _struct_of_trees(QuantizedArray, treedef, stored)
+
+  def unpack_projectors(treedef, projector):
+    if proj_bits is None:
+      return treedef.flatten_up_to(projector)
+    return _per_leaf(QuantizedArray, treedef, projector)
+
   def init_fn(params):
     axes = _resolve_input_axes(params, input_axis, "scale_by_qgalore")
     leaves, treedef = jax.tree.flatten(params)
-    if not leaves:
-      return ScaleByQGaLoreState(jnp.zeros([], jnp.int32), params, params, params, params)
     per_leaf = [init_leaf(p, a) for p, a in zip(leaves, axes, strict=True)]
-    mu, nu, stored, subspace = (treedef.unflatten(field) for field in zip(*per_leaf, strict=True))
-    return ScaleByQGaLoreState(jnp.zeros([], jnp.int32), mu, nu, stored, subspace)
+    mu, nu, stored, subspace = ([leaf[i] for leaf in per_leaf] for i in range(4))
+    return ScaleByQGaLoreState(
+      count=jnp.zeros([], jnp.int32),
+      mu=treedef.unflatten(mu),
+      nu=treedef.unflatten(nu),
+      projector=pack_projectors(treedef, stored),
+      subspace=_struct_of_trees(schedule.SubspaceState, treedef, subspace),
+    )
 
   def update_fn(updates, state, params=None):
     del params
     axes = _resolve_input_axes(updates, input_axis, "scale_by_qgalore")
     leaves, treedef = jax.tree.flatten(updates)
     count_inc = optax.safe_increment(state.count)
-    if not leaves:
-      return updates, state._replace(count=count_inc)
     per_leaf = [
       update_leaf(g, mu, nu, stored, sub, a, state.count, count_inc)
       for g, mu, nu, stored, sub, a in zip(
         leaves,
         treedef.flatten_up_to(state.mu),
         treedef.flatten_up_to(state.nu),
-        treedef.flatten_up_to(state.projector),
-        treedef.flatten_up_to(state.subspace),
+        unpack_projectors(treedef, state.projector),
+        _per_leaf(schedule.SubspaceState, treedef, state.subspace),
         axes,
         strict=True,
       )
     ]
-    new_updates, mu, nu, stored, subspace = (
-      treedef.unflatten(field) for field in zip(*per_leaf, strict=True)
+    new_updates, mu, nu, stored, subspace = ([leaf[i] for leaf in per_leaf] for i in range(5))
+    return treedef.unflatten(new_updates), ScaleByQGaLoreState(
+      count=count_inc,
+      mu=treedef.unflatten(mu),
+      nu=treedef.unflatten(nu),
+      projector=pack_projectors(treedef, stored),
+      subspace=_struct_of_trees(schedule.SubspaceState, treedef, subspace),
     )
-    return new_updates, ScaleByQGaLoreState(count_inc, mu, nu, stored, subspace)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -410,19 +428,9 @@ def qgalore_adamw(
   )
 
 
-def _as_subspace(x):
-  """A ``SubspaceState`` from ``x``, or None when ``x`` is not one.
-
-  ``flax.nnx.Optimizer`` wraps each param's state in a variable and, after an update,
-  holds the NamedTuple as a mapping of its fields.
-  """
-  x = x.get_value() if hasattr(x, "get_value") else x
-  if isinstance(x, schedule.SubspaceState):
-    return x
-  fields = schedule.SubspaceState._fields
-  if hasattr(x, "keys") and set(fields) <= set(x.keys()):
-    return schedule.SubspaceState(*(x[f] for f in fields))
-  return None
+def _unwrap(x):
+  """The value inside a Flax NNX variable (``nnx.Optimizer`` wraps state per param), or x."""
+  return x.get_value() if hasattr(x, "get_value") else x
 
 
 def projection_stats(opt_state) -> Any:
@@ -445,10 +453,14 @@ def projection_stats(opt_state) -> Any:
   ]
   if len(found) != 1:
     raise ValueError(f"expected one Q-GaLore state in `opt_state`, found {len(found)}")
+  subspace = found[0].subspace
+  is_unit = lambda x: isinstance(_unwrap(x), (jax.Array, optax.MaskedNode))
+  gaps, treedef = jax.tree.flatten(subspace.gap, is_leaf=is_unit)
+  fields = {f: treedef.flatten_up_to(getattr(subspace, f)) for f in schedule.SubspaceState._fields}
 
-  def stats(sub):
-    sub = _as_subspace(sub)
-    if sub is None:
+  def stats(i):
+    sub = schedule.SubspaceState(**{f: _unwrap(values[i]) for f, values in fields.items()})
+    if isinstance(sub.gap, optax.MaskedNode):
       return None
     filled = jnp.arange(sub.cosines.shape[0]) >= sub.cosines.shape[0] - sub.num_cosines
     total = jnp.sum(jnp.where(filled, sub.cosines, 0.0))
@@ -459,8 +471,4 @@ def projection_stats(opt_state) -> Any:
       "mean_cosine": total / jnp.maximum(sub.num_cosines, 1),
     }
 
-  def is_matrix_state(x):
-    unwrapped = x.get_value() if hasattr(x, "get_value") else x
-    return isinstance(unwrapped, optax.MaskedNode) or _as_subspace(x) is not None
-
-  return jax.tree.map(stats, found[0].subspace, is_leaf=is_matrix_state)
+  return treedef.unflatten([stats(i) for i in range(len(gaps))])

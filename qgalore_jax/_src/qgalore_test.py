@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from qgalore_jax import STATIC_ARGS
+from qgalore_jax import QuantizedArray
 from qgalore_jax import ScaleByQGaLoreState
 from qgalore_jax import projection_stats
 from qgalore_jax import qgalore_adamw
@@ -194,7 +195,7 @@ def test_projector_bytes_4096_rank_1024():
   """0.5 byte per element plus 8 bytes per group of 256, read from the real state."""
   params = {"w": jax.ShapeDtypeStruct((4096, 4096), jnp.float32)}
   state = jax.eval_shape(scale_by_qgalore(rank=1024).init, params)
-  stored = state.projector["w"]
+  stored = QuantizedArray(*(tree["w"] for tree in state.projector))
   nbytes = quantized_nbytes(stored)
   assert stored.codes.dtype == jnp.uint8
   assert nbytes == 1024 * 4096 // 2 + 1024 * 4096 // 256 * 8 == 2_228_224
@@ -321,7 +322,7 @@ def test_stored_forms_are_arrays_only():
     for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, ScaleByQGaLoreState))
     if isinstance(s, ScaleByQGaLoreState)
   ]
-  assert found[0].projector["out"]["kernel"].codes.dtype == jnp.uint8
+  assert found[0].projector.codes["out"]["kernel"].dtype == jnp.uint8
 
 
 @pytest.mark.parametrize(
