@@ -23,7 +23,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import optax
 from optax.contrib import GaLoreDimensionNumbers
 
@@ -96,7 +95,7 @@ def run(only_blocks=False, rank=128, gap=200, repeats=15, warmup=2, refresh_repe
       cases[f"{name} [refresh]"] = (update, state0)
 
   samples = {name: [] for name in cases}
-  for name, (update, state) in cases.items():
+  for update, state in cases.values():
     for _ in range(warmup):
       time_call(update, grads, state, params)
   for i in range(repeats):
@@ -111,13 +110,17 @@ def run(only_blocks=False, rank=128, gap=200, repeats=15, warmup=2, refresh_repe
     "benchmark": "jitted optimizer update, LLaMA-60M parameter shapes",
     "date": datetime.date.today().isoformat(),
     "device": f"{jax.devices()[0].device_kind} ({platform.processor() or platform.machine()})",
-    "cpu_count": jax.local_device_count() if jax.default_backend() != "cpu" else None,
     "backend": jax.default_backend(),
     "versions": {"jax": jax.__version__, "optax": optax.__version__},
-    "settings": dict(
-      LLAMA_60M, rank=rank, update_proj_gap=gap, projected_matrices=n_projected,
-      only_blocks=only_blocks, repeats=repeats, warmup=warmup,
-    ),  # fmt: skip
+    "settings": {
+      **LLAMA_60M,
+      "rank": rank,
+      "update_proj_gap": gap,
+      "projected_matrices": n_projected,
+      "only_blocks": only_blocks,
+      "repeats": repeats,
+      "warmup": warmup,
+    },
     "median_ms": medians,
     "ratios": {
       "qgalore normal / optax.adamw": medians["qgalore_adamw"] / medians["optax.adamw"],

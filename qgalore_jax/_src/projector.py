@@ -21,7 +21,19 @@ LEFT = "left"
 
 
 def projector_side(shape: tuple[int, int]) -> str:
-  """``"right"`` if the canonical (out, in) matrix has out >= in, else ``"left"``."""
+  """Which side GaLore projects on, for a canonical (out, in) matrix (SPEC section 2).
+
+  Args:
+    shape: ``(m, n) = (out, in)``.
+
+  Returns:
+    ``"right"`` (``P`` is r x n, ``R = G P^T``) when ``m >= n``, else ``"left"``.
+
+  Example:
+    >>> from qgalore_jax import projector_side
+    >>> projector_side((1376, 512)), projector_side((512, 1376))
+    ('right', 'left')
+  """
   out_dim, in_dim = shape
   return RIGHT if out_dim >= in_dim else LEFT
 
@@ -43,6 +55,19 @@ def sign_canonical(vectors_RxK: jax.Array) -> jax.Array:
 
   Ties go to the first such index, as ``argmax`` does. SVD libraries disagree on the
   sign of singular vectors; this makes JAX, torch, CPU and GPU agree.
+
+  Args:
+    vectors_RxK: singular vectors as rows.
+
+  Returns:
+    The rows, each multiplied by the sign of its largest-magnitude entry.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from qgalore_jax import sign_canonical
+    >>> sign_canonical(jnp.array([[0.6, -0.8], [0.8, 0.6]]))
+    Array([[-0.6,  0.8],
+           [ 0.8,  0.6]], dtype=float32)
   """
   idx = jnp.argmax(jnp.abs(vectors_RxK), axis=1)
   pivot = jnp.take_along_axis(vectors_RxK, idx[:, None], axis=1)
@@ -61,6 +86,17 @@ def compute_projector(grad_MxN: jax.Array, rank: int) -> jax.Array:
   Returns:
     float32 [r, k]: the top-r right singular vectors as rows ("right"), or the top-r left
     singular vectors as rows ("left").
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from qgalore_jax import compute_projector
+    >>> g = jnp.outer(jnp.arange(1.0, 5.0), jnp.array([3.0, -4.0]))  # rank 1, (4, 2)
+    >>> basis = compute_projector(g, rank=1)  # "right": the top row of Vt, sign fixed
+    >>> basis.shape, bool(jnp.allclose(basis, jnp.array([[-0.6, 0.8]])))
+    ((1, 2), True)
+
+  References:
+    Zhao et al., `GaLore <https://arxiv.org/abs/2403.03507>`_, Algorithm 2, 2024.
   """
   shape = grad_MxN.shape
   r = effective_rank(shape, rank)
@@ -70,14 +106,41 @@ def compute_projector(grad_MxN: jax.Array, rank: int) -> jax.Array:
 
 
 def project(grad_MxN: jax.Array, basis_RxK: jax.Array) -> jax.Array:
-  """Projects a canonical gradient: ``G P^T`` (m x r) or ``P^T G`` (r x n)."""
+  """Projects a canonical gradient into the subspace (SPEC section 2).
+
+  Args:
+    grad_MxN: canonical (out, in) gradient ``G``.
+    basis_RxK: the projector's rows (:func:`compute_projector`, dequantised if stored so).
+
+  Returns:
+    ``G P^T`` of shape (m, r) on the "right" side, ``P^T G`` of shape (r, n) on the "left".
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from qgalore_jax import compute_projector, project, project_back
+    >>> g = jnp.outer(jnp.arange(1.0, 5.0), jnp.array([3.0, -4.0]))
+    >>> basis = compute_projector(g, rank=1)
+    >>> low = project(g, basis)
+    >>> low.shape, bool(jnp.allclose(project_back(low, basis, "right"), g, atol=1e-5))
+    ((4, 1), True)
+  """
   if projector_side(grad_MxN.shape) == RIGHT:
     return grad_MxN @ basis_RxK.T
   return basis_RxK @ grad_MxN
 
 
 def project_back(low_rank: jax.Array, basis_RxK: jax.Array, side: str) -> jax.Array:
-  """Back-projects a low-rank update to the canonical (m, n) space: ``D P`` or ``P D``."""
+  """Back-projects a low-rank update to the canonical (m, n) space (SPEC section 2).
+
+  Args:
+    low_rank: the low-rank update ``D``, shaped as :func:`project` returns.
+    basis_RxK: the same projector rows that projected it.
+    side: ``"right"`` or ``"left"``, from :func:`projector_side` of the matrix.
+
+  Returns:
+    ``D P`` ("right") or ``P D`` ("left"), of the canonical matrix's shape. See
+    :func:`project` for an example.
+  """
   if side == RIGHT:
     return low_rank @ basis_RxK
   return basis_RxK.T @ low_rank

@@ -445,6 +445,15 @@ def projection_stats(opt_state) -> Any:
     A pytree shaped like the params: for each projected leaf a dict with int32 ``gap``
     (current refresh interval), ``svd_count`` (SVDs so far) and ``num_cosines``, and float32
     ``mean_cosine`` (mean of the filled cosine buffer, 0 while empty); ``None`` elsewhere.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from qgalore_jax import qgalore_adamw, projection_stats
+    >>> params = {"w": jnp.ones((8, 4)), "b": jnp.zeros(4)}
+    >>> state = qgalore_adamw(1e-3, rank=2).init(params)
+    >>> stats = projection_stats(state)
+    >>> stats["b"] is None, int(stats["w"]["gap"]), int(stats["w"]["svd_count"])
+    (True, 200, 0)
   """
   found = [
     s

@@ -72,7 +72,7 @@ def exact_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
 
 
 def pack_int4(codes: jax.Array) -> jax.Array:
-  """Packs 4-bit codes (uint8 values < 16) two per byte.
+  """Packs 4-bit codes (uint8 values < 16) two per byte (SPEC section 3).
 
   Args:
     codes: uint8 vector of any length; element ``2k`` goes to the low nibble of byte ``k``,
@@ -80,6 +80,15 @@ def pack_int4(codes: jax.Array) -> jax.Array:
 
   Returns:
     uint8 vector of length ``ceil(len(codes) / 2)``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from qgalore_jax import pack_int4, unpack_int4
+    >>> packed = pack_int4(jnp.array([1, 2, 15], jnp.uint8))
+    >>> [hex(b) for b in packed.tolist()]
+    ['0x21', '0xf']
+    >>> unpack_int4(packed, 3).tolist()
+    [1, 2, 15]
   """
   codes = codes.reshape(-1).astype(jnp.uint8)
   if codes.size % 2:
@@ -89,7 +98,15 @@ def pack_int4(codes: jax.Array) -> jax.Array:
 
 
 def unpack_int4(packed: jax.Array, size: int) -> jax.Array:
-  """Inverse of :func:`pack_int4`: returns the first ``size`` 4-bit codes as uint8."""
+  """Inverse of :func:`pack_int4`: the first ``size`` 4-bit codes, as uint8.
+
+  Args:
+    packed: uint8 bytes from :func:`pack_int4`.
+    size: number of codes that were packed.
+
+  Returns:
+    uint8 vector of length ``size``. See :func:`pack_int4` for an example.
+  """
   pairs = jnp.stack([packed & 0xF, packed >> 4], axis=-1)
   return pairs.reshape(-1)[:size]
 
@@ -144,6 +161,9 @@ def dequantize(
     shape: the shape of the tensor that was quantised.
     bits: the code width it was quantised with.
     group_size: the group size it was quantised with.
+
+  Returns:
+    float32 array of ``shape``. See :func:`quantize` for an example.
   """
   size = 1
   for d in shape:
@@ -155,5 +175,14 @@ def dequantize(
 
 
 def quantized_nbytes(q: QuantizedArray) -> int:
-  """Bytes a :class:`QuantizedArray` really stores (codes, scales and zeros)."""
+  """Bytes a :class:`QuantizedArray` really stores (codes, scales and zeros).
+
+  Works on concrete arrays and on ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from qgalore_jax import quantize, quantized_nbytes
+    >>> quantized_nbytes(quantize(jnp.zeros((128, 512)), bits=4, group_size=256))
+    34816
+  """
   return sum(int(a.size) * a.dtype.itemsize for a in q)
