@@ -4,6 +4,16 @@ See ``SPEC.md`` sections 1-5 and 7 (numerical contract) and arXiv 2407.08296 (th
 """
 
 from qgalore_jax._src.checks import STATIC_ARGS
+from qgalore_jax._src.int8 import QuantizedWeight
+from qgalore_jax._src.int8 import apply_updates
+from qgalore_jax._src.int8 import dequantize_params
+from qgalore_jax._src.int8 import int8_train_step
+from qgalore_jax._src.int8 import is_quantized
+from qgalore_jax._src.int8 import lowbias32
+from qgalore_jax._src.int8 import quantize_params
+from qgalore_jax._src.int8 import stochastic_round
+from qgalore_jax._src.int8 import stream_key
+from qgalore_jax._src.int8 import uniforms
 from qgalore_jax._src.projector import compute_projector
 from qgalore_jax._src.projector import project
 from qgalore_jax._src.projector import project_back
@@ -26,10 +36,16 @@ __version__ = "0.1.0"
 __all__ = (
   "STATIC_ARGS",
   "QuantizedArray",
+  "QuantizedWeight",
   "ScaleByQGaLoreState",
   "SubspaceState",
+  "apply_updates",
   "compute_projector",
   "dequantize",
+  "dequantize_params",
+  "int8_train_step",
+  "is_quantized",
+  "lowbias32",
   "pack_int4",
   "project",
   "project_back",
@@ -37,8 +53,12 @@ __all__ = (
   "projector_side",
   "qgalore_adamw",
   "quantize",
+  "quantize_params",
   "quantized_nbytes",
   "scale_by_qgalore",
   "sign_canonical",
+  "stochastic_round",
+  "stream_key",
+  "uniforms",
   "unpack_int4",
 )

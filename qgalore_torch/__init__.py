@@ -4,6 +4,16 @@ The twin of ``qgalore_jax``: the same module and function names, the same number
 ``SPEC.md`` sections 1-5 and 7 (numerical contract) and arXiv 2407.08296 (the method).
 """
 
+from qgalore_torch._src.int8 import LLAMA_PROJECTIONS
+from qgalore_torch._src.int8 import Int8Linear
+from qgalore_torch._src.int8 import Int8Weight
+from qgalore_torch._src.int8 import apply_int8_update
+from qgalore_torch._src.int8 import is_llama_projection
+from qgalore_torch._src.int8 import lowbias32
+from qgalore_torch._src.int8 import quantize_linears
+from qgalore_torch._src.int8 import stochastic_round
+from qgalore_torch._src.int8 import stream_key
+from qgalore_torch._src.int8 import uniforms
 from qgalore_torch._src.optimizer import QGaLoreAdamW
 from qgalore_torch._src.projector import compute_projector
 from qgalore_torch._src.projector import project
@@ -21,17 +31,27 @@ from qgalore_torch._src.schedule import SubspaceState
 __version__ = "0.1.0"
 
 __all__ = (
+  "LLAMA_PROJECTIONS",
+  "Int8Linear",
+  "Int8Weight",
   "QGaLoreAdamW",
   "QuantizedTensor",
   "SubspaceState",
+  "apply_int8_update",
   "compute_projector",
   "dequantize",
+  "is_llama_projection",
+  "lowbias32",
   "pack_int4",
   "project",
   "project_back",
   "projector_side",
   "quantize",
+  "quantize_linears",
   "quantized_nbytes",
   "sign_canonical",
+  "stochastic_round",
+  "stream_key",
+  "uniforms",
   "unpack_int4",
 )

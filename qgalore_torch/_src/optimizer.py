@@ -1,4 +1,4 @@
-"""Q-GaLore AdamW as a ``torch.optim.Optimizer`` (SPEC sections 1, 2, 4, 5 and 7).
+"""Q-GaLore AdamW as a ``torch.optim.Optimizer`` (SPEC sections 1, 2 and 4-7).
 
 The twin of ``qgalore_jax.qgalore_adamw``: the same arithmetic, written once in float32 as
 pure functions (:func:`adam_direction`, :func:`refresh_projector`, :func:`apply_update`);
@@ -20,6 +20,8 @@ from qgalore_torch._src import schedule
 from qgalore_torch._src.checks import check_bits
 from qgalore_torch._src.checks import check_int
 from qgalore_torch._src.checks import check_number
+from qgalore_torch._src.int8 import Int8Weight
+from qgalore_torch._src.int8 import apply_int8_update
 from qgalore_torch._src.quantization import QuantizedTensor
 
 _HOST = torch.device("cpu")
@@ -102,11 +104,30 @@ def _where(ok, new, old):
   return torch.where(ok, new, old)
 
 
-def apply_update(param, direction, lr, weight_decay):
-  """``W <- W - lr * (direction + weight_decay * W)`` on the old ``W`` (SPEC section 5).
+def apply_update(param, direction, lr, weight_decay, *, seed=0, count=None, tensor_id=0):
+  """``W <- W - lr * (direction + weight_decay * W)`` on the old ``W`` (SPEC sections 5, 6).
 
-  Computed in float32 and written back once, rounded to the parameter's dtype.
+  Computed in float32 and written back once, rounded to the parameter's dtype. An
+  :class:`~qgalore_torch.Int8Weight` is dequantised, gets the update
+  ``-lr * (direction + weight_decay * W)`` (the arithmetic of ``optax.adamw``) and is
+  written back by stochastic rounding keyed by ``(seed, count - 1, tensor_id)``.
+
+  Args:
+    param: the parameter to update in place.
+    direction: float32 update direction, the parameter's shape.
+    lr: learning rate.
+    weight_decay: decoupled weight decay.
+    seed: seed of the stochastic rounding (INT8 weights only).
+    count: float32 0-dim CPU tensor, the parameter's 1-based update count (INT8 weights
+      only; the rounding uses the 0-based ``count - 1``).
+    tensor_id: the parameter's position across the param groups (INT8 weights only).
   """
+  if isinstance(param, Int8Weight):
+    w = param.dequantize()
+    update = (direction + weight_decay * w) * -lr
+    step = count.to(torch.int64) - 1
+    apply_int8_update(param, update, seed=seed, step=step, tensor_id=tensor_id)
+    return
   w = param.to(torch.float32)
   param.copy_(w - lr * (direction + weight_decay * w))
 
@@ -183,6 +204,11 @@ class QGaLoreAdamW(torch.optim.Optimizer):
   finite is skipped (old projector and schedule kept); the moments are not protected.
   Parameters of groups without ``rank`` get plain AdamW with the same formulas.
 
+  INT8 weights (:class:`~qgalore_torch.Int8Weight`, e.g. of :class:`~qgalore_torch.Int8Linear`)
+  are updated with the same arithmetic on their dequantised values and written back by
+  stochastic rounding (SPEC section 6), keyed by ``seed``, the parameter's 0-based step and
+  its tensor id: its position across all param groups, in order.
+
   Group keys (defaults from the constructor): ``rank`` (selects projection; no default),
   ``update_proj_gap``, ``scale``, ``proj_bits`` (``None``: float32 projector),
   ``proj_group_size``, ``cos_threshold``, ``gamma_proj``, ``queue_size``, and torch's
@@ -201,8 +227,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     betas: ``(beta1, beta2)``, decays of the two moments.
     eps: added to the root of the second moment.
     weight_decay: decoupled weight decay ``lambda``, applied to the old weights.
-    seed: seed of the stochastic rounding of INT8 weights (SPEC section 6); kept in
-      ``defaults``, unused by this optimizer's float weights.
+    seed: seed of the stochastic rounding of INT8 weights (SPEC section 6).
     update_proj_gap: initial refresh interval in steps.
     scale: GaLore's ``alpha``, multiplies the back-projected update.
     proj_bits: bits of the stored projector (1..8; 4 or fewer packed two per byte), or
@@ -294,11 +319,19 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     if closure is not None:
       with torch.enable_grad():
         loss = closure()
-    for group in self.param_groups:
-      for p in group["params"]:
-        if p.grad is not None:
-          self._update(p, group)
+    for tensor_id, group, p in self._indexed_params():
+      if p.grad is not None:
+        self._update(p, group, tensor_id)
     return loss
+
+  def _indexed_params(self):
+    """``(tensor_id, group, param)`` for every parameter, ids counted across the groups.
+
+    The id keys the stochastic rounding of INT8 weights (SPEC section 6): it is stable as
+    long as the param groups are built in the same order.
+    """
+    params = ((group, p) for group in self.param_groups for p in group["params"])
+    return [(i, group, p) for i, (group, p) in enumerate(params)]
 
   def register_layerwise_hooks(self, accumulation_steps=1):
     """Runs each parameter's update inside ``backward()``, once its gradient is complete.
@@ -327,13 +360,14 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     """
     check_int(accumulation_steps, "accumulation_steps")
     return [
-      p.register_post_accumulate_grad_hook(self._layerwise_hook(group, accumulation_steps))
-      for group in self.param_groups
-      for p in group["params"]
+      p.register_post_accumulate_grad_hook(
+        self._layerwise_hook(group, accumulation_steps, tensor_id)
+      )
+      for tensor_id, group, p in self._indexed_params()
       if p.requires_grad
     ]
 
-  def _layerwise_hook(self, group, accumulation_steps):
+  def _layerwise_hook(self, group, accumulation_steps, tensor_id):
     received = 0
 
     def hook(p):
@@ -341,16 +375,16 @@ class QGaLoreAdamW(torch.optim.Optimizer):
       received += 1
       if received % accumulation_steps == 0:
         with torch.no_grad():
-          self._update(p, group)
+          self._update(p, group, tensor_id)
         p.grad = None
 
     return hook
 
-  def _update(self, p, group):
+  def _update(self, p, group, tensor_id):
     if p.grad.is_sparse:
       raise RuntimeError("QGaLoreAdamW does not support sparse gradients")
     if "rank" in group:
-      self._update_projected(p, group)
+      self._update_projected(p, group, tensor_id)
       return
     state = self.state[p]
     if not state:
@@ -372,9 +406,9 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     )
     state["exp_avg"].copy_(m)
     state["exp_avg_sq"].copy_(v)
-    apply_update(p, u, group["lr"], group["weight_decay"])
+    self._write(p, u, group, tensor_id)
 
-  def _update_projected(self, p, group):
+  def _update_projected(self, p, group, tensor_id):
     shape = tuple(p.shape)
     rank, bits, group_size = group["rank"], group["proj_bits"], group["proj_group_size"]
     basis_shape = proj.basis_shape(shape, rank)
@@ -422,7 +456,19 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     state["exp_avg"].copy_(m)
     state["exp_avg_sq"].copy_(v)
     direction = group["scale"] * proj.project_back(u, basis_RxK, side)
-    apply_update(p, direction, group["lr"], group["weight_decay"])
+    self._write(p, direction, group, tensor_id)
+
+  def _write(self, p, direction, group, tensor_id):
+    state = self.state[p]
+    apply_update(
+      p,
+      direction,
+      group["lr"],
+      group["weight_decay"],
+      seed=group["seed"],
+      count=state["step"],
+      tensor_id=tensor_id,
+    )
 
   def load_state_dict(self, state_dict):
     """Loads a state from :meth:`state_dict`, keeping each state tensor's saved dtype.

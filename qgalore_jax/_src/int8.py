@@ -1,0 +1,519 @@
+"""INT8 weights updated by stochastic rounding, and their uniform generator (SPEC section 6).
+
+A selected 2-D weight is held as a :class:`QuantizedWeight`: the codes of its canonical
+(out, in) matrix W (SPEC section 1), flattened row-major, one byte each, plus one float32
+scale ``s`` and zero ``z`` per group of ``group_size`` consecutive elements (SPEC section 3).
+No float copy of the weights persists between steps: :func:`apply_updates` dequantises,
+adds the update, recomputes ``s`` and ``z`` and rounds stochastically, all in float32::
+
+  w_new = s * ((q - z) + update / s)     # = s * (q - z) + update, see _add_update
+  s, z = groupwise(w_new)
+  q = clamp(floor(w_new / s + u) + z, 0, 2**bits - 1)
+
+so ``E[s * (q - z)] = w_new`` wherever the clamp is inactive (unbiased rounding).
+
+The uniforms ``u`` come from a counter-based generator keyed by (seed, step, tensor id,
+element index of W in row-major order), written with uint32 arithmetic that the torch twin
+reproduces bit for bit (``docs/numerics.md``)::
+
+  lowbias32(x) = x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16
+  key = lowbias32(lowbias32(lowbias32(seed ^ 0x9e3779b9) ^ step) ^ tensor_id)
+  h_i = lowbias32(lowbias32(i ^ key) + key);  u_i = (h_i >> 8) * 2**-24
+"""
+
+import functools
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from qgalore_jax._src.checks import check_bits
+from qgalore_jax._src.checks import check_int
+from qgalore_jax._src.qgalore import _canonical_shape
+from qgalore_jax._src.qgalore import _path_str
+from qgalore_jax._src.qgalore import _to_canonical
+from qgalore_jax._src.quantization import QuantizedArray
+from qgalore_jax._src.quantization import _grouped
+from qgalore_jax._src.quantization import dequantize
+from qgalore_jax._src.quantization import exact_divide
+from qgalore_jax._src.quantization import pack_int4
+from qgalore_jax._src.quantization import quantize
+from qgalore_jax._src.quantization import unpack_int4
+
+GOLDEN = 0x9E3779B9  # absorbed with the seed, so that seed 0 does not hash to the fixed point 0
+MULTIPLIER_1 = 0x7FEB352D  # lowbias32 constants (C. Wellons, "hash-prospector")
+MULTIPLIER_2 = 0x846CA68B
+MAX_ELEMENTS = 2**32  # element indices are uint32
+
+
+def lowbias32(x: jax.Array) -> jax.Array:
+  """The 32-bit integer hash ``lowbias32``, a bijection of uint32 (SPEC section 6).
+
+  Args:
+    x: uint32 array.
+
+  Returns:
+    uint32 array of the same shape.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from qgalore_jax import lowbias32
+    >>> [hex(h) for h in lowbias32(jnp.array([1, 0xDEADBEEF], jnp.uint32)).tolist()]
+    ['0x688990c0', '0xe628c683']
+
+  References:
+    C. Wellons, `Prospecting for hash functions
+    <https://nullprogram.com/blog/2018/07/31/>`_, 2018.
+  """
+  x = jnp.asarray(x, jnp.uint32)
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(MULTIPLIER_1)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(MULTIPLIER_2)
+  return x ^ (x >> 16)
+
+
+def _as_uint32(value, name: str) -> jax.Array:
+  """A Python or array integer as uint32, modulo 2**32."""
+  if isinstance(value, bool):
+    raise TypeError(f"`{name}` must be an integer, got bool {value!r}")
+  if isinstance(value, (int, np.integer)):
+    return jnp.uint32(int(value) % 2**32)
+  dtype = getattr(value, "dtype", None)
+  if dtype is None or not jnp.issubdtype(dtype, jnp.integer) or jnp.ndim(value) != 0:
+    raise TypeError(
+      f"`{name}` must be an integer scalar (Python int or integer array), got {value!r}"
+    )
+  return jnp.asarray(value).astype(jnp.uint32)
+
+
+def stream_key(seed, step, tensor_id) -> jax.Array:
+  """The uint32 key of one tensor's uniforms at one step (SPEC section 6).
+
+  Args:
+    seed: integer (Python or traced), taken modulo 2**32.
+    step: integer (Python or traced), taken modulo 2**32: the 0-based update count.
+    tensor_id: integer (Python or traced), taken modulo 2**32.
+
+  Returns:
+    uint32 scalar ``lowbias32(lowbias32(lowbias32(seed ^ GOLDEN) ^ step) ^ tensor_id)``.
+
+  Example:
+    >>> from qgalore_jax import stream_key
+    >>> hex(int(stream_key(1234, 5678, 7)))
+    '0x76df4541'
+  """
+  key = lowbias32(_as_uint32(seed, "seed") ^ jnp.uint32(GOLDEN))
+  key = lowbias32(key ^ _as_uint32(step, "step"))
+  return lowbias32(key ^ _as_uint32(tensor_id, "tensor_id"))
+
+
+def uniforms(seed, step, tensor_id, shape: tuple[int, ...]) -> jax.Array:
+  r"""Counter-based uniforms in [0, 1), one per element of a tensor (SPEC section 6).
+
+  .. math::
+
+    h_i = \text{lowbias32}(\text{lowbias32}(i \oplus k) + k), \qquad u_i = \lfloor h_i / 2^8
+    \rfloor \cdot 2^{-24}
+
+  with ``k`` = :func:`stream_key` and ``i`` the row-major element index. Each ``u_i`` is a
+  float32 multiple of ``2**-24``, computed without rounding, so the torch twin gives the same
+  bits on any device; an element's value does not depend on the shape or the sharding.
+
+  Args:
+    seed: integer (Python or traced).
+    step: integer (Python or traced).
+    tensor_id: integer (Python or traced).
+    shape: static shape; at most ``2**32`` elements.
+
+  Returns:
+    float32 array of ``shape``.
+
+  Example:
+    >>> from qgalore_jax import uniforms
+    >>> u = uniforms(0, 0, 0, (2, 3))
+    >>> u.shape, u.dtype, bool(((0 <= u) & (u < 1)).all())
+    ((2, 3), dtype('float32'), True)
+
+  References:
+    Zhang et al., `Q-GaLore <https://arxiv.org/abs/2407.08296>`_, 2024.
+  """
+  size = int(np.prod(shape, dtype=np.int64))
+  if size > MAX_ELEMENTS:
+    raise ValueError(f"uniforms are indexed by uint32: at most 2**32 elements, got {size}")
+  key = stream_key(seed, step, tensor_id)
+  index = jnp.arange(size, dtype=jnp.uint32)
+  hashed = lowbias32(lowbias32(index ^ key) + key)
+  return ((hashed >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)).reshape(shape)
+
+
+def stochastic_round(
+  w, *, seed, step, tensor_id, bits: int = 8, group_size: int = 256
+) -> QuantizedArray:
+  """Quantises ``w`` group-wise with stochastic rounding (SPEC sections 3 and 6).
+
+  The scale and zero are those of :func:`~qgalore_jax.quantize` on the same input (its
+  round-to-nearest codes are discarded; under ``jit`` XLA removes them); the codes are
+  ``clamp(floor(w / s + u) + z, 0, 2**bits - 1)`` with ``u`` from :func:`uniforms`.
+
+  Args:
+    w: the canonical (out, in) matrix (any float dtype; computed in float32).
+    seed: integer (Python or traced).
+    step: integer (Python or traced).
+    tensor_id: integer (Python or traced).
+    bits: code width, 1..8 (4 or fewer: packed two per byte).
+    group_size: elements per group.
+
+  Returns:
+    A :class:`~qgalore_jax.QuantizedArray`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from qgalore_jax import stochastic_round
+    >>> q = stochastic_round(jnp.array([[0.0, 0.3, 1.0]]), seed=0, step=0, tensor_id=0)
+    >>> q.codes.tolist()  # 0.3 * 255 = 76.5: 76 or 77, each with probability 1/2
+    [0, 76, 255]
+
+  References:
+    Zhang et al., `Q-GaLore <https://arxiv.org/abs/2407.08296>`_, 2024.
+  """
+  levels = 2**bits - 1
+  flat = jnp.asarray(w, jnp.float32).reshape(-1)
+  rtn = quantize(flat, bits, group_size)
+  groups = _grouped(flat, group_size)
+  noise = _grouped(uniforms(seed, step, tensor_id, (flat.size,)), group_size)
+  codes = jnp.floor(exact_divide(groups, rtn.scale[:, None]) + noise) + rtn.zero[:, None]
+  codes = jnp.clip(codes, 0, levels).astype(jnp.uint8).reshape(-1)[: flat.size]
+  if bits <= 4:
+    codes = pack_int4(codes)
+  return QuantizedArray(codes=codes, scale=rtn.scale, zero=rtn.zero)
+
+
+class QuantizedWeight(NamedTuple):
+  """A weight leaf held as INT8 (or fewer-bit) codes (SPEC section 6).
+
+  A pytree node whose children are the three arrays; the other fields are static (part of
+  the tree structure), so ``jit`` and orbax see arrays only and the node restores from an
+  abstract target like any leaf.
+  """
+
+  codes: jax.Array  # uint8 [out * in] (bits > 4) or [ceil(out * in / 2)]: canonical row-major
+  scale: jax.Array  # float32 [num_groups]
+  zero: jax.Array  # float32 [num_groups]
+  shape: tuple[int, int]  # static: the leaf's own shape (input axis first for Flax kernels)
+  input_axis: int  # static: 0 or 1, which axis of the leaf is its input axis
+  bits: int  # static: code width
+  group_size: int  # static: elements per group
+
+  def dequantize_canonical(self) -> jax.Array:
+    """The float32 canonical (out, in) matrix ``s * (q - z)``."""
+    stored = QuantizedArray(self.codes, self.scale, self.zero)
+    shape = _canonical_shape(self.shape, self.input_axis)
+    return dequantize(stored, shape, self.bits, self.group_size)
+
+  def dequantize(self, dtype=jnp.float32) -> jax.Array:
+    """The weight ``s * (q - z)`` in the leaf's own shape and ``dtype``."""
+    return _to_canonical(self.dequantize_canonical(), self.input_axis).astype(dtype)
+
+
+_ARRAY_FIELDS = ("codes", "scale", "zero")
+_STATIC_FIELDS = ("shape", "input_axis", "bits", "group_size")
+
+
+def _flatten_with_keys(q):
+  arrays = tuple((jax.tree_util.GetAttrKey(f), getattr(q, f)) for f in _ARRAY_FIELDS)
+  return arrays, tuple(getattr(q, f) for f in _STATIC_FIELDS)
+
+
+def _flatten(q):
+  return tuple(getattr(q, f) for f in _ARRAY_FIELDS), tuple(getattr(q, f) for f in _STATIC_FIELDS)
+
+
+def _unflatten(static, arrays):
+  return QuantizedWeight(*arrays, *static)
+
+
+jax.tree_util.register_pytree_with_keys(QuantizedWeight, _flatten_with_keys, _unflatten, _flatten)
+
+
+def is_quantized(x) -> bool:
+  """Whether ``x`` is a :class:`QuantizedWeight` (use as ``is_leaf`` in tree maps)."""
+  return isinstance(x, QuantizedWeight)
+
+
+def _per_leaf(value, params, name: str, leaf_type) -> list:
+  """``value`` (a scalar, a pytree shaped like params, or a callable on them) per leaf."""
+  if callable(value):
+    value = value(params)
+  leaves, treedef = jax.tree.flatten(params, is_leaf=is_quantized)
+  if isinstance(value, leaf_type) or value is None:
+    return [value] * len(leaves)
+  try:
+    return treedef.flatten_up_to(value)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+      f"`{name}` must be a {leaf_type.__name__} or a pytree shaped like the params: {e}"
+    ) from None
+
+
+@functools.partial(jax.jit, static_argnames=("input_axis", "bits", "group_size"))
+def _quantize_leaf(p, input_axis, bits, group_size):
+  return quantize(_to_canonical(p, input_axis), bits, group_size)
+
+
+def quantize_params(
+  params,
+  *,
+  bits: int = 8,
+  group_size: int = 256,
+  mask: Any | Callable[[Any], Any] | None = None,
+  input_axis: int | Any | Callable[[Any], Any] = 0,
+):
+  """Replaces the selected 2-D leaves of ``params`` by :class:`QuantizedWeight` nodes.
+
+  Each selected leaf is read as its canonical (out, in) matrix W through ``input_axis``
+  (SPEC section 1) and quantised with round-to-nearest (SPEC section 3): codes of W flattened
+  row-major, one float32 scale and zero per ``group_size`` elements. Other leaves, and leaves
+  that are already quantised, are returned unchanged.
+
+  Args:
+    params: a pytree of arrays (plain dicts, linen params, an ``nnx.State``).
+    bits: code width, 1..8 (4 or fewer: packed two per byte).
+    group_size: elements per quantisation group.
+    mask: which leaves to quantise: a pytree of bools shaped like ``params`` or a callable
+      on ``params`` returning one. Default: every 2-D floating-point leaf.
+    input_axis: the input axis of each selected leaf: 0 for Flax kernels (in, out), 1 for
+      arrays stored (out, in); an int, a pytree of ints or a callable returning one.
+
+  Returns:
+    A pytree with the structure of ``params``, a :class:`QuantizedWeight` at each selected
+    leaf: 1 byte per 8-bit weight plus 8 bytes per group, ``1 + 8 / group_size`` bytes
+    per weight (1.03 for groups of 256).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from qgalore_jax import quantize_params, dequantize_params
+    >>> params = {"kernel": jnp.ones((512, 4)), "bias": jnp.zeros(4)}
+    >>> qparams = quantize_params(params)
+    >>> qparams["kernel"].codes.dtype, qparams["kernel"].scale.shape, qparams["bias"].shape
+    (dtype('uint8'), (8,), (4,))
+    >>> dequantize_params(qparams)["kernel"].shape
+    (512, 4)
+
+  References:
+    Zhang et al., `Q-GaLore <https://arxiv.org/abs/2407.08296>`_, 2024.
+  """
+  check_bits(bits)
+  check_int(group_size, "group_size")
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
+  selected = _per_leaf(mask, params, "mask", bool)
+  axes = _per_leaf(input_axis, params, "input_axis", int)
+  out = []
+  for (path, p), s, axis in zip(flat, selected, axes, strict=True):
+    name = _path_str(path)
+    if is_quantized(p):
+      out.append(p)
+      continue
+    is_float_matrix = jnp.ndim(p) == 2 and jnp.issubdtype(jnp.result_type(p), jnp.floating)
+    if s is None:
+      s = is_float_matrix
+    if not isinstance(s, (bool, np.bool_)) and getattr(s, "dtype", None) != jnp.bool_:
+      raise TypeError(f"`mask` leaf for parameter {name} must be a bool, got {s!r}")
+    if not s:
+      out.append(p)
+      continue
+    if not is_float_matrix:
+      raise ValueError(
+        f"`mask` selects parameter {name} of shape {jnp.shape(p)} and dtype"
+        f" {jnp.result_type(p)}, but only 2-D floating-point matrices can be quantised"
+      )
+    if isinstance(axis, bool) or not isinstance(axis, int) or axis not in (-2, -1, 0, 1):
+      raise ValueError(f"`input_axis` for parameter {name} must be 0 or 1, got {axis!r}")
+    q = _quantize_leaf(p, axis % 2, bits, group_size)
+    out.append(QuantizedWeight(*q, tuple(p.shape), axis % 2, bits, group_size))
+  return treedef.unflatten(out)
+
+
+def dequantize_params(qparams, dtype=jnp.float32):
+  """Float view of ``qparams``: every :class:`QuantizedWeight` becomes ``s * (q - z)``.
+
+  Args:
+    qparams: a pytree from :func:`quantize_params`.
+    dtype: dtype of the dequantised weights (other leaves keep theirs).
+
+  Returns:
+    A pytree with the structure of the original params, each quantised leaf in its own
+    shape (e.g. a Flax kernel (in, out)).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from qgalore_jax import dequantize_params, quantize_params
+    >>> qparams = quantize_params({"kernel": jnp.array([[0.0, 1.0], [2.0, 3.0]])})
+    >>> dequantize_params(qparams)["kernel"].tolist()
+    [[0.0, 1.0], [2.0, 3.0]]
+  """
+  return jax.tree.map(
+    lambda x: x.dequantize(dtype) if is_quantized(x) else x, qparams, is_leaf=is_quantized
+  )
+
+
+def _add_update(p: QuantizedWeight, update_MxN: jax.Array) -> jax.Array:
+  """``w + update`` on the canonical matrix, as ``s * ((q - z) + update / s)`` in float32.
+
+  Written without a multiply feeding an add: XLA would contract ``s * (q - z) + update``
+  into a fused multiply-add (one rounding instead of two) and the codes would differ from
+  the torch twin's. Every operation here is a single IEEE-rounded one on both backends.
+  """
+  size = update_MxN.size
+  codes = unpack_int4(p.codes, size) if p.bits <= 4 else p.codes
+  codes = _grouped(codes.astype(jnp.float32), p.group_size)
+  update = _grouped(update_MxN.astype(jnp.float32).reshape(-1), p.group_size)
+  scale = p.scale[:, None]
+  w_new = scale * ((codes - p.zero[:, None]) + exact_divide(update, scale))
+  return w_new.reshape(-1)[:size].reshape(update_MxN.shape)
+
+
+def _apply_leaf(p, u, path, seed, step, tensor_id):
+  if u is None:
+    return p
+  if not is_quantized(p):
+    return jnp.asarray(p + u).astype(jnp.result_type(p))
+  if jnp.shape(u) != p.shape:
+    raise ValueError(
+      f"update for parameter {_path_str(path)} has shape {jnp.shape(u)}, but the weight has"
+      f" shape {p.shape}"
+    )
+  w_MxN = _add_update(p, _to_canonical(u, p.input_axis))
+  new = stochastic_round(
+    w_MxN, seed=seed, step=step, tensor_id=tensor_id, bits=p.bits, group_size=p.group_size
+  )
+  return p._replace(codes=new.codes, scale=new.scale, zero=new.zero)
+
+
+def apply_updates(qparams, updates, *, seed, step, tensor_ids=None):
+  r"""Adds ``updates`` to ``qparams``, requantising INT8 weights by stochastic rounding.
+
+  For each :class:`QuantizedWeight`, in float32 on its canonical matrix (SPEC section 6):
+
+  .. math::
+
+    w = s (q - z), \quad w' = w + \Delta, \quad (s', z') = \text{groupwise}(w'), \quad
+    q' = \text{clamp}(\lfloor w' / s' + u \rfloor + z', 0, 2^b - 1)
+
+  with ``u`` from :func:`uniforms` keyed by ``(seed, step, tensor id, element)``, so
+  :math:`\mathbb{E}[s'(q' - z')] = w'`: an update much smaller than a quantisation step
+  survives in expectation (round-to-nearest would drop it). Other leaves get
+  ``p + update`` in their own dtype, as ``optax.apply_updates``.
+
+  Args:
+    qparams: a pytree from :func:`quantize_params`.
+    updates: updates shaped like the original params (e.g. from an optax optimizer applied
+      to :func:`dequantize_params`); any float dtype. ``None`` leaves nothing changed.
+    seed: integer (Python or traced): the run's seed.
+    step: integer (Python or traced): the 0-based update count (the count before this
+      update, e.g. the train loop's step).
+    tensor_ids: integers shaped like the params, or ``None`` for each leaf's index in
+      ``jax.tree.leaves(qparams, is_leaf=is_quantized)`` (its index among the leaves of the
+      original params).
+
+  Returns:
+    The updated pytree, with the structure and dtypes of ``qparams``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from qgalore_jax import apply_updates, dequantize_params, quantize_params
+    >>> qparams = quantize_params({"w": jnp.linspace(-1.0, 1.0, 512).reshape(64, 8)})
+    >>> updates = {"w": jnp.full((64, 8), 1e-3)}
+    >>> step_fn = jax.jit(lambda q, u, t: apply_updates(q, u, seed=0, step=t))
+    >>> qparams = step_fn(qparams, updates, jnp.int32(0))
+    >>> qparams["w"].codes.dtype
+    dtype('uint8')
+
+  References:
+    Zhang et al., `Q-GaLore <https://arxiv.org/abs/2407.08296>`_, 2024.
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(qparams, is_leaf=is_quantized)
+  try:
+    flat_updates = treedef.flatten_up_to(updates)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"`updates` must have the structure of the params: {e}") from None
+  ids = (
+    range(len(flat)) if tensor_ids is None else _per_leaf(tensor_ids, qparams, "tensor_ids", int)
+  )
+  new = [
+    _apply_leaf(p, u, path, seed, step, i)
+    for (path, p), u, i in zip(flat, flat_updates, ids, strict=True)
+  ]
+  return treedef.unflatten(new)
+
+
+def int8_train_step(
+  loss_fn: Callable[..., Any],
+  optimizer: optax.GradientTransformation,
+  *,
+  seed: int = 0,
+  dtype=jnp.float32,
+  has_aux: bool = False,
+  tensor_ids=None,
+):
+  """A jitted train step for INT8 weights: differentiate, update, requantise in place.
+
+  The step dequantises ``qparams`` to ``dtype``, takes the gradient of ``loss_fn`` with
+  respect to those float weights, runs ``optimizer`` and writes the result back with
+  :func:`apply_updates`. ``qparams`` and ``opt_state`` are donated, so XLA reuses their
+  buffers for the new ones: the float weights exist only inside the step. Works with any
+  pytree: plain dicts, linen params, or an ``nnx.State`` from ``nnx.split``.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch)`` returning a scalar loss (or ``(loss, aux)`` if
+      ``has_aux``), where ``params`` has the structure of the float params.
+    optimizer: an optax transformation, e.g. :func:`~qgalore_jax.qgalore_adamw`; initialise
+      it with ``optimizer.init(dequantize_params(qparams))``.
+    seed: seed of the stochastic rounding.
+    dtype: dtype of the dequantised weights the loss sees.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    tensor_ids: see :func:`apply_updates`.
+
+  Returns:
+    ``step(qparams, opt_state, batch, step) -> (qparams, opt_state, loss)`` (with ``aux``
+    appended if ``has_aux``), jitted, ``qparams`` and ``opt_state`` donated; ``step`` is
+    the 0-based update count (a traced integer: no recompilation between steps).
+
+  Example:
+    A Flax NNX model: split it, quantise its ``Param`` state, merge inside the loss.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from qgalore_jax import dequantize_params, int8_train_step, qgalore_adamw
+    >>> from qgalore_jax import quantize_params
+    >>> model = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+    >>> graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    >>> qparams = quantize_params(params)
+    >>> tx = qgalore_adamw(1e-2, rank=2)
+    >>> opt_state = tx.init(dequantize_params(qparams))
+    >>> def loss_fn(params, batch):
+    ...   x, y = batch
+    ...   return jnp.mean((nnx.merge(graphdef, params, rest)(x) - y) ** 2)
+    >>> train_step = int8_train_step(loss_fn, tx, seed=0)
+    >>> batch = (jnp.ones((2, 8)), jnp.zeros((2, 4)))
+    >>> qparams, opt_state, loss = train_step(qparams, opt_state, batch, jnp.int32(0))
+    >>> nnx.update(model, dequantize_params(qparams))  # write back for evaluation
+
+  References:
+    Zhang et al., `Q-GaLore <https://arxiv.org/abs/2407.08296>`_, 2024.
+  """
+
+  def step_fn(qparams, opt_state, batch, step):
+    params = dequantize_params(qparams, dtype)
+    out, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(params, batch)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    qparams = apply_updates(qparams, updates, seed=seed, step=step, tensor_ids=tensor_ids)
+    if has_aux:
+      return qparams, opt_state, *out
+    return qparams, opt_state, out
+
+  return jax.jit(step_fn, donate_argnums=(0, 1))

@@ -1,0 +1,321 @@
+"""Tests of INT8 weights, Int8Linear and the SR generator (SPEC section 6).
+
+References: a pure-Python generator written here, fixed vectors shared with ``qgalore_jax``,
+``qgalore_jax.apply_updates`` itself (skipped without jax), and ``F.linear``.
+"""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qgalore_torch import Int8Linear
+from qgalore_torch import Int8Weight
+from qgalore_torch import QGaLoreAdamW
+from qgalore_torch import apply_int8_update
+from qgalore_torch import dequantize
+from qgalore_torch import is_llama_projection
+from qgalore_torch import lowbias32
+from qgalore_torch import quantize
+from qgalore_torch import quantize_linears
+from qgalore_torch import stochastic_round
+from qgalore_torch import stream_key
+from qgalore_torch import uniforms
+from qgalore_torch._src.optimizer import adam_direction
+
+MASK32 = 0xFFFFFFFF
+
+
+def py_lowbias32(x):
+  """lowbias32 on Python ints, written from its definition (docs/numerics.md)."""
+  x &= MASK32
+  x ^= x >> 16
+  x = (x * 0x7FEB352D) & MASK32
+  x ^= x >> 15
+  x = (x * 0x846CA68B) & MASK32
+  return x ^ (x >> 16)
+
+
+def py_hash(seed, step, tensor_id, index):
+  key = py_lowbias32(py_lowbias32(seed % 2**32 ^ 0x9E3779B9) ^ step % 2**32)
+  key = py_lowbias32(key ^ tensor_id % 2**32)
+  return py_lowbias32((py_lowbias32(index ^ key) + key) & MASK32)
+
+
+# The fixed vectors of qgalore_jax's int8_test: (seed, step, tensor id) -> key, and the
+# hashes of elements 0, 1, 2, 255, 256, 65535.
+KNOWN = {
+  (0, 0, 0): (0x944FB554, [0x91130914, 0x4028D282, 0x4CA773F0, 0x9E809433, 0xD4A17213, 0xEEED2A9B]),
+  (1, 0, 0): (0xB98A617E, [0xE2B1BE96, 0xCAB57DF7, 0x988CC844, 0x1743EAD9, 0x4366487E, 0xC234FE0B]),
+  (0, 1, 0): (0xC67C684D, [0x3134756E, 0x7A540EEA, 0xC3896262, 0x6615148C, 0x5BFA5705, 0x97C65205]),
+  (0, 0, 1): (0xB2FCF063, [0x52330095, 0x46A7F9EA, 0xA6C2D23F, 0x768AFDBD, 0x197071DF, 0xDFE6F57D]),
+  (1234, 5678, 7): (
+    0x76DF4541,
+    [0x6025E24E, 0x13FE4A27, 0xD137C8B6, 0xC1FF1AC1, 0x5023D546, 0x36FE3BDF],
+  ),
+  (2**32 - 1, 2**31, 3): (
+    0x82F0DA95,
+    [0xB009D0AD, 0x6DFC2ED8, 0xF8F00476, 0xE1DC2DEB, 0x393650E1, 0x2CBFB672],
+  ),
+}
+KNOWN_INDICES = [0, 1, 2, 255, 256, 65535]
+KNOWN_LOWBIAS32 = {0: 0, 1: 0x688990C0, 2: 0xD1132181, 0xDEADBEEF: 0xE628C683, MASK32: 0x6768824A}
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lowbias32_fixed_vectors_and_no_overflow(device):
+  x = torch.tensor(list(KNOWN_LOWBIAS32), dtype=torch.int64, device=device)
+  assert lowbias32(x).tolist() == list(KNOWN_LOWBIAS32.values())
+  # Values near 2**32, where a plain int64 product would need 64 bits.
+  rng = np.random.default_rng(0)
+  values = [MASK32, MASK32 - 1, 2**31, *rng.integers(0, 2**32, 1000).tolist()]
+  hashed = lowbias32(torch.tensor(values, dtype=torch.int64, device=device)).tolist()
+  assert hashed == [py_lowbias32(v) for v in values]
+
+
+@pytest.mark.parametrize("key", list(KNOWN))
+@pytest.mark.parametrize("device", DEVICES)
+def test_generator_fixed_vectors(key, device):
+  expected_key, expected_hashes = KNOWN[key]
+  assert int(stream_key(*key)) == expected_key
+  u = uniforms(*key, (65536,), device=device)
+  assert (u[KNOWN_INDICES] * 2**24).long().tolist() == [h >> 8 for h in expected_hashes]
+  assert [py_hash(*key, i) for i in KNOWN_INDICES] == expected_hashes
+
+
+def test_generator_keys_from_tensors_and_statistics():
+  assert int(stream_key(torch.tensor(3), torch.tensor(-1), torch.tensor(2, dtype=torch.int32))) == (
+    int(stream_key(3, 2**32 - 1, 2))
+  )
+  with pytest.raises(TypeError, match="step"):
+    uniforms(0, torch.tensor(1.0), 0, (4,))
+  with pytest.raises(TypeError, match="seed"):
+    uniforms(True, 0, 0, (4,))
+  u = uniforms(5, 0, 0, (1 << 16,)).double()
+  assert abs(u.mean().item() - 0.5) < 0.005
+  counts = torch.bincount((u * 64).long(), minlength=64).double()
+  chi2 = ((counts - u.numel() / 64) ** 2 / (u.numel() / 64)).sum().item()
+  assert chi2 < 110  # 63 degrees of freedom: P(chi2 > 110) < 1e-4
+  for other in [(5, 1, 0), (5, 0, 1), (6, 0, 0)]:
+    v = uniforms(*other, (1 << 16,)).double()
+    assert abs(torch.corrcoef(torch.stack([u, v]))[0, 1].item()) < 0.02
+
+
+def test_bit_identical_to_jax():
+  jax = pytest.importorskip("jax")
+  jnp = pytest.importorskip("jax.numpy")
+  qgalore_jax = pytest.importorskip("qgalore_jax")
+  for key in [(0, 0, 0), (3, 17, 2), (2**32 - 1, 123456, 9)]:
+    expected = np.asarray(qgalore_jax.uniforms(*key, (4099,)))
+    np.testing.assert_array_equal(uniforms(*key, (4099,)).numpy(), expected)
+
+  rng = np.random.default_rng(1)
+  w0 = rng.normal(size=(48, 40)).astype(np.float32)  # 1920 weights: a partial last group
+  update = (rng.normal(size=w0.shape) * 0.004).astype(np.float32)
+  layer = Int8Linear.from_linear(nn.Linear(40, 48, bias=False))
+  layer.weight.assign_(quantize(torch.from_numpy(w0), 8, 256))
+  qparams = qgalore_jax.quantize_params({"a": jnp.zeros(2), "w": jnp.asarray(w0)}, input_axis=1)
+  np.testing.assert_array_equal(np.asarray(qparams["w"].codes), layer.weight.codes.numpy())
+  step = jax.jit(lambda q, u, t: qgalore_jax.apply_updates(q, u, seed=11, step=t))
+  for t in range(3):
+    qparams = step(qparams, {"a": jnp.zeros(2), "w": jnp.asarray(update)}, jnp.int32(t))
+    apply_int8_update(layer.weight, torch.from_numpy(update), seed=11, step=t, tensor_id=1)
+    np.testing.assert_array_equal(np.asarray(qparams["w"].codes), layer.weight.codes.numpy())
+    np.testing.assert_array_equal(np.asarray(qparams["w"].scale), layer.weight.scale.numpy())
+    np.testing.assert_array_equal(np.asarray(qparams["w"].zero), layer.weight.zero.numpy())
+
+
+def test_stochastic_rounding_is_unbiased():
+  """100 updates of 0.05 of a quantisation step keep ~all of their sum."""
+  torch.manual_seed(0)
+  weight = Int8Weight.from_float(torch.randn(64, 256))
+  delta = 0.05 * weight.scale.repeat_interleave(256).reshape(64, 256)
+  start = weight.dequantize()
+  for t in range(100):
+    apply_int8_update(weight, delta, seed=3, step=t, tensor_id=0)
+  kept = ((weight.dequantize() - start).sum() / (100 * delta).sum()).item()
+  assert 0.9 <= kept <= 1.1, kept
+  w = start
+  for _ in range(100):
+    w = dequantize(quantize(w + delta, 8, 256), (64, 256), 8, 256)
+  assert abs(((w - start).sum() / (100 * delta).sum()).item()) < 0.05
+
+
+def test_stochastic_round_matches_definition():
+  w = torch.randn(5, 77) * 3
+  q = stochastic_round(w, seed=1, step=2, tensor_id=3, group_size=64)
+  rtn = quantize(w, 8, 64)
+  torch.testing.assert_close(q.scale, rtn.scale, rtol=0, atol=0)
+  torch.testing.assert_close(q.zero, rtn.zero, rtol=0, atol=0)
+  u = torch.tensor([(py_hash(1, 2, 3, i) >> 8) / 2**24 for i in range(w.numel())])
+  group = torch.arange(w.numel()) // 64
+  s, z = rtn.scale[group], rtn.zero[group]
+  expected = torch.clamp(torch.floor(w.reshape(-1) / s + u) + z, 0, 255).to(torch.uint8)
+  assert torch.equal(q.codes, expected)
+  packed = stochastic_round(w, seed=1, step=2, tensor_id=3, bits=4, group_size=64)
+  assert packed.codes.numel() == (w.numel() + 1) // 2
+
+
+def test_int8_linear_forward_backward_match_float_linear():
+  torch.manual_seed(1)
+  linear = nn.Linear(300, 20)
+  layer = Int8Linear.from_linear(linear)
+  assert layer.bias is linear.bias
+  w = layer.dequantize()
+  assert w.shape == (20, 300) and w.dtype == torch.float32
+  assert (w - linear.weight).abs().max() <= layer.weight.scale.max() / 2 + 1e-6
+  x = torch.randn(3, 7, 300, requires_grad=True)
+  y = layer(x)
+  torch.testing.assert_close(y, F.linear(x, w, linear.bias), rtol=0, atol=0)
+  y.square().sum().backward()
+  w_ref = w.clone().requires_grad_(True)
+  x_ref = x.detach().clone().requires_grad_(True)
+  bias_ref = linear.bias.detach().clone().requires_grad_(True)
+  F.linear(x_ref, w_ref, bias_ref).square().sum().backward()
+  assert type(layer.weight.grad) is torch.Tensor
+  torch.testing.assert_close(layer.weight.grad, w_ref.grad)
+  torch.testing.assert_close(x.grad, x_ref.grad)
+  torch.testing.assert_close(layer.bias.grad, bias_ref.grad)
+  y16 = layer(torch.randn(2, 300, dtype=torch.bfloat16))
+  assert y16.dtype == torch.bfloat16
+
+
+def test_memory_and_weight_behaviour():
+  layer = Int8Linear.from_linear(nn.Linear(512, 1376))  # LLaMA-60M down projection
+  stored = sum(t.numel() * t.element_size() for t in layer.weight.quantized())
+  assert stored / layer.weight.numel() == pytest.approx(1 + 8 / 256)
+  assert layer.weight.codes.dtype == torch.uint8
+  # A Parameter (found by .parameters() and the optimizer) that stores no float copy.
+  assert isinstance(layer.weight, nn.Parameter) and isinstance(layer.weight, Int8Weight)
+  assert [name for name, _ in layer.named_parameters()] == ["weight", "bias"]
+  with pytest.raises(TypeError, match="in place"):
+    with torch.no_grad():
+      layer.weight.add_(1.0)
+  with pytest.raises(ValueError, match="shape"):
+    apply_int8_update(layer.weight, torch.zeros(3, 3), seed=0, step=0, tensor_id=0)
+  with pytest.raises(ValueError, match="2-D"):
+    Int8Weight.from_float(torch.zeros(4))
+  # Other operations see the dequantised weight; dtype casts keep the INT8 storage.
+  torch.testing.assert_close(layer.weight.sum(), layer.dequantize().sum())
+  layer.to(torch.float64)
+  assert isinstance(layer.weight, Int8Weight) and layer.weight.codes.dtype == torch.uint8
+  assert "Int8Weight(shape=(1376, 512)" in repr(layer.weight)
+
+
+def test_quantize_linears_llama_projections():
+  class Block(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.self_attn = nn.ModuleDict({n: nn.Linear(8, 8, bias=False) for n in ("q_proj", "o_proj")})
+      self.mlp = nn.ModuleDict({n: nn.Linear(8, 8, bias=False) for n in ("up_proj", "down_proj")})
+      self.norm = nn.LayerNorm(8)
+
+  model = nn.ModuleDict(
+    {"embed": nn.Embedding(10, 8), "layer": Block(), "lm_head": nn.Linear(8, 10)}
+  )
+  names = quantize_linears(model, is_llama_projection, group_size=16)
+  assert names == [
+    "layer.self_attn.q_proj",
+    "layer.self_attn.o_proj",
+    "layer.mlp.up_proj",
+    "layer.mlp.down_proj",
+  ]
+  assert isinstance(model["layer"].mlp["down_proj"], Int8Linear)
+  assert type(model["lm_head"]) is nn.Linear
+  assert model["layer"].self_attn["q_proj"].weight.group_size == 16
+
+
+def _model():
+  torch.manual_seed(2)
+  model = nn.Sequential(
+    nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4)
+  )
+  quantize_linears(model, lambda name: name in ("0", "2"))
+  return model
+
+
+def _optimizer(model):
+  matrices = [model[0].weight, model[2].weight]
+  others = [model[0].bias, model[2].bias, model[4].weight, model[4].bias]
+  groups = [{"params": matrices[:1], "rank": 4, "update_proj_gap": 10}, {"params": matrices[1:]}]
+  return QGaLoreAdamW([*groups, {"params": others}], lr=1e-2, seed=5)
+
+
+def _data():
+  g = torch.Generator().manual_seed(3)
+  x = torch.randn(128, 16, generator=g)
+  return x, torch.sin(x @ torch.randn(16, 4, generator=g))
+
+
+def _train(model, opt, steps):
+  x, y = _data()
+  losses = []
+  for _ in range(steps):
+    loss = F.mse_loss(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    losses.append(loss.item())
+  return losses
+
+
+def test_training_with_int8_layers_reduces_loss():
+  model = _model()
+  losses = _train(model, _optimizer(model), 80)
+  assert losses[-1] < 0.5 * losses[0]
+
+
+def test_optimizer_writes_int8_weight_with_its_key():
+  """One step equals apply_int8_update of the AdamW update, keyed (seed, 0, tensor id)."""
+  model = _model()
+  opt = _optimizer(model)
+  x, y = _data()
+  F.mse_loss(model(x), y).backward()
+  weight = model[2].weight  # group 1, the second parameter overall: tensor id 1
+  grad = weight.grad.clone()
+  expected = Int8Weight(*(t.clone() for t in weight.quantized()), (64, 64), 256)
+  opt.step()
+  zeros = torch.zeros_like(grad)
+  u, _, _ = adam_direction(grad, zeros, zeros, torch.tensor(1.0), 0.9, 0.999, 1e-8)
+  apply_int8_update(expected, u * -1e-2, seed=5, step=0, tensor_id=1)
+  assert torch.equal(weight.codes, expected.codes)
+  assert torch.equal(weight.scale, expected.scale)
+
+
+def test_layerwise_hooks_match_step():
+  model_a, model_b = _model(), _model()
+  _train(model_a, _optimizer(model_a), 3)
+  opt_b = _optimizer(model_b)
+  opt_b.register_layerwise_hooks()
+  x, y = _data()
+  for _ in range(3):
+    F.mse_loss(model_b(x), y).backward()
+  for a, b in zip(model_a.parameters(), model_b.parameters()):
+    if isinstance(a, Int8Weight):
+      assert torch.equal(a.codes, b.codes)
+    else:
+      torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_state_dict_round_trip_resumes_identically():
+  model = _model()
+  opt = _optimizer(model)
+  _train(model, opt, 12)
+  buffer = io.BytesIO()
+  torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+  assert "0.weight_codes" in model.state_dict() and "0.weight" not in model.state_dict()
+  buffer.seek(0)
+  saved = torch.load(buffer, weights_only=True)
+  resumed = _model()
+  resumed.load_state_dict(saved["model"])
+  resumed_opt = _optimizer(resumed)
+  resumed_opt.load_state_dict(saved["opt"])
+  assert _train(model, opt, 5) == _train(resumed, resumed_opt, 5)
+  assert torch.equal(model[2].weight.codes, resumed[2].weight.codes)
+  with pytest.raises(RuntimeError, match="weight_scale"):
+    resumed.load_state_dict({k: v for k, v in saved["model"].items() if k != "2.weight_scale"})
