@@ -40,6 +40,7 @@ from qgalore_jax._src.quantization import QuantizedArray
 from qgalore_jax._src.quantization import _grouped
 from qgalore_jax._src.quantization import dequantize
 from qgalore_jax._src.quantization import exact_divide
+from qgalore_jax._src.quantization import group_scale_zero
 from qgalore_jax._src.quantization import pack_int4
 from qgalore_jax._src.quantization import quantize
 from qgalore_jax._src.quantization import unpack_int4
@@ -183,14 +184,14 @@ def stochastic_round(
   """
   levels = 2**bits - 1
   flat = jnp.asarray(w, jnp.float32).reshape(-1)
-  rtn = quantize(flat, bits, group_size)
   groups = _grouped(flat, group_size)
+  scale, zero = group_scale_zero(groups, bits)
   noise = _grouped(uniforms(seed, step, tensor_id, (flat.size,)), group_size)
-  codes = jnp.floor(exact_divide(groups, rtn.scale[:, None]) + noise) + rtn.zero[:, None]
+  codes = jnp.floor(exact_divide(groups, scale[:, None]) + noise) + zero[:, None]
   codes = jnp.clip(codes, 0, levels).astype(jnp.uint8).reshape(-1)[: flat.size]
   if bits <= 4:
     codes = pack_int4(codes)
-  return QuantizedArray(codes=codes, scale=rtn.scale, zero=rtn.zero)
+  return QuantizedArray(codes=codes, scale=scale, zero=zero)
 
 
 class QuantizedWeight(NamedTuple):

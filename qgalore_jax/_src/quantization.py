@@ -111,6 +111,22 @@ def unpack_int4(packed: jax.Array, size: int) -> jax.Array:
   return pairs.reshape(-1)[:size]
 
 
+def group_scale_zero(groups: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
+  """Per-group ``s = max(max - min, 1e-5) / Q`` and unclamped ``z = round(-min / s)``.
+
+  Args:
+    groups: float32 [num_groups, group_size] (see the module docstring for the padding).
+    bits: code width; ``Q = 2**bits - 1``.
+
+  Returns:
+    float32 ``(scale, zero)``, each [num_groups].
+  """
+  lo = groups.min(axis=1)
+  hi = groups.max(axis=1)
+  scale = exact_divide(jnp.maximum(hi - lo, MIN_RANGE), jnp.float32(2**bits - 1))
+  return scale, jnp.round(-lo / scale)
+
+
 def quantize(x: jax.Array, bits: int = 4, group_size: int = 256) -> QuantizedArray:
   """Quantises ``x`` group-wise with round-to-nearest (SPEC section 3).
 
@@ -140,10 +156,7 @@ def quantize(x: jax.Array, bits: int = 4, group_size: int = 256) -> QuantizedArr
   levels = 2**bits - 1
   flat = jnp.asarray(x, jnp.float32).reshape(-1)
   groups = _grouped(flat, group_size)
-  lo = groups.min(axis=1)
-  hi = groups.max(axis=1)
-  scale = exact_divide(jnp.maximum(hi - lo, MIN_RANGE), jnp.float32(levels))
-  zero = jnp.round(-lo / scale)
+  scale, zero = group_scale_zero(groups, bits)
   codes = jnp.clip(jnp.round(exact_divide(groups, scale[:, None])) + zero[:, None], 0, levels)
   codes = codes.astype(jnp.uint8).reshape(-1)[: flat.size]
   if bits <= 4:

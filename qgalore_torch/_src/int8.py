@@ -39,6 +39,7 @@ from qgalore_torch._src.checks import check_int
 from qgalore_torch._src.quantization import QuantizedTensor
 from qgalore_torch._src.quantization import _grouped
 from qgalore_torch._src.quantization import dequantize
+from qgalore_torch._src.quantization import group_scale_zero
 from qgalore_torch._src.quantization import pack_int4
 from qgalore_torch._src.quantization import quantize
 
@@ -198,14 +199,14 @@ def stochastic_round(w, *, seed, step, tensor_id, bits=BITS, group_size=256) -> 
   """
   levels = 2**bits - 1
   flat = w.detach().to(torch.float32).reshape(-1)
-  rtn = quantize(flat, bits, group_size)
   groups = _grouped(flat, group_size)
+  scale, zero = group_scale_zero(groups, bits)
   noise = _grouped(uniforms(seed, step, tensor_id, (flat.numel(),), flat.device), group_size)
-  codes = torch.floor(groups / rtn.scale[:, None] + noise) + rtn.zero[:, None]
+  codes = torch.floor(groups / scale[:, None] + noise) + zero[:, None]
   codes = codes.clamp(0, levels).to(torch.uint8).reshape(-1)[: flat.numel()]
   if bits <= 4:
     codes = pack_int4(codes)
-  return QuantizedTensor(codes=codes, scale=rtn.scale, zero=rtn.zero)
+  return QuantizedTensor(codes=codes, scale=scale, zero=zero)
 
 
 class Int8Weight(torch.Tensor):

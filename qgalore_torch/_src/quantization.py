@@ -84,6 +84,22 @@ def unpack_int4(packed: torch.Tensor, size: int) -> torch.Tensor:
   return pairs.reshape(-1)[:size]
 
 
+def group_scale_zero(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+  """Per-group ``s = max(max - min, 1e-5) / Q`` and unclamped ``z = round(-min / s)``.
+
+  Args:
+    groups: float32 [num_groups, group_size] (see the module docstring for the padding).
+    bits: code width; ``Q = 2**bits - 1``.
+
+  Returns:
+    float32 ``(scale, zero)``, each [num_groups].
+  """
+  lo = groups.amin(dim=1)
+  hi = groups.amax(dim=1)
+  scale = torch.clamp(hi - lo, min=MIN_RANGE) / (2**bits - 1)
+  return scale, torch.round(-lo / scale)
+
+
 def quantize(x: torch.Tensor, bits: int = 4, group_size: int = 256) -> QuantizedTensor:
   """Quantises ``x`` group-wise with round-to-nearest (SPEC section 3).
 
@@ -116,10 +132,7 @@ def quantize(x: torch.Tensor, bits: int = 4, group_size: int = 256) -> Quantized
   levels = 2**bits - 1
   flat = x.detach().to(torch.float32).reshape(-1)
   groups = _grouped(flat, group_size)
-  lo = groups.amin(dim=1)
-  hi = groups.amax(dim=1)
-  scale = torch.clamp(hi - lo, min=MIN_RANGE) / levels
-  zero = torch.round(-lo / scale)
+  scale, zero = group_scale_zero(groups, bits)
   codes = torch.clamp(torch.round(groups / scale[:, None]) + zero[:, None], 0, levels)
   codes = codes.to(torch.uint8).reshape(-1)[: flat.numel()]
   if bits <= 4:
