@@ -96,7 +96,9 @@ def group_scale_zero(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, tor
   """
   lo = groups.amin(dim=1)
   hi = groups.amax(dim=1)
-  scale = torch.clamp(hi - lo, min=MIN_RANGE) / (2**bits - 1)
+  # A tensor divisor: CUDA turns division by a Python scalar into a reciprocal multiply,
+  # 1 ulp away from the IEEE quotient that the CPU and qgalore_jax compute.
+  scale = torch.clamp(hi - lo, min=MIN_RANGE) / torch.full_like(hi, 2**bits - 1)
   return scale, torch.round(-lo / scale)
 
 
