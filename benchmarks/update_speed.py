@@ -27,33 +27,14 @@ import optax
 from optax.contrib import GaLoreDimensionNumbers
 
 import qgalore_jax
+from benchmarks.llama_shapes import CONFIGS
+from benchmarks.llama_shapes import VOCAB
+from benchmarks.llama_shapes import block_mask
+from benchmarks.llama_shapes import is_shape
+from benchmarks.llama_shapes import llama_param_shapes
 
-LLAMA_60M = dict(hidden=512, ffn=1376, layers=8, vocab=32000)
-BLOCK_MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
+LLAMA_60M = dict(zip(("hidden", "ffn", "layers"), CONFIGS["60M"], strict=True)) | {"vocab": VOCAB}
 RESULTS = pathlib.Path(__file__).parent / "results"
-
-
-def llama_param_shapes(hidden, ffn, layers, vocab):
-  """Flax-layout parameter shapes of a LLaMA: kernels are (in, out)."""
-  layer = {name: (hidden, hidden) for name in ("q", "k", "v", "o")}
-  layer |= {"gate": (hidden, ffn), "up": (hidden, ffn), "down": (ffn, hidden)}
-  layer |= {"attn_norm": (hidden,), "mlp_norm": (hidden,)}
-  return {
-    "embed": (vocab, hidden),
-    "layers": {str(i): dict(layer) for i in range(layers)},
-    "final_norm": (hidden,),
-    "lm_head": (hidden, vocab),
-  }
-
-
-def projected_mask(shapes, only_blocks):
-  """True for the leaves both GaLore variants project."""
-
-  def select(path, shape):
-    name = path[-1].key
-    return len(shape) == 2 and (not only_blocks or name in BLOCK_MATRICES)
-
-  return jax.tree_util.tree_map_with_path(select, shapes, is_leaf=lambda x: isinstance(x, tuple))
 
 
 def optimizers(mask, rank, gap):
@@ -78,11 +59,10 @@ def time_call(fn, *args):
 
 def run(only_blocks=False, rank=128, gap=200, repeats=15, warmup=2, refresh_repeats=3):
   shapes = llama_param_shapes(**LLAMA_60M)
-  is_shape = lambda x: isinstance(x, tuple)
   keys = iter(jax.random.split(jax.random.key(0), 1000))
   params = jax.tree.map(lambda s: jax.random.normal(next(keys), s) * 0.02, shapes, is_leaf=is_shape)
   grads = jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape) * 1e-3, params)
-  mask = projected_mask(shapes, only_blocks)
+  mask = block_mask(shapes, only_blocks)
   txs = optimizers(mask, rank, gap)
 
   cases = {}  # name -> (jitted update, state)
