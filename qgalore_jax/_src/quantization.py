@@ -124,7 +124,8 @@ def group_scale_zero(groups: jax.Array, bits: int) -> tuple[jax.Array, jax.Array
   lo = groups.min(axis=1)
   hi = groups.max(axis=1)
   scale = exact_divide(jnp.maximum(hi - lo, MIN_RANGE), jnp.float32(2**bits - 1))
-  return scale, jnp.round(-lo / scale)
+  # Behind the barrier too: XLA would rewrite -lo / ((hi - lo) / Q) as (-lo * Q) / (hi - lo).
+  return scale, jnp.round(exact_divide(-lo, scale))
 
 
 def quantize(x: jax.Array, bits: int = 4, group_size: int = 256) -> QuantizedArray:
