@@ -1,7 +1,12 @@
 """Shared pytest fixtures: the authors' projector as an independent oracle."""
 
 import importlib.util
+import os
 import pathlib
+
+# One BLAS thread per test process: with pytest-xdist on a small machine, OpenBLAS threads
+# oversubscribe the cores and a CPU SVD can take 100x longer (set before numpy/jax load).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import pytest
 

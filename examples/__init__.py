@@ -1,0 +1,1 @@
+"""Runnable examples of qgalore_jax (see ``examples/llama`` for the main job)."""

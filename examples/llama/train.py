@@ -1,0 +1,340 @@
+"""Pre-train a LLaMA with AdamW, GaLore or Q-GaLore; ``--compare`` runs them all.
+
+Examples::
+
+  python -m examples.llama.train --compare           # every optimizer, tiny model, CPU
+  python -m examples.llama.train --optimizer qgalore --steps 1000
+  python -m examples.llama.train --model 60m --dataset c4 --batch-size 512 --steps 10000
+
+(the paper's 60M run adds ``--rank 128 --update-proj-gap 200 --learning-rate 0.015``).
+
+The train step is a pure function of ``(params, opt_state, batch, step)`` on a plain
+pytree of parameters, jitted with the parameters and optimizer state donated. With
+``qgalore`` the projected matrices live as INT8 codes: the step dequantises them, takes
+the gradient with respect to the float weights, runs the optimizer and writes the codes
+back with stochastic rounding (``qgalore_jax.int8_train_step``).
+
+A run writes ``metrics.jsonl`` (one JSON object per log or eval event) and orbax
+checkpoints (params, optimizer state, step, data position) under ``--out-dir/<optimizer>``
+and resumes from the latest checkpoint there.
+"""
+
+import argparse
+import dataclasses
+import functools
+import itertools
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from tqdm import tqdm
+
+import qgalore_jax
+from examples.llama import data
+from examples.llama import model
+from examples.llama import optimizers
+from examples.llama import report
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """One training run (the command-line flags of the same names)."""
+
+  model: str = "tiny"
+  optimizer: str = "qgalore"
+  steps: int = 150
+  batch_size: int = 16
+  learning_rate: float | None = None  # None: optimizers.LEARNING_RATES[optimizer]
+  warmup_fraction: float = 0.1
+  rank: int = 32  # the paper: 128 (60M) to 1024 (1B, 7B)
+  update_proj_gap: int = 50  # the paper: 200 (500 for 7B)
+  eval_every: int = 50
+  eval_batches: int = 8
+  log_every: int = 10
+  checkpoint_every: int = 100  # 0: no checkpoints
+  seed: int = 0
+  dataset: str = "stdlib"
+  out_dir: str = "runs/llama"
+
+  @property
+  def lr(self) -> float:
+    """The peak learning rate: ``learning_rate``, or the optimizer's tuned one."""
+    if self.learning_rate is not None:
+      return self.learning_rate
+    return optimizers.LEARNING_RATES[self.optimizer]
+
+
+def lr_schedule(cfg: RunConfig) -> optax.Schedule:
+  """The paper's schedule: linear warmup, cosine decay to a tenth of the peak."""
+  warmup = max(1, int(cfg.warmup_fraction * cfg.steps))
+  return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, cfg.steps, cfg.lr / 10)
+
+
+def loss_fn(graphdef, params, batch) -> jax.Array:
+  """Mean next-token cross-entropy (nats) of the model ``graphdef`` with ``params``."""
+  inputs, targets = batch
+  logits = nnx.merge(graphdef, params)(inputs)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  return losses.mean()
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, int8_weights: bool, seed: int):
+  """Jitted ``(params, opt_state, batch, step) -> (params, opt_state, loss)``.
+
+  ``params`` and ``opt_state`` are donated; ``loss`` is the batch's loss before the
+  update. With ``int8_weights`` this is ``qgalore_jax.int8_train_step``: ``params`` holds
+  INT8 matrices, and ``seed`` and ``step`` key their stochastic rounding.
+  """
+  model_loss = functools.partial(loss_fn, graphdef)
+  if int8_weights:
+    return qgalore_jax.int8_train_step(model_loss, tx, seed=seed)
+
+  def train_step(params, opt_state, batch, step):
+    del step  # float weights round to nearest: no randomness
+    loss, grads = jax.value_and_grad(model_loss)(params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return jax.jit(train_step, donate_argnums=(0, 1))
+
+
+def make_eval_step(graphdef, int8_weights: bool):
+  """Jitted ``(params, batch) -> loss``."""
+
+  def eval_step(params, batch):
+    float_params = qgalore_jax.dequantize_params(params) if int8_weights else params
+    return loss_fn(graphdef, float_params, batch)
+
+  return jax.jit(eval_step)
+
+
+def tree_bytes(tree) -> int:
+  """Bytes held by the arrays of ``tree`` (packed uint8 codes count one byte each)."""
+  return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+def init_state(cfg: RunConfig):
+  """``(graphdef, params, opt_state, tx, int8_weights)`` of a fresh run."""
+  graphdef, params = model.init_params(model.CONFIGS[cfg.model], cfg.seed)
+  low_rank = optimizers.LowRank(cfg.rank, cfg.update_proj_gap)
+  tx, int8_weights = optimizers.build(cfg.optimizer, lr_schedule(cfg), low_rank)
+  opt_state = tx.init(params)  # from the float weights, before they are quantised
+  if int8_weights:
+    params = qgalore_jax.quantize_params(
+      params, group_size=optimizers.INT8_GROUP_SIZE, mask=model.projection_mask(params)
+    )
+  return graphdef, params, opt_state, tx, int8_weights
+
+
+def make_data(cfg: RunConfig):
+  """``(train_batches(position), heldout_batches)`` for the configured dataset."""
+  seq_len, vocab_size = model.CONFIGS[cfg.model].seq_len, model.CONFIGS[cfg.model].vocab_size
+  needed = {"stdlib": data.BYTE_VOCAB_SIZE, "c4": data.T5_VOCAB_SIZE}[cfg.dataset]
+  if vocab_size < needed:
+    raise ValueError(
+      f"dataset {cfg.dataset!r} needs a vocabulary of {needed} tokens; model {cfg.model!r} has"
+      f" {vocab_size} (use a paper config such as --model 60m for c4)"
+    )
+  if cfg.dataset == "c4":
+    heldout = list(
+      itertools.islice(data.stream_c4("validation", seq_len, cfg.batch_size), cfg.eval_batches)
+    )
+    return lambda position: data.stream_c4("train", seq_len, cfg.batch_size, position), heldout
+  train_tokens, heldout_tokens = data.stdlib_corpus()
+  heldout = data.heldout_batches(heldout_tokens, cfg.batch_size, seq_len, cfg.eval_batches)
+  batches = lambda position: (
+    data.random_windows(train_tokens, cfg.batch_size, seq_len, cfg.seed, i)
+    for i in itertools.count(position)
+  )
+  return batches, heldout
+
+
+def _drop_empty(tree):
+  """``tree`` with zero-size arrays replaced by None: orbax refuses to save them, and
+  optax's GaLore keeps (0, 0) projector placeholders for the leaves it does not project."""
+  return jax.tree.map(lambda x: None if x.size == 0 else x, tree)
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, step: int, params, opt_state) -> None:
+  """Saves params, optimizer state, step and data position (batches consumed)."""
+  state = {
+    "params": params,
+    "opt_state": _drop_empty(opt_state),
+    "step": np.array(step, np.int64),
+    "data_position": np.array(step, np.int64),
+  }
+  manager.save(step, args=ocp.args.StandardSave(state))
+  manager.wait_until_finished()
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, params, opt_state):
+  """``(params, opt_state, step, data_position)`` of the latest checkpoint.
+
+  ``params`` and ``opt_state`` are a fresh run's: they give the structure, shapes and
+  dtypes to restore into.
+  """
+  target = {
+    "params": params,
+    "opt_state": _drop_empty(opt_state),
+    "step": np.array(0, np.int64),
+    "data_position": np.array(0, np.int64),
+  }
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  got = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+  restored_opt_state = jax.tree.map(
+    lambda fresh, saved: fresh if saved is None else saved, opt_state, got["opt_state"]
+  )
+  return got["params"], restored_opt_state, int(got["step"]), int(got["data_position"])
+
+
+def evaluate(eval_step, params, heldout) -> float:
+  """Mean held-out loss over the fixed held-out batches."""
+  return float(np.mean([eval_step(params, batch) for batch in heldout]))
+
+
+def train(cfg: RunConfig, progress: bool = True) -> dict:
+  """Trains one model; returns the summary that ``report.markdown_table`` prints."""
+  run_dir = pathlib.Path(cfg.out_dir).resolve() / cfg.optimizer
+  run_dir.mkdir(parents=True, exist_ok=True)
+  graphdef, params, opt_state, tx, int8_weights = init_state(cfg)
+  train_step = make_train_step(graphdef, tx, int8_weights, cfg.seed)
+  eval_step = make_eval_step(graphdef, int8_weights)
+  start = position = 0
+  manager = None
+  if cfg.checkpoint_every:
+    manager = ocp.CheckpointManager(run_dir / "checkpoints")
+    if manager.latest_step() is not None:
+      params, opt_state, start, position = restore_checkpoint(manager, params, opt_state)
+      print(f"{cfg.optimizer}: resuming at step {start} from {manager.directory}", file=sys.stderr)
+  train_batches, heldout = make_data(cfg)
+  if progress:
+    millions = model.param_count(model.CONFIGS[cfg.model]) / 1e6
+    print(f"{cfg.optimizer}: {cfg.model} LLaMA, {millions:.2f}M parameters", file=sys.stderr)
+  tokens_per_step = cfg.batch_size * model.CONFIGS[cfg.model].seq_len
+  train_curve, eval_curve = [], []
+  with open(run_dir / "metrics.jsonl", "a" if start else "w") as metrics:
+    log = lambda record: metrics.write(json.dumps(record) + "\n")
+    bar = tqdm(range(start, cfg.steps), desc=cfg.optimizer, disable=not progress, file=sys.stderr)
+    t0 = window_t0 = time.perf_counter()
+    window_step = start
+    for step, batch in zip(bar, train_batches(position)):
+      params, opt_state, loss = train_step(params, opt_state, batch, step)
+      done = step + 1
+      if done % cfg.log_every == 0 or done == cfg.steps:
+        loss, now = float(loss), time.perf_counter()
+        tokens_per_s = tokens_per_step * (done - window_step) / (now - window_t0)
+        window_t0, window_step = now, done
+        train_curve.append((done, loss))
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+        log({"step": done, "train_loss": loss, "tokens_per_s": tokens_per_s})
+      if done % cfg.eval_every == 0 or done == cfg.steps:
+        eval_loss = evaluate(eval_step, params, heldout)
+        eval_curve.append((done, eval_loss))
+        log({"step": done, "eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss)})
+        bar.write(
+          f"{cfg.optimizer} step {done}: held-out loss {eval_loss:.4f}"
+          f" ppl {math.exp(eval_loss):.2f}",
+          file=sys.stderr,
+        )
+        window_t0 = time.perf_counter()
+      if manager is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+        save_checkpoint(manager, done, params, opt_state)
+    wall_s = time.perf_counter() - t0
+  num_projected = len(model.PROJECTED) * model.CONFIGS[cfg.model].num_layers
+  low_rank = optimizers.LowRank(cfg.rank, cfg.update_proj_gap)
+  return {
+    "optimizer": cfg.optimizer,
+    "learning_rate": cfg.lr,
+    "eval_loss": eval_curve[-1][1] if eval_curve else evaluate(eval_step, params, heldout),
+    "weight_bytes": tree_bytes(params),
+    "opt_bytes": tree_bytes(opt_state),
+    "svd_count": optimizers.svd_count(cfg.optimizer, opt_state, cfg.steps, num_projected, low_rank),
+    "wall_s": wall_s,
+    "train_curve": train_curve,
+    "eval_curve": eval_curve,
+  }
+
+
+def compare(cfg: RunConfig, names: tuple[str, ...] = optimizers.NAMES) -> list[dict]:
+  """Trains each optimizer in ``names`` from the same data and seed; writes
+  ``compare.png`` and ``compare.md`` into ``cfg.out_dir``.
+
+  Each optimizer runs at its tuned learning rate unless ``cfg.learning_rate`` is set.
+  """
+  results = []
+  for name in names:
+    results.append(train(dataclasses.replace(cfg, optimizer=name)))
+  out_dir = pathlib.Path(cfg.out_dir)
+  report.plot_curves(results, out_dir / "compare.png")
+  (out_dir / "compare.md").write_text(report.markdown_table(results))
+  return results
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]:
+  """The ``RunConfig`` and the raw namespace of the command line."""
+  defaults = RunConfig()
+  parser = argparse.ArgumentParser(
+    prog="python -m examples.llama.train", description=__doc__.split("\n")[0]
+  )
+  parser.add_argument("--compare", action="store_true", help="train every optimizer; table+PNG")
+  parser.add_argument(
+    "--optimizers",
+    default=",".join(optimizers.NAMES),
+    help="comma-separated optimizers for --compare",
+  )
+  parser.add_argument("--model", default=defaults.model, choices=sorted(model.CONFIGS))
+  parser.add_argument("--optimizer", default=defaults.optimizer, choices=optimizers.NAMES)
+  parser.add_argument("--dataset", default=defaults.dataset, choices=("stdlib", "c4"))
+  for field in (
+    "steps",
+    "batch_size",
+    "rank",
+    "update_proj_gap",
+    "eval_every",
+    "eval_batches",
+    "log_every",
+    "checkpoint_every",
+    "seed",
+  ):
+    parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(defaults, field))
+  parser.add_argument(
+    "--learning-rate",
+    type=float,
+    default=None,
+    help="peak learning rate (default: the tuned one of each optimizer)",
+  )
+  parser.add_argument("--warmup-fraction", type=float, default=defaults.warmup_fraction)
+  parser.add_argument("--out-dir", default=defaults.out_dir)
+  args = parser.parse_args(argv)
+  fields = {f.name for f in dataclasses.fields(RunConfig)}
+  return RunConfig(**{k: v for k, v in vars(args).items() if k in fields}), args
+
+
+def main(argv: list[str] | None = None) -> None:
+  """Runs the command line: one training run, or ``--compare``."""
+  # JAX runs CPU SVDs through scipy's OpenBLAS, loaded at the first one. Its worker threads
+  # spin while they wait, so on a busy machine 28 small SVDs took 43 s instead of 0.1 s.
+  os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+  cfg, args = parse_args(argv)
+  if args.compare:
+    # Compare runs are short and always start fresh, so they keep no checkpoints.
+    results = compare(
+      dataclasses.replace(cfg, checkpoint_every=0), tuple(args.optimizers.split(","))
+    )
+  else:
+    results = [train(cfg)]
+  print()
+  print(report.markdown_table(results))
+
+
+if __name__ == "__main__":
+  main()

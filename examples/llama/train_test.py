@@ -1,0 +1,115 @@
+"""Tests of the training loop: the train step learns, checkpoints resume exactly, the CLI."""
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from examples.llama import data
+from examples.llama import model
+from examples.llama import optimizers
+from examples.llama import train
+
+TEST_MODEL = model.Config(
+  vocab_size=data.BYTE_VOCAB_SIZE, d_model=32, d_ff=64, num_layers=1, num_heads=2, seq_len=16
+)
+CFG = train.RunConfig(
+  model="test", steps=6, batch_size=4, rank=8, update_proj_gap=2, eval_every=3, eval_batches=2
+)
+
+
+@pytest.fixture(autouse=True)
+def test_model(monkeypatch):
+  monkeypatch.setitem(model.CONFIGS, "test", TEST_MODEL)
+
+
+# qgalore-noquant trains in the compare-mode test below (one compilation per optimizer).
+@pytest.mark.parametrize("name", ["adamw", "galore", "qgalore"])
+def test_train_step_reduces_loss(name):
+  cfg = dataclasses.replace(CFG, optimizer=name, steps=12, learning_rate=1e-2)
+  graphdef, params, opt_state, tx, int8_weights = train.init_state(cfg)
+  step_fn = train.make_train_step(graphdef, tx, int8_weights, cfg.seed)
+  tokens = np.arange(4 * 17, dtype=np.int32).reshape(4, 17) % 7
+  losses = []
+  for step in range(cfg.steps):
+    params, opt_state, loss = step_fn(params, opt_state, (tokens[:, :-1], tokens[:, 1:]), step)
+    losses.append(float(loss))
+  assert losses[-1] < 0.5 * losses[0]
+
+
+def test_unknown_optimizer_is_rejected():
+  with pytest.raises(ValueError, match="unknown optimizer"):
+    optimizers.build("sgd", 1e-3, optimizers.LowRank(rank=8, update_proj_gap=2))
+
+
+def test_c4_needs_a_t5_sized_vocabulary():
+  with pytest.raises(ValueError, match="needs a vocabulary of 32000"):
+    train.make_data(dataclasses.replace(CFG, dataset="c4"))
+
+
+def test_checkpoint_resume_gives_the_identical_next_loss(tmp_path):
+  # qgalore has the richest state: INT8 weights, a packed INT4 projector, refresh schedules.
+  name = "qgalore"
+  cfg = dataclasses.replace(CFG, optimizer=name, out_dir=str(tmp_path), log_every=1)
+  first = train.train(dataclasses.replace(cfg, checkpoint_every=3), progress=False)
+  # Forget the final checkpoint: the second run resumes from step 3 (params, optimizer
+  # state, data position) and must replay steps 4-6 exactly.
+  shutil.rmtree(tmp_path / name / "checkpoints" / "6")
+  second = train.train(dataclasses.replace(cfg, checkpoint_every=3), progress=False)
+  assert second["train_curve"] == first["train_curve"][3:]
+  assert second["eval_loss"] == first["eval_loss"]
+  lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+  steps = [json.loads(line)["step"] for line in lines if "train_loss" in json.loads(line)]
+  assert steps == [1, 2, 3, 4, 5, 6, 4, 5, 6]
+
+
+def test_restore_checkpoint_returns_step_and_data_position(tmp_path):
+  cfg = dataclasses.replace(CFG, optimizer="galore")
+  _, params, opt_state, _, _ = train.init_state(cfg)
+  with ocp.CheckpointManager(tmp_path) as manager:
+    train.save_checkpoint(manager, 5, params, opt_state)
+    got_params, _, step, position = train.restore_checkpoint(manager, params, opt_state)
+  assert (step, position) == (5, 5)
+  np.testing.assert_array_equal(got_params["lm_head"]["kernel"], params["lm_head"]["kernel"])
+
+
+def test_memory_counts_low_rank_state_and_int8_weights():
+  opt_bytes, weight_bytes = {}, {}
+  for name in optimizers.NAMES:
+    _, params, opt_state, _, _ = train.init_state(dataclasses.replace(CFG, optimizer=name))
+    opt_bytes[name], weight_bytes[name] = train.tree_bytes(opt_state), train.tree_bytes(params)
+  assert weight_bytes["adamw"] == 4 * model.param_count(TEST_MODEL)
+  assert opt_bytes["galore"] < opt_bytes["adamw"]
+  assert opt_bytes["qgalore"] < opt_bytes["qgalore-noquant"] < opt_bytes["adamw"]
+  # The projected matrices hold one byte per weight plus a float32 scale and zero per 256.
+  projected = 4 * 32 * 32 + 3 * 32 * 64
+  assert weight_bytes["adamw"] - weight_bytes["qgalore"] == projected * (4 - 1 - 8 / 256)
+
+
+def test_compare_mode_prints_a_table_and_writes_a_plot(tmp_path, capsys):
+  train.main(
+    [
+      "--compare",
+      "--model",
+      "test",
+      "--optimizers",
+      "qgalore-noquant",
+      "--steps",
+      "2",
+      "--batch-size",
+      "2",
+      "--eval-every",
+      "2",
+      "--eval-batches",
+      "1",
+      "--out-dir",
+      str(tmp_path),
+    ]
+  )
+  out = capsys.readouterr().out
+  assert "| qgalore-noquant | 0.03 |" in out
+  assert (tmp_path / "compare.png").stat().st_size > 0
+  assert (tmp_path / "compare.md").read_text() in out

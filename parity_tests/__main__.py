@@ -1,0 +1,7 @@
+"""``python -m parity_tests``: print and save the parity report (see ``report.py``)."""
+
+import sys
+
+from parity_tests import report
+
+sys.exit(report.main())
