@@ -51,17 +51,17 @@ def adam_direction(grad, exp_avg, exp_avg_sq, step, b1, b2, eps):
     eps: added to the root of the second moment.
 
   Returns:
-    ``(u, m, v)``: the Adam direction and the new moments, all float32.
+    The float32 Adam direction ``u``. ``exp_avg`` and ``exp_avg_sq`` are updated in place
+    (like torch's functional Adam), with the same roundings as the formulas above: each
+    operation is one IEEE-rounded op, in an order that addition's commutativity makes equal.
   """
-  m = (1 - b1) * grad + b1 * exp_avg
-  v = (1 - b2) * (grad * grad) + b2 * exp_avg_sq
+  exp_avg.mul_(b1).add_(grad * (1 - b1))
+  exp_avg_sq.mul_(b2).add_((grad * grad).mul_(1 - b2))
   # Multiplying by the float32 reciprocal of each bias correction, as XLA computes a
   # division by a broadcast scalar (and torch's CUDA kernel a division by a CPU scalar):
   # written out, the same expression runs on JAX, torch CPU and torch CUDA.
-  m_hat = m * (1 / (1 - b1**step))
-  v_hat = v * (1 / (1 - b2**step))
-  u = m_hat / (torch.sqrt(v_hat) + eps)
-  return u, m, v
+  denom = (exp_avg_sq * (1 / (1 - b2**step))).sqrt_().add_(eps)
+  return (exp_avg * (1 / (1 - b1**step))).div_(denom)
 
 
 def refresh_projector(
@@ -114,7 +114,7 @@ def apply_update(param, direction, lr, weight_decay, *, seed=0, count=None, tens
 
   Args:
     param: the parameter to update in place.
-    direction: float32 update direction, the parameter's shape.
+    direction: float32 update direction, the parameter's shape (overwritten: a temporary).
     lr: learning rate.
     weight_decay: decoupled weight decay.
     seed: seed of the stochastic rounding (INT8 weights only).
@@ -127,6 +127,12 @@ def apply_update(param, direction, lr, weight_decay, *, seed=0, count=None, tens
     update = (direction + weight_decay * w) * -lr
     step = count.to(torch.int64) - 1
     apply_int8_update(param, update, seed=seed, step=step, tensor_id=tensor_id)
+    return
+  if param.dtype == torch.float32:
+    # In place, with the roundings of the expression below (``direction`` is consumed).
+    if weight_decay:
+      direction.add_(weight_decay * param)
+    param.sub_(direction.mul_(lr))
     return
   w = param.to(torch.float32)
   param.copy_(w - lr * (direction + weight_decay * w))
@@ -395,7 +401,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
       state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
     b1, b2 = group["betas"]
     state["step"] += 1
-    u, m, v = adam_direction(
+    u = adam_direction(
       p.grad.to(torch.float32),
       state["exp_avg"],
       state["exp_avg_sq"],
@@ -404,8 +410,6 @@ class QGaLoreAdamW(torch.optim.Optimizer):
       b2,
       group["eps"],
     )
-    state["exp_avg"].copy_(m)
-    state["exp_avg_sq"].copy_(v)
     self._write(p, u, group, tensor_id)
 
   def _update_projected(self, p, group, tensor_id):
@@ -444,7 +448,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     basis_RxK = proj.load_projector(stored, basis_shape, bits, group_size)
     b1, b2 = group["betas"]
     state["step"] += 1
-    u, m, v = adam_direction(
+    u = adam_direction(
       proj.project(grad_MxN, basis_RxK),
       state["exp_avg"],
       state["exp_avg_sq"],
@@ -453,9 +457,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
       b2,
       group["eps"],
     )
-    state["exp_avg"].copy_(m)
-    state["exp_avg_sq"].copy_(v)
-    direction = group["scale"] * proj.project_back(u, basis_RxK, side)
+    direction = proj.project_back(u, basis_RxK, side).mul_(group["scale"])
     self._write(p, direction, group, tensor_id)
 
   def _write(self, p, direction, group, tensor_id):
