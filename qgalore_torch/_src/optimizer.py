@@ -55,12 +55,16 @@ def adam_direction(grad, exp_avg, exp_avg_sq, step, b1, b2, eps):
     (like torch's functional Adam), with the same roundings as the formulas above: each
     operation is one IEEE-rounded op, in an order that addition's commutativity makes equal.
   """
-  exp_avg.mul_(b1).add_(grad * (1 - b1))
-  exp_avg_sq.mul_(b2).add_((grad * grad).mul_(1 - b2))
+  # One scratch tensor serves every intermediate: full-size temporaries are what a step costs
+  # on large embeddings.
+  scratch = grad * (1 - b1)
+  exp_avg.mul_(b1).add_(scratch)
+  torch.mul(grad, grad, out=scratch)
+  exp_avg_sq.mul_(b2).add_(scratch.mul_(1 - b2))
   # Multiplying by the float32 reciprocal of each bias correction, as XLA computes a
   # division by a broadcast scalar (and torch's CUDA kernel a division by a CPU scalar):
   # written out, the same expression runs on JAX, torch CPU and torch CUDA.
-  denom = (exp_avg_sq * (1 / (1 - b2**step))).sqrt_().add_(eps)
+  denom = torch.mul(exp_avg_sq, 1 / (1 - b2**step), out=scratch).sqrt_().add_(eps)
   return (exp_avg * (1 / (1 - b1**step))).div_(denom)
 
 
