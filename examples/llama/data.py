@@ -15,6 +15,7 @@ c4-style ``.json.gz``; only ``stream_c4`` needs Hugging Face ``datasets`` and
 """
 
 import gzip
+import itertools
 import json
 import pathlib
 import sysconfig
@@ -144,3 +145,35 @@ def stream_c4(split: str, seq_len: int, batch_size: int, skip_batches: int = 0):
   for _ in range(skip_batches):
     next(batches)
   return batches
+
+
+def make_batches(
+  dataset: str,
+  *,
+  model_name: str,
+  seq_len: int,
+  vocab_size: int,
+  batch_size: int,
+  eval_batches: int,
+  seed: int,
+):
+  """``(train_batches(position), heldout_batches)`` for ``dataset`` ("stdlib" or "c4").
+
+  ``train_batches(position)`` yields the training batches from the ``position``-th on, so a
+  resumed run continues where it stopped; the held-out batches are a fixed list.
+  """
+  needed = {"stdlib": BYTE_VOCAB_SIZE, "c4": T5_VOCAB_SIZE}[dataset]
+  if vocab_size < needed:
+    raise ValueError(
+      f"dataset {dataset!r} needs a vocabulary of {needed} tokens; model {model_name!r} has"
+      f" {vocab_size} (use a paper config such as --model 60m for c4)"
+    )
+  if dataset == "c4":
+    heldout = list(itertools.islice(stream_c4("validation", seq_len, batch_size), eval_batches))
+    return lambda position: stream_c4("train", seq_len, batch_size, position), heldout
+  train_tokens, heldout_tokens = stdlib_corpus()
+  heldout = heldout_batches(heldout_tokens, batch_size, seq_len, eval_batches)
+  batches = lambda position: (
+    random_windows(train_tokens, batch_size, seq_len, seed, i) for i in itertools.count(position)
+  )
+  return batches, heldout

@@ -22,7 +22,6 @@ and resumes from the latest checkpoint there.
 import argparse
 import dataclasses
 import functools
-import itertools
 import json
 import math
 import os
@@ -137,25 +136,16 @@ def init_state(cfg: RunConfig):
 
 def make_data(cfg: RunConfig):
   """``(train_batches(position), heldout_batches)`` for the configured dataset."""
-  seq_len, vocab_size = model.CONFIGS[cfg.model].seq_len, model.CONFIGS[cfg.model].vocab_size
-  needed = {"stdlib": data.BYTE_VOCAB_SIZE, "c4": data.T5_VOCAB_SIZE}[cfg.dataset]
-  if vocab_size < needed:
-    raise ValueError(
-      f"dataset {cfg.dataset!r} needs a vocabulary of {needed} tokens; model {cfg.model!r} has"
-      f" {vocab_size} (use a paper config such as --model 60m for c4)"
-    )
-  if cfg.dataset == "c4":
-    heldout = list(
-      itertools.islice(data.stream_c4("validation", seq_len, cfg.batch_size), cfg.eval_batches)
-    )
-    return lambda position: data.stream_c4("train", seq_len, cfg.batch_size, position), heldout
-  train_tokens, heldout_tokens = data.stdlib_corpus()
-  heldout = data.heldout_batches(heldout_tokens, cfg.batch_size, seq_len, cfg.eval_batches)
-  batches = lambda position: (
-    data.random_windows(train_tokens, cfg.batch_size, seq_len, cfg.seed, i)
-    for i in itertools.count(position)
+  config = model.CONFIGS[cfg.model]
+  return data.make_batches(
+    cfg.dataset,
+    model_name=cfg.model,
+    seq_len=config.seq_len,
+    vocab_size=config.vocab_size,
+    batch_size=cfg.batch_size,
+    eval_batches=cfg.eval_batches,
+    seed=cfg.seed,
   )
-  return batches, heldout
 
 
 def _drop_empty(tree):

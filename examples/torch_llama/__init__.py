@@ -1,0 +1,1 @@
+"""The PyTorch twin of ``examples.llama``: LLaMA pre-training with ``qgalore_torch``."""
