@@ -146,6 +146,17 @@ def project_back(low_rank: jax.Array, basis_RxK: jax.Array, side: str) -> jax.Ar
   return basis_RxK.T @ low_rank
 
 
+def project_back_transposed(low_rank: jax.Array, basis_RxK: jax.Array, side: str) -> jax.Array:
+  """``project_back(low_rank, basis_RxK, side).T``, computed directly in (in, out) layout.
+
+  ``(D P)^T = P^T D^T`` and ``(P D)^T = D^T P``: the matmul writes the Flax-kernel layout
+  itself, where transposing the (out, in) result would cost two passes over the matrix.
+  """
+  if side == RIGHT:
+    return basis_RxK.T @ low_rank.T
+  return low_rank.T @ basis_RxK
+
+
 def store_projector(basis_RxK: jax.Array, bits: int | None, group_size: int):
   """The stored form of a projector: a packed :class:`QuantizedArray`, or float32 if no bits."""
   if bits is None:

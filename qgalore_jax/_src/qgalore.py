@@ -216,9 +216,11 @@ def scale_by_qgalore(
 
   def update_leaf(g, mu, nu, stored, subspace, axis, count, count_inc):
     _, basis_shape, side, _ = leaf_layout(g, axis)
-    g_MxN = _to_canonical(g, axis).astype(jnp.float32)
 
     def refresh(carry):
+      # The canonical gradient is formed inside the branch: a transposed operand of the
+      # cond would be materialised on every step, refresh or not.
+      g_MxN = _to_canonical(g, axis).astype(jnp.float32)
       old_subspace = carry[1]
       finite = jnp.all(jnp.isfinite(g_MxN))
       basis_RxK = proj.compute_projector(jnp.where(finite, g_MxN, 0.0), rank)
@@ -233,7 +235,7 @@ def scale_by_qgalore(
       schedule.refresh_due(subspace, count), refresh, lambda carry: carry, (stored, subspace)
     )
     basis_RxK = proj.load_projector(stored, basis_shape, proj_bits, proj_group_size)
-    r = proj.project(g_MxN, basis_RxK)
+    r = proj.project(_to_canonical(g, axis).astype(jnp.float32), basis_RxK)
     mu = (1 - b1) * r + b1 * mu.astype(jnp.float32)
     nu = (1 - b2) * (r * r) + b2 * nu
     # Bias correction as a multiply by the float32 reciprocal: XLA rewrites the division
@@ -241,8 +243,11 @@ def scale_by_qgalore(
     mu_hat = mu * (1 / (1 - b1**count_inc).astype(jnp.float32))
     nu_hat = nu * (1 / (1 - b2**count_inc).astype(jnp.float32))
     u = mu_hat / (jnp.sqrt(nu_hat) + eps)
-    direction_MxN = scale * proj.project_back(u, basis_RxK, side)
-    direction = _to_canonical(direction_MxN, axis).astype(g.dtype)
+    if axis == 0:
+      direction = scale * proj.project_back_transposed(u, basis_RxK, side)
+    else:
+      direction = scale * proj.project_back(u, basis_RxK, side)
+    direction = direction.astype(g.dtype)
     return direction, mu.astype(mu_dtype), nu, stored, subspace
 
   def pack_projectors(treedef, stored):
