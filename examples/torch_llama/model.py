@@ -6,51 +6,12 @@ The seven block matrices carry Hugging Face's names (``q_proj`` ... ``down_proj`
 ``qgalore_torch.quantize_linears(model, qgalore_torch.is_llama_projection)`` finds them.
 """
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-  """Shape of a LLaMA model (the fields of ``examples.llama.model.Config``).
-
-  Attributes:
-    vocab_size: number of token ids.
-    d_model: hidden size.
-    d_ff: inner size of the SwiGLU MLP.
-    num_layers: number of decoder blocks.
-    num_heads: attention heads (d_model must be divisible by it).
-    seq_len: training sequence length.
-    rope_theta: base of the rotary frequencies.
-    norm_eps: epsilon of RMSNorm.
-  """
-
-  vocab_size: int
-  d_model: int
-  d_ff: int
-  num_layers: int
-  num_heads: int
-  seq_len: int = 256
-  rope_theta: float = 10000.0
-  norm_eps: float = 1e-6
-
-  @property
-  def head_dim(self) -> int:
-    return self.d_model // self.num_heads
-
-
-# The configs of examples/llama/model.py (model_test.py checks that they agree).
-CONFIGS = {
-  "tiny": Config(vocab_size=257, d_model=128, d_ff=344, num_layers=4, num_heads=4, seq_len=128),
-  "60m": Config(vocab_size=32000, d_model=512, d_ff=1376, num_layers=8, num_heads=8),
-  "130m": Config(vocab_size=32000, d_model=768, d_ff=2048, num_layers=12, num_heads=12),
-  "350m": Config(vocab_size=32000, d_model=1024, d_ff=2736, num_layers=24, num_heads=16),
-  "1b": Config(vocab_size=32000, d_model=2048, d_ff=5461, num_layers=24, num_heads=32),
-  "7b": Config(vocab_size=32000, d_model=4096, d_ff=11008, num_layers=32, num_heads=32),
-}
+from examples.llama.configs import CONFIGS  # noqa: F401  (re-exported as model.CONFIGS)
+from examples.llama.configs import Config
 
 
 def apply_rope(x_BTHD: torch.Tensor, positions_T: torch.Tensor, theta: float) -> torch.Tensor:
