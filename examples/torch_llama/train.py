@@ -35,6 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 import qgalore_torch
+from examples.llama import cli
 from examples.llama import data
 from examples.llama import report
 from examples.torch_llama import model
@@ -227,53 +228,19 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
 
 
 def compare(cfg: RunConfig, names: tuple[str, ...] = optimizers.NAMES) -> list[dict]:
-  """Trains each optimizer in ``names`` from the same data and seed; writes
-  ``compare.png`` and ``compare.md`` into ``cfg.out_dir``.
-
-  Each optimizer runs at its tuned learning rate unless ``cfg.learning_rate`` is set.
-  """
-  results = [train(dataclasses.replace(cfg, optimizer=name)) for name in names]
-  out_dir = pathlib.Path(cfg.out_dir)
-  report.plot_curves(results, out_dir / "compare.png")
-  (out_dir / "compare.md").write_text(report.markdown_table(results))
-  return results
+  """Trains each optimizer in ``names`` from the same data and seed (``cli.compare``)."""
+  return cli.compare(train, cfg, names)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]:
   """The ``RunConfig`` and the raw namespace of the command line."""
-  defaults = RunConfig()
-  parser = argparse.ArgumentParser(
-    prog="python -m examples.torch_llama.train", description=__doc__.split("\n")[0]
+  parser = cli.parser(
+    "python -m examples.torch_llama.train",
+    __doc__.split("\n")[0],
+    RunConfig(),
+    optimizers.NAMES,
+    model.CONFIGS,
   )
-  parser.add_argument("--compare", action="store_true", help="train every optimizer; table+PNG")
-  parser.add_argument(
-    "--optimizers",
-    default=",".join(optimizers.NAMES),
-    help="comma-separated optimizers for --compare",
-  )
-  parser.add_argument("--model", default=defaults.model, choices=sorted(model.CONFIGS))
-  parser.add_argument("--optimizer", default=defaults.optimizer, choices=optimizers.NAMES)
-  parser.add_argument("--dataset", default=defaults.dataset, choices=("stdlib", "c4"))
-  for field in (
-    "steps",
-    "batch_size",
-    "rank",
-    "update_proj_gap",
-    "eval_every",
-    "eval_batches",
-    "log_every",
-    "checkpoint_every",
-    "seed",
-  ):
-    parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(defaults, field))
-  parser.add_argument(
-    "--learning-rate",
-    type=float,
-    default=None,
-    help="peak learning rate (default: the tuned one of each optimizer)",
-  )
-  parser.add_argument("--warmup-fraction", type=float, default=defaults.warmup_fraction)
-  parser.add_argument("--out-dir", default=defaults.out_dir)
   parser.add_argument(
     "--threads",
     type=int,
@@ -281,8 +248,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Names
     help="torch CPU threads (default: torch's choice; 1 is fastest on a busy small machine)",
   )
   args = parser.parse_args(argv)
-  fields = {f.name for f in dataclasses.fields(RunConfig)}
-  return RunConfig(**{k: v for k, v in vars(args).items() if k in fields}), args
+  return cli.run_config(RunConfig, args), args
 
 
 def main(argv: list[str] | None = None) -> None:

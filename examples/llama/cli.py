@@ -1,0 +1,64 @@
+"""Command line and compare mode shared by the Flax and torch LLaMA examples."""
+
+import argparse
+import dataclasses
+import pathlib
+from collections.abc import Callable
+
+from examples.llama import report
+
+INT_FLAGS = (
+  "steps",
+  "batch_size",
+  "rank",
+  "update_proj_gap",
+  "eval_every",
+  "eval_batches",
+  "log_every",
+  "checkpoint_every",
+  "seed",
+)
+
+
+def compare(train: Callable, cfg, names: tuple[str, ...]) -> list[dict]:
+  """Runs ``train`` for each optimizer in ``names`` from the same data and seed; writes
+  ``compare.png`` and ``compare.md`` into ``cfg.out_dir``.
+
+  Each optimizer runs at its tuned learning rate unless ``cfg.learning_rate`` is set.
+  """
+  results = [train(dataclasses.replace(cfg, optimizer=name)) for name in names]
+  out_dir = pathlib.Path(cfg.out_dir)
+  report.plot_curves(results, out_dir / "compare.png")
+  (out_dir / "compare.md").write_text(report.markdown_table(results))
+  return results
+
+
+def parser(prog: str, description: str, defaults, optimizer_names, model_names):
+  """The flags of both examples, with ``defaults`` (a ``RunConfig``) as defaults."""
+  p = argparse.ArgumentParser(prog=prog, description=description)
+  p.add_argument("--compare", action="store_true", help="train every optimizer; table+PNG")
+  p.add_argument(
+    "--optimizers",
+    default=",".join(optimizer_names),
+    help="comma-separated optimizers for --compare",
+  )
+  p.add_argument("--model", default=defaults.model, choices=sorted(model_names))
+  p.add_argument("--optimizer", default=defaults.optimizer, choices=optimizer_names)
+  p.add_argument("--dataset", default=defaults.dataset, choices=("stdlib", "c4"))
+  for field in INT_FLAGS:
+    p.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(defaults, field))
+  p.add_argument(
+    "--learning-rate",
+    type=float,
+    default=None,
+    help="peak learning rate (default: the tuned one of each optimizer)",
+  )
+  p.add_argument("--warmup-fraction", type=float, default=defaults.warmup_fraction)
+  p.add_argument("--out-dir", default=defaults.out_dir)
+  return p
+
+
+def run_config(cls, args: argparse.Namespace):
+  """A ``cls`` (a RunConfig dataclass) from the parsed flags of its fields."""
+  fields = {f.name for f in dataclasses.fields(cls)}
+  return cls(**{k: v for k, v in vars(args).items() if k in fields})
