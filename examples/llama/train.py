@@ -46,23 +46,9 @@ from examples.llama import report
 
 
 @dataclasses.dataclass(frozen=True)
-class RunConfig:
+class RunConfig(cli.RunConfig):
   """One training run (the command-line flags of the same names)."""
 
-  model: str = "tiny"
-  optimizer: str = "qgalore"
-  steps: int = 150
-  batch_size: int = 16
-  learning_rate: float | None = None  # None: optimizers.LEARNING_RATES[optimizer]
-  warmup_fraction: float = 0.1
-  rank: int = 32  # the paper: 128 (60M) to 1024 (1B, 7B)
-  update_proj_gap: int = 50  # the paper: 200 (500 for 7B)
-  eval_every: int = 50
-  eval_batches: int = 8
-  log_every: int = 10
-  checkpoint_every: int = 100  # 0: no checkpoints
-  seed: int = 0
-  dataset: str = "stdlib"
   out_dir: str = "runs/llama"
 
   @property
