@@ -14,6 +14,12 @@ from qgalore_jax._src.int8 import quantize_params
 from qgalore_jax._src.int8 import stochastic_round
 from qgalore_jax._src.int8 import stream_key
 from qgalore_jax._src.int8 import uniforms
+from qgalore_jax._src.moments import QuantizedMoment
+from qgalore_jax._src.moments import ScaleByAdam8bitState
+from qgalore_jax._src.moments import adamw_8bit
+from qgalore_jax._src.moments import dequantize_moment
+from qgalore_jax._src.moments import quantize_moment
+from qgalore_jax._src.moments import scale_by_adam_8bit
 from qgalore_jax._src.projector import compute_projector
 from qgalore_jax._src.projector import project
 from qgalore_jax._src.projector import project_back
@@ -36,12 +42,16 @@ __version__ = "0.1.0"
 __all__ = (
   "STATIC_ARGS",
   "QuantizedArray",
+  "QuantizedMoment",
   "QuantizedWeight",
+  "ScaleByAdam8bitState",
   "ScaleByQGaLoreState",
   "SubspaceState",
+  "adamw_8bit",
   "apply_updates",
   "compute_projector",
   "dequantize",
+  "dequantize_moment",
   "dequantize_params",
   "int8_train_step",
   "is_quantized",
@@ -53,8 +63,10 @@ __all__ = (
   "projector_side",
   "qgalore_adamw",
   "quantize",
+  "quantize_moment",
   "quantize_params",
   "quantized_nbytes",
+  "scale_by_adam_8bit",
   "scale_by_qgalore",
   "sign_canonical",
   "stochastic_round",

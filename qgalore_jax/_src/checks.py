@@ -17,6 +17,7 @@ STATIC_ARGS = (
   "mask",
   "input_axis",
   "mu_dtype",
+  "moment_bits",
 )
 
 

@@ -167,16 +167,15 @@ SHARDED_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
-def test_mesh_of_8_cpu_devices_matches_one_device():
-  """Data-parallel batches, then weights sharded too: same result as one device."""
+def run_on_8_cpu_devices(script: str) -> None:
+  """Runs ``script`` in a fresh process with 8 simulated CPU devices; it prints SHARDED_OK."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
   env["JAX_PLATFORMS"] = "cpu"
   root = pathlib.Path(__file__).resolve().parents[2]
   env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
   out = subprocess.run(
-    [sys.executable, "-c", SHARDED_SCRIPT],
+    [sys.executable, "-c", script],
     env=env,
     capture_output=True,
     text=True,
@@ -185,3 +184,9 @@ def test_mesh_of_8_cpu_devices_matches_one_device():
   )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "SHARDED_OK" in out.stdout
+
+
+@pytest.mark.slow
+def test_mesh_of_8_cpu_devices_matches_one_device():
+  """Data-parallel batches, then weights sharded too: same result as one device."""
+  run_on_8_cpu_devices(SHARDED_SCRIPT)

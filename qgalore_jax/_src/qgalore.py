@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from qgalore_jax._src import moments
 from qgalore_jax._src import projector as proj
 from qgalore_jax._src import schedule
 from qgalore_jax._src.checks import _static_hint
@@ -34,8 +35,10 @@ class ScaleByQGaLoreState(NamedTuple):
   """
 
   count: jax.Array  # int32 []: updates done so far (the 0-based step of the next update)
-  mu: optax.Updates  # mu_dtype [m, r] ("right") or [r, n] ("left"): low-rank first moment
-  nu: optax.Updates  # float32, same shapes as mu: low-rank second moment
+  # Low-rank moments, [m, r] ("right") or [r, n] ("left"): trees of mu_dtype (mu) and
+  # float32 (nu) arrays, or with moment_bits=8 a QuantizedMoment of two trees (codes, absmax).
+  mu: Any
+  nu: Any
   # QuantizedArray whose fields are trees (codes uint8 packed, scale and zero float32), or
   # a tree of float32 [r, k] bases when proj_bits is None.
   projector: Any
@@ -115,6 +118,7 @@ def scale_by_qgalore(
   eps: float = 1e-8,
   mu_dtype: Any | None = None,
   input_axis: int | Any | Callable[[optax.Params], Any] = 0,
+  moment_bits: int | None = None,
 ) -> optax.GradientTransformation:
   r"""Projected Adam in an adaptive, INT4-stored low-rank gradient subspace (Q-GaLore).
 
@@ -158,6 +162,9 @@ def scale_by_qgalore(
     input_axis: which axis of each leaf is its input axis: ``0`` for Flax kernels
       (in, out), ``1`` for arrays stored (out, in); an int, a pytree of ints shaped like
       the params, or a callable on the params returning one.
+    moment_bits: ``None`` for float32 moments, or 8 for 8-bit block-wise moments (codes
+      plus a float32 absmax per 16 x 16 tile, for low-rank moments of at least 4096
+      elements; see :func:`scale_by_adam_8bit` and ``docs/numerics.md``).
 
   Returns:
     An ``optax.GradientTransformation`` whose updates have each gradient's dtype.
@@ -196,6 +203,7 @@ def scale_by_qgalore(
   check_number(b1, "b1", 0.0, 1.0, high_open=True)
   check_number(b2, "b2", 0.0, 1.0, high_open=True)
   check_number(eps, "eps", 0.0)
+  moments.check_moment_bits(moment_bits, mu_dtype)
   mu_dtype = jnp.float32 if mu_dtype is None else jnp.dtype(mu_dtype)
 
   def leaf_layout(p, axis):
@@ -208,8 +216,8 @@ def scale_by_qgalore(
   def init_leaf(p, axis):
     _, basis_shape, _, low_rank_shape = leaf_layout(p, axis)
     return (
-      jnp.zeros(low_rank_shape, mu_dtype),
-      jnp.zeros(low_rank_shape, jnp.float32),
+      moments.init_moment(low_rank_shape, True, moment_bits, mu_dtype),
+      moments.init_moment(low_rank_shape, False, moment_bits),
       proj.store_projector(jnp.zeros(basis_shape, jnp.float32), proj_bits, proj_group_size),
       schedule.init_subspace(basis_shape[1], update_proj_gap, queue_size),
     )
@@ -236,19 +244,23 @@ def scale_by_qgalore(
     )
     basis_RxK = proj.load_projector(stored, basis_shape, proj_bits, proj_group_size)
     r = proj.project(_to_canonical(g, axis).astype(jnp.float32), basis_RxK)
-    mu = (1 - b1) * r + b1 * mu.astype(jnp.float32)
-    nu = (1 - b2) * (r * r) + b2 * nu
-    # Bias correction as a multiply by the float32 reciprocal: XLA rewrites the division
-    # into exactly this, so the torch twin can match it bit for bit.
-    mu_hat = mu * (1 / (1 - b1**count_inc).astype(jnp.float32))
-    nu_hat = nu * (1 / (1 - b2**count_inc).astype(jnp.float32))
-    u = mu_hat / (jnp.sqrt(nu_hat) + eps)
+    u, mu, nu = moments.adam_step(
+      r,
+      moments.load_moment(mu, True, moment_bits),
+      moments.load_moment(nu, False, moment_bits),
+      count_inc,
+      b1,
+      b2,
+      eps,
+    )
     if axis == 0:
       direction = scale * proj.project_back_transposed(u, basis_RxK, side)
     else:
       direction = scale * proj.project_back(u, basis_RxK, side)
     direction = direction.astype(g.dtype)
-    return direction, mu.astype(mu_dtype), nu, stored, subspace
+    mu = moments.store_moment(mu, True, moment_bits, mu_dtype)
+    nu = moments.store_moment(nu, False, moment_bits)
+    return direction, mu, nu, stored, subspace
 
   def pack_projectors(treedef, stored):
     if proj_bits is None:
@@ -267,8 +279,8 @@ def scale_by_qgalore(
     mu, nu, stored, subspace = ([leaf[i] for leaf in per_leaf] for i in range(4))
     return ScaleByQGaLoreState(
       count=jnp.zeros([], jnp.int32),
-      mu=treedef.unflatten(mu),
-      nu=treedef.unflatten(nu),
+      mu=moments._pack(treedef, mu, moment_bits),
+      nu=moments._pack(treedef, nu, moment_bits),
       projector=pack_projectors(treedef, stored),
       subspace=_struct_of_trees(schedule.SubspaceState, treedef, subspace),
     )
@@ -282,8 +294,8 @@ def scale_by_qgalore(
       update_leaf(g, mu, nu, stored, sub, a, state.count, count_inc)
       for g, mu, nu, stored, sub, a in zip(
         leaves,
-        treedef.flatten_up_to(state.mu),
-        treedef.flatten_up_to(state.nu),
+        moments._unpack(treedef, state.mu, moment_bits),
+        moments._unpack(treedef, state.nu, moment_bits),
         unpack_projectors(treedef, state.projector),
         _per_leaf(schedule.SubspaceState, treedef, state.subspace),
         axes,
@@ -293,8 +305,8 @@ def scale_by_qgalore(
     new_updates, mu, nu, stored, subspace = ([leaf[i] for leaf in per_leaf] for i in range(5))
     return treedef.unflatten(new_updates), ScaleByQGaLoreState(
       count=count_inc,
-      mu=treedef.unflatten(mu),
-      nu=treedef.unflatten(nu),
+      mu=moments._pack(treedef, mu, moment_bits),
+      nu=moments._pack(treedef, nu, moment_bits),
       projector=pack_projectors(treedef, stored),
       subspace=_struct_of_trees(schedule.SubspaceState, treedef, subspace),
     )
@@ -342,6 +354,7 @@ def qgalore_adamw(
   mask: Any | Callable[[optax.Params], Any] | None = None,
   input_axis: int | Any | Callable[[optax.Params], Any] = 0,
   mu_dtype: Any | None = None,
+  moment_bits: int | None = None,
 ) -> optax.GradientTransformation:
   r"""AdamW with Q-GaLore on the selected matrices: a drop-in for ``optax.adamw``.
 
@@ -376,6 +389,9 @@ def qgalore_adamw(
       :func:`scale_by_qgalore`).
     mu_dtype: dtype of the stored first moments (default float32 for projected leaves,
       the param dtype for the others, as ``optax.scale_by_adam``).
+    moment_bits: ``None`` (default) for float moments, or 8 for 8-bit block-wise moments on
+      every leaf, projected or not (:func:`scale_by_adam_8bit` for the others): the
+      paper's 8-bit Adam. Moments under 4096 elements or not 2-D stay float32.
 
   Returns:
     An ``optax.GradientTransformation``. Under ``optax.inject_hyperparams`` (which turns
@@ -419,8 +435,12 @@ def qgalore_adamw(
     eps=eps,
     mu_dtype=mu_dtype,
     input_axis=input_axis,
+    moment_bits=moment_bits,
   )
-  adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
+  if moment_bits is None:
+    adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
+  else:
+    adam = moments.scale_by_adam_8bit(b1=b1, b2=b2, eps=eps)
 
   def labels(params):
     selected = _resolve_mask(mask, params)

@@ -1,0 +1,348 @@
+"""Adam moments in float32 or in 8 bits, block-wise (docs/numerics.md, "8-bit moments").
+
+With ``moment_bits=8`` a moment that is 2-D and has at least :data:`MIN_QUANTIZED_SIZE`
+elements (decided from its global shape, never a shard's) is stored as one uint8 code per
+element plus one float32 absmax per 16 x 16 tile. A code indexes a 256-value map: the
+dynamic (tree) map of Dettmers et al. (arXiv 2110.02861), signed for the first moment and
+unsigned for the second. Every other moment stays float32.
+
+Tiles rather than runs of 256 consecutive elements: transposing a matrix maps tiles onto
+tiles, so a Flax kernel (in, out) and a torch weight (out, in) holding the same values get
+the same codes, and a shard whose sides are multiples of 16 holds whole tiles.
+
+Each step dequantises, runs Adam in float32 (:func:`adam_step`), takes the direction from
+those float32 moments and requantises them for storage.
+"""
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from qgalore_jax._src.checks import check_number
+from qgalore_jax._src.quantization import exact_divide
+
+TILE = 16  # blocks are TILE x TILE tiles: 256 elements, bitsandbytes' block size
+MIN_QUANTIZED_SIZE = 4096  # smaller moments stay float32 (bitsandbytes' min_8bit_size)
+MOMENT_BITS = (None, 8)
+
+
+def _dynamic_map(signed: bool) -> np.ndarray:
+  """The 256 sorted float32 values of the dynamic map (docs/numerics.md gives the rule).
+
+  ``{0, 1}`` and, for each decade ``e = 0..6``, the midpoints of ``n`` equal steps of
+  ``[0.1, 1] * 10**-e`` with ``n = 2**(6 - e)`` (signed: both signs) or ``2**(7 - e)``
+  (unsigned). Computed in Python float64, rounded once to float32.
+  """
+  values = [0.0, 1.0]
+  for e in range(7):
+    n = 2 ** ((6 if signed else 7) - e)
+    for j in range(n):
+      v = 10.0**-e * (0.1 + 0.9 * (j + 0.5) / n)
+      values += [v, -v] if signed else [v]
+  table = np.array(sorted(values), np.float64).astype(np.float32)
+  assert table.size == 256 and np.all(np.diff(table) > 0)
+  return table
+
+
+def _thresholds(table: np.ndarray) -> np.ndarray:
+  """Float32 midpoints of neighbouring map values (computed in float64), +inf appended."""
+  wide = table.astype(np.float64)
+  mids = ((wide[:-1] + wide[1:]) / 2).astype(np.float32)
+  return np.append(mids, np.float32(np.inf))
+
+
+SIGNED_MAP = _dynamic_map(signed=True)
+UNSIGNED_MAP = _dynamic_map(signed=False)
+_SIGNED_THRESHOLDS = _thresholds(SIGNED_MAP)
+_UNSIGNED_THRESHOLDS = _thresholds(UNSIGNED_MAP)
+SIGNED_ZERO_CODE = int(np.flatnonzero(SIGNED_MAP == 0)[0])  # 127
+
+
+class QuantizedMoment(NamedTuple):
+  """8-bit moments, as a pair of trees shaped like the moments they store.
+
+  Where a moment is quantised, ``codes`` holds its uint8 codes (the moment's shape) and
+  ``absmax`` its float32 tile maxima ``[ceil(a / 16), ceil(b / 16)]``. Where a moment is
+  too small or not 2-D, ``codes`` holds the float32 moment itself and ``absmax`` is
+  ``optax.MaskedNode()``: no array (orbax cannot save empty ones).
+  """
+
+  codes: jax.Array
+  absmax: jax.Array
+
+
+def is_quantized_shape(shape: tuple[int, ...]) -> bool:
+  """Whether a moment of this (global) shape is stored in 8 bits."""
+  return len(shape) == 2 and math.prod(shape) >= MIN_QUANTIZED_SIZE
+
+
+def _tiled(x: jax.Array) -> jax.Array:
+  """``x`` [a, b] as [A, 16, B, 16] tiles, zero-padded (zeros change no absmax)."""
+  a, b = x.shape
+  pad_a, pad_b = -a % TILE, -b % TILE
+  if pad_a or pad_b:
+    x = jnp.pad(x, ((0, pad_a), (0, pad_b)))
+  return x.reshape((a + pad_a) // TILE, TILE, (b + pad_b) // TILE, TILE)
+
+
+def _per_element(absmax: jax.Array, shape: tuple[int, int]) -> jax.Array:
+  """Each tile's value broadcast to its elements, cropped to ``shape``."""
+  wide = jnp.repeat(jnp.repeat(absmax, TILE, axis=0), TILE, axis=1)
+  return wide[: shape[0], : shape[1]]
+
+
+def _encode(y: jax.Array, thresholds: np.ndarray) -> jax.Array:
+  """Number of thresholds below ``y``: a branch-free binary search, 8 gathers."""
+  table = jnp.asarray(thresholds)
+  code = jnp.zeros(y.shape, jnp.int32)
+  for step in (128, 64, 32, 16, 8, 4, 2, 1):
+    code = jnp.where(table[code + (step - 1)] < y, code + step, code)
+  return code
+
+
+def quantize_moment(x: jax.Array, signed: bool) -> QuantizedMoment:
+  """8-bit block-wise codes of a 2-D moment.
+
+  Per 16 x 16 tile, ``a = max |x|``; each element gets the code of the map value nearest to
+  ``x / a`` (an exact float32 division; 0 where ``a`` is 0), ties to the smaller value.
+  With the unsigned map a positive value never gets the zero code (it gets code 1), so a
+  stored second moment never decodes to 0 where it is not: ``1 / sqrt(v)`` stays bounded.
+
+  Args:
+    x: float32 [a, b] moment.
+    signed: the signed map (first moment) or the unsigned one (second moment, ``x >= 0``).
+
+  Returns:
+    A :class:`QuantizedMoment` of arrays.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from qgalore_jax import quantize_moment, dequantize_moment
+    >>> x = jnp.linspace(-1.0, 2.0, 4096, dtype=jnp.float32).reshape(64, 64)
+    >>> q = quantize_moment(x, signed=True)
+    >>> q.codes.dtype, q.codes.shape, q.absmax.shape
+    (dtype('uint8'), (64, 64), (4, 4))
+    >>> # error <= absmax (2) * half the widest step of the map (0.0141 / 2)
+    >>> bool(jnp.max(jnp.abs(dequantize_moment(q, signed=True) - x)) <= 2 * 0.0141 / 2)
+    True
+  """
+  if x.ndim != 2:
+    raise ValueError(f"8-bit moments are 2-D, got shape {x.shape}")
+  x = x.astype(jnp.float32)
+  absmax = jnp.max(jnp.abs(_tiled(x)), axis=(1, 3))
+  divisor = _per_element(jnp.where(absmax == 0, 1.0, absmax), x.shape)
+  y = exact_divide(x, divisor)
+  code = _encode(y, _SIGNED_THRESHOLDS if signed else _UNSIGNED_THRESHOLDS)
+  if not signed:
+    code = jnp.where((code == 0) & (y > 0), 1, code)
+  return QuantizedMoment(code.astype(jnp.uint8), absmax)
+
+
+def dequantize_moment(q: QuantizedMoment, signed: bool) -> jax.Array:
+  """Float32 ``map[code] * absmax`` of each element (inverse of :func:`quantize_moment`)."""
+  table = jnp.asarray(SIGNED_MAP if signed else UNSIGNED_MAP)
+  return table[q.codes.astype(jnp.int32)] * _per_element(q.absmax, q.codes.shape)
+
+
+def init_moment(shape: tuple[int, ...], signed: bool, moment_bits: int | None, dtype=None):
+  """Zero moment of ``shape``: float (``dtype``, default float32) or a quantised pair.
+
+  With ``moment_bits=8`` returns ``(codes, absmax)`` arrays (see
+  :class:`QuantizedMoment`); otherwise a float array.
+  """
+  if moment_bits is None:
+    return jnp.zeros(shape, dtype or jnp.float32)
+  if not is_quantized_shape(shape):
+    return jnp.zeros(shape, jnp.float32), optax.MaskedNode()
+  tiles = (-(-shape[0] // TILE), -(-shape[1] // TILE))
+  zero_code = SIGNED_ZERO_CODE if signed else 0
+  return jnp.full(shape, zero_code, jnp.uint8), jnp.zeros(tiles, jnp.float32)
+
+
+def load_moment(stored, signed: bool, moment_bits: int | None) -> jax.Array:
+  """The float32 moment held by ``stored`` (a float array or a ``(codes, absmax)`` pair)."""
+  if moment_bits is None:
+    return stored.astype(jnp.float32)
+  codes, absmax = stored
+  if codes.dtype != jnp.uint8:
+    return codes
+  return dequantize_moment(QuantizedMoment(codes, absmax), signed)
+
+
+def store_moment(x: jax.Array, signed: bool, moment_bits: int | None, dtype=None):
+  """Inverse of :func:`load_moment`: what the state holds for the float32 moment ``x``."""
+  if moment_bits is None:
+    return x.astype(dtype or jnp.float32)
+  if not is_quantized_shape(x.shape):
+    return x, optax.MaskedNode()
+  return tuple(quantize_moment(x, signed))
+
+
+def adam_step(g, mu, nu, count_inc, b1, b2, eps):
+  """One Adam step in float32 (SPEC section 5; optax ``scale_by_adam``, eps_root 0).
+
+  Args:
+    g: float32 gradient (the low-rank ``R`` of a projected matrix).
+    mu: float32 first moment ``m_{t-1}``.
+    nu: float32 second moment ``v_{t-1}``.
+    count_inc: int32 1-based step ``t`` of the new moments.
+    b1: decay of the first moment.
+    b2: decay of the second moment.
+    eps: added to the root of the second moment.
+
+  Returns:
+    ``(u, mu, nu)``: the float32 direction and the new moments.
+  """
+  mu = (1 - b1) * g + b1 * mu
+  nu = (1 - b2) * (g * g) + b2 * nu
+  # Bias correction as a multiply by the float32 reciprocal: XLA rewrites the division
+  # into exactly this, so the torch twin can match it bit for bit.
+  mu_hat = mu * (1 / (1 - b1**count_inc).astype(jnp.float32))
+  nu_hat = nu * (1 / (1 - b2**count_inc).astype(jnp.float32))
+  return mu_hat / (jnp.sqrt(nu_hat) + eps), mu, nu
+
+
+def check_moment_bits(moment_bits, mu_dtype=None) -> None:
+  """Raises unless ``moment_bits`` is None or 8 (and, if 8, ``mu_dtype`` is None)."""
+  if moment_bits not in MOMENT_BITS or isinstance(moment_bits, bool):
+    raise ValueError(f"`moment_bits` must be None (float32 moments) or 8, got {moment_bits!r}")
+  if moment_bits is not None and mu_dtype is not None:
+    raise ValueError("`mu_dtype` and `moment_bits` both set the moments' storage; pass one")
+
+
+def _pack(treedef, per_leaf, moment_bits):
+  """A tree of stored moments, or a :class:`QuantizedMoment` of two trees."""
+  if moment_bits is None:
+    return treedef.unflatten(per_leaf)
+  return QuantizedMoment(*(treedef.unflatten([leaf[i] for leaf in per_leaf]) for i in range(2)))
+
+
+def _unpack(treedef, stored, moment_bits):
+  """Inverse of :func:`_pack`: one stored moment per leaf of ``treedef``."""
+  if moment_bits is None:
+    return treedef.flatten_up_to(stored)
+  return list(zip(*(treedef.flatten_up_to(tree) for tree in stored), strict=True))
+
+
+class ScaleByAdam8bitState(NamedTuple):
+  """State of :func:`scale_by_adam_8bit`: arrays only."""
+
+  count: jax.Array  # int32 []
+  mu: QuantizedMoment  # of trees shaped like the params
+  nu: QuantizedMoment
+
+
+def scale_by_adam_8bit(
+  b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+) -> optax.GradientTransformation:
+  """``optax.scale_by_adam`` (eps_root 0) with 8-bit block-wise moments.
+
+  Moments of 2-D leaves with at least 4096 elements are stored as uint8 codes plus a
+  float32 absmax per 16 x 16 tile (about 1.016 bytes per element instead of 4); other
+  leaves keep float32 moments. The arithmetic is float32: each step dequantises, updates
+  the moments as ``optax.scale_by_adam``, takes the direction from them and requantises.
+  The format is written out in ``docs/numerics.md``; ``qgalore_torch`` implements it bit
+  for bit.
+
+  Args:
+    b1: decay of the first moment.
+    b2: decay of the second moment.
+    eps: added to the root of the second moment.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose updates have each gradient's dtype.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from qgalore_jax import scale_by_adam_8bit
+    >>> params = {"w": jnp.ones((64, 128)), "b": jnp.zeros(128)}
+    >>> state = scale_by_adam_8bit().init(params)
+    >>> state.mu.codes["w"].dtype, state.mu.absmax["w"].shape, state.mu.codes["b"].dtype
+    (dtype('uint8'), (4, 8), dtype('float32'))
+
+  References:
+    Dettmers et al., `8-bit Optimizers via Block-wise Quantization
+    <https://arxiv.org/abs/2110.02861>`_, 2022.
+  """
+  check_number(b1, "b1", 0.0, 1.0, high_open=True)
+  check_number(b2, "b2", 0.0, 1.0, high_open=True)
+  check_number(eps, "eps", 0.0)
+
+  def init_fn(params):
+    leaves, treedef = jax.tree.flatten(params)
+    return ScaleByAdam8bitState(
+      count=jnp.zeros([], jnp.int32),
+      mu=_pack(treedef, [init_moment(jnp.shape(p), True, 8) for p in leaves], 8),
+      nu=_pack(treedef, [init_moment(jnp.shape(p), False, 8) for p in leaves], 8),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    leaves, treedef = jax.tree.flatten(updates)
+    count_inc = optax.safe_increment(state.count)
+    out = []
+    for g, mu, nu in zip(
+      leaves, _unpack(treedef, state.mu, 8), _unpack(treedef, state.nu, 8), strict=True
+    ):
+      u, mu, nu = adam_step(
+        g.astype(jnp.float32),
+        load_moment(mu, True, 8),
+        load_moment(nu, False, 8),
+        count_inc,
+        b1,
+        b2,
+        eps,
+      )
+      out.append((u.astype(g.dtype), store_moment(mu, True, 8), store_moment(nu, False, 8)))
+    return treedef.unflatten([o[0] for o in out]), ScaleByAdam8bitState(
+      count=count_inc,
+      mu=_pack(treedef, [o[1] for o in out], 8),
+      nu=_pack(treedef, [o[2] for o in out], 8),
+    )
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adamw_8bit(
+  learning_rate: optax.ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: float = 1e-4,
+  mask=None,
+) -> optax.GradientTransformation:
+  """``optax.adamw`` with 8-bit block-wise moments (:func:`scale_by_adam_8bit`).
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    b1: decay of the first moment.
+    b2: decay of the second moment.
+    eps: added to the root of the second moment.
+    weight_decay: decoupled weight decay (``optax.adamw``'s default 1e-4).
+    mask: which leaves get weight decay, as ``optax.adamw``'s ``mask``.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from qgalore_jax import adamw_8bit
+    >>> params = {"w": jnp.ones((64, 64))}
+    >>> tx = adamw_8bit(1e-3)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": jnp.ones((64, 64))}, state, params)
+    >>> round(float(updates["w"][0, 0]), 6)
+    -0.001
+  """
+  if not callable(learning_rate):
+    check_number(learning_rate, "learning_rate")
+  check_number(weight_decay, "weight_decay", 0.0)
+  return optax.chain(
+    scale_by_adam_8bit(b1, b2, eps),
+    optax.add_decayed_weights(weight_decay, mask),
+    optax.scale_by_learning_rate(learning_rate),
+  )
