@@ -56,8 +56,11 @@ def compare(train: Callable, cfg, names: tuple[str, ...]) -> list[dict]:
   return results
 
 
-def parser(prog: str, description: str, defaults, optimizer_names, model_names):
-  """The flags of both examples, with ``defaults`` (a ``RunConfig``) as defaults."""
+def parser(prog: str, description: str, defaults, optimizer_names, model_names, extra_names=()):
+  """The flags of both examples, with ``defaults`` (a ``RunConfig``) as defaults.
+
+  ``optimizer_names`` are compared by default; ``extra_names`` may be chosen as well.
+  """
   p = argparse.ArgumentParser(prog=prog, description=description)
   p.add_argument("--compare", action="store_true", help="train every optimizer; table+PNG")
   p.add_argument(
@@ -66,7 +69,9 @@ def parser(prog: str, description: str, defaults, optimizer_names, model_names):
     help="comma-separated optimizers for --compare",
   )
   p.add_argument("--model", default=defaults.model, choices=sorted(model_names))
-  p.add_argument("--optimizer", default=defaults.optimizer, choices=optimizer_names)
+  p.add_argument(
+    "--optimizer", default=defaults.optimizer, choices=(*optimizer_names, *extra_names)
+  )
   p.add_argument("--dataset", default=defaults.dataset, choices=("stdlib", "c4"))
   for field in INT_FLAGS:
     p.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(defaults, field))

@@ -6,6 +6,10 @@
   and the projected matrices held as INT8 codes updated by stochastic rounding.
 - ``qgalore-noquant``: ``qgalore_adamw`` with quantisation off (float32 projector, fixed
   gap, float weights): GaLore as implemented by this project.
+- ``qgalore-fixedgap``: ``qgalore`` with the refresh gap held fixed (``gamma_proj=1``), for
+  the SVD-count study (``benchmarks/svd_study.py``); not in ``NAMES``, the compare set.
+- ``qgalore-8bit``: ``qgalore`` with 8-bit block-wise Adam moments (``moment_bits=8``), the
+  paper's 8-bit Adam; not in ``NAMES`` (``--optimizer qgalore-8bit`` or ``--optimizers``).
 
 The low-rank ones project only the attention and MLP matrices (q, k, v, o, gate, up,
 down), as the authors do; embeddings, norms and the head get Adam. All use the paper's
@@ -28,6 +32,15 @@ INT8_GROUP_SIZE = 256
 # Peak learning rates, from a sweep on the tiny config (README.md, "How the learning rates
 # were chosen").
 LEARNING_RATES = {"adamw": 3e-3, "galore": 3e-2, "qgalore": 3e-2, "qgalore-noquant": 3e-2}
+# Variants of qgalore_adamw: its arguments, and whether the projected weights are INT8.
+QGALORE_VARIANTS = {
+  "qgalore": (dict(proj_bits=4, gamma_proj=2), True),
+  "qgalore-noquant": (dict(proj_bits=None, gamma_proj=1), False),
+  "qgalore-fixedgap": (dict(proj_bits=4, gamma_proj=1), True),
+  "qgalore-8bit": (dict(proj_bits=4, gamma_proj=2, moment_bits=8), True),
+}
+LEARNING_RATES |= {name: LEARNING_RATES["qgalore"] for name in ("qgalore-fixedgap", "qgalore-8bit")}
+ALL_NAMES = ("adamw", "galore", *QGALORE_VARIANTS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,20 +73,19 @@ def build(name: str, learning_rate, low_rank: LowRank) -> tuple[optax.GradientTr
       weight_dimension_numbers=dims,
     )
     return tx, False
-  if name in ("qgalore", "qgalore-noquant"):
-    quantised = name == "qgalore"
+  if name in QGALORE_VARIANTS:
+    kwargs, int8_weights = QGALORE_VARIANTS[name]
     tx = qgalore_jax.qgalore_adamw(
       learning_rate,
       b2=B2,
       rank=low_rank.rank,
       update_proj_gap=low_rank.update_proj_gap,
       scale=SCALE,
-      proj_bits=4 if quantised else None,
-      gamma_proj=2 if quantised else 1,
       mask=model.projection_mask,
+      **kwargs,
     )
-    return tx, quantised
-  raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(NAMES)}")
+    return tx, int8_weights
+  raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(ALL_NAMES)}")
 
 
 def svd_count(name: str, opt_state, steps: int, num_projected: int, low_rank: LowRank) -> int:

@@ -254,6 +254,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Names
     RunConfig(),
     optimizers.NAMES,
     model.CONFIGS,
+    extra_names=[n for n in optimizers.ALL_NAMES if n not in optimizers.NAMES],
   )
   args = parser.parse_args(argv)
   return cli.run_config(RunConfig, args), args
