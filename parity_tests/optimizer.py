@@ -17,6 +17,14 @@ and see the same batches, with float or INT8 projection weights, in two modes:
 
 Everything is compared in torch's layout: JAX kernels, their updates and the head's
 moments are transposed; projected moments are in the canonical low-rank shape on both sides.
+
+``moment_bits=8`` runs both optimizers with 8-bit block-wise moments. The block's moments all
+have fewer than the 4096 elements that the format quantises, so such a run lowers that
+threshold in both packages to one 16 x 16 tile (:func:`small_moment_blocks`): every 2-D
+moment is then stored in 8 bits, and the traces also hold the codes and tile maxima
+(``parity_tests/moments.py`` compares them). With ``lockstep=True`` the JAX optimizer starts
+every step from torch's stored moments (codes, tile maxima and float32 moments), so that a
+code flipped by one step's rounding does not carry into the next step.
 """
 
 import contextlib
@@ -35,12 +43,14 @@ import qgalore_torch
 from parity_tests import core
 from parity_tests import llama
 from parity_tests import projector
+from qgalore_jax._src import moments as jax_moments
 
 COMPONENT = "whole optimizer"
 STEPS = 200
 LR, B1, B2, EPS, WEIGHT_DECAY = 3e-3, 0.9, 0.999, 1e-8, 0.01
 RANK, GAP, PROJ_GROUP_SIZE, SEED = 8, 20, 64, 0
 MODES = ("shared", "free")
+MOMENT_MIN_SIZE = 256  # 8-bit runs: moments of one tile or more are quantised (format: 4096)
 
 
 def numpy_projector(grad_MxN: np.ndarray, rank: int) -> np.ndarray:
@@ -76,19 +86,41 @@ def shared_svd():
     yield
 
 
+@contextlib.contextmanager
+def small_moment_blocks(size: int = MOMENT_MIN_SIZE):
+  """Both packages store every 2-D moment of at least ``size`` elements in 8 bits.
+
+  The format's threshold (4096 elements) exceeds every moment of the tiny block; with
+  ``size=256`` all of its 2-D moments, projected (32 x 8, 64 x 8, 8 x 64: partial tiles) and
+  plain (embedding, head), are quantised. JAX reads the threshold when it traces: trace
+  inside the context.
+  """
+  with (
+    mock.patch("qgalore_jax._src.moments.MIN_QUANTIZED_SIZE", size),
+    mock.patch("qgalore_torch._src.moments.MIN_QUANTIZED_SIZE", size),
+  ):
+    yield
+
+
 @dataclasses.dataclass
 class Trace:
   """What one backend did, step by step, in torch's layout (NumPy, stacked over steps)."""
 
   loss: list = dataclasses.field(default_factory=list)
   weights: list = dataclasses.field(default_factory=list)  # dict per step, after the update
-  mu: list = dataclasses.field(default_factory=list)
+  mu: list = dataclasses.field(default_factory=list)  # float32 (8-bit: dequantised)
   nu: list = dataclasses.field(default_factory=list)
+  # 8-bit runs: per step, {name: uint8 codes} and {name: float32 tile maxima} of the moments
+  # stored in 8 bits.
+  mu_codes: list = dataclasses.field(default_factory=list)
+  mu_absmax: list = dataclasses.field(default_factory=list)
+  nu_codes: list = dataclasses.field(default_factory=list)
+  nu_absmax: list = dataclasses.field(default_factory=list)
   codes: list = dataclasses.field(default_factory=list)  # INT8 runs: projection codes
   proj_codes: list = dataclasses.field(default_factory=list)  # packed INT4 projector codes
 
 
-def _jax_tx():
+def _jax_tx(moment_bits=None):
   mask = {name: name in llama.PROJECTIONS for name in llama.NAMES}
   return qgalore_jax.qgalore_adamw(
     LR,
@@ -101,10 +133,11 @@ def _jax_tx():
     proj_group_size=PROJ_GROUP_SIZE,
     mask=mask,
     input_axis=0,
+    moment_bits=moment_bits,
   )
 
 
-def _torch_opt(model):
+def _torch_opt(model, moment_bits=None):
   projections = [model.parameter(name) for name in llama.PROJECTIONS]
   others = [model.parameter(name) for name in llama.OTHERS]
   return qgalore_torch.QGaLoreAdamW(
@@ -122,6 +155,7 @@ def _torch_opt(model):
     eps=EPS,
     weight_decay=WEIGHT_DECAY,
     seed=SEED,
+    moment_bits=moment_bits,
   )
 
 
@@ -140,14 +174,58 @@ def _jax_init(tx, int8: bool):
   return jax.jit(init)
 
 
-def _jax_step(tx, int8: bool, shared: bool):
-  """Jitted ``(params, state, tokens, torch_grads, t) -> (params, state, record)``.
+def _with_moments(state, stored: dict):
+  """``state`` of :func:`_jax_tx` with its moments replaced by ``stored``.
 
-  ``record`` holds the loss, the float weights after the update, the moments and the INT8
-  codes, fetched to the host in one transfer.
+  ``stored[field][name]`` (``field`` "mu" or "nu") is ``(codes, absmax)`` for a moment held
+  in 8 bits, ``(moment, None)`` for a float32 one, in the JAX layout.
+  """
+  partition = state[0]
+  inner = dict(partition.inner_states)
+  for label, names in (("qgalore", llama.PROJECTIONS), ("adam", llama.OTHERS)):
+    masked = inner[label]
+    fields = {}
+    for field in ("mu", "nu"):
+      q = getattr(masked.inner_state, field)
+      codes, absmax = dict(q.codes), dict(q.absmax)
+      for name in names:
+        codes[name], tile_max = stored[field][name]
+        if tile_max is not None:
+          absmax[name] = tile_max
+      fields[field] = q._replace(codes=codes, absmax=absmax)
+    inner[label] = masked._replace(inner_state=masked.inner_state._replace(**fields))
+  return (partition._replace(inner_states=inner), *state[1:])
+
+
+def _torch_moments(trace: Trace) -> dict:
+  """torch's moments after its latest step, as :func:`_with_moments` takes them."""
+  stored = {}
+  for field in ("mu", "nu"):
+    codes, absmax = getattr(trace, f"{field}_codes")[-1], getattr(trace, f"{field}_absmax")[-1]
+    stored[field] = {}
+    for name in llama.NAMES:
+      transpose = name not in llama.PROJECTIONS
+      if name in codes:
+        pair = (_layout(name, codes[name], transpose), _layout(name, absmax[name], transpose))
+      else:
+        pair = (_layout(name, getattr(trace, field)[-1][name], transpose), None)
+      stored[field][name] = pair
+  return stored
+
+
+def _jax_step(tx, int8: bool, shared: bool, moment_bits=None):
+  """Jitted ``(params, state, tokens, torch_grads, t, moments) -> (params, state, record)``.
+
+  ``moments``, when not ``None``, replaces the state's moments first (:func:`_with_moments`).
+
+  ``record`` holds the loss, the float weights after the update, the moments (8-bit ones
+  dequantised, plus their codes and tile maxima) and the INT8 codes, fetched to the host in
+  one transfer.
   """
 
-  def step(params, state, tokens, torch_grads, t):
+  def step(params, state, tokens, torch_grads, t, moments=None):
+    if moments is not None:
+      state = _with_moments(state, moments)
     floats = qgalore_jax.dequantize_params(params) if int8 else params
     loss, grads = jax.value_and_grad(llama.jax_loss)(floats, tokens)
     updates, state = tx.update(torch_grads if shared else grads, state, floats)
@@ -161,11 +239,19 @@ def _jax_step(tx, int8: bool, shared: bool):
     record = {
       "loss": loss,
       "weights": qgalore_jax.dequantize_params(params),
-      "mu": {name: pick(name).mu[name] for name in llama.NAMES},
-      "nu": {name: pick(name).nu[name] for name in llama.NAMES},
       "codes": {n: p.codes for n, p in params.items() if qgalore_jax.is_quantized(p)},
       "proj_codes": {name: galore.projector.codes[name] for name in llama.PROJECTIONS},
     }
+    for field, signed in (("mu", True), ("nu", False)):
+      stored = {name: getattr(pick(name), field) for name in llama.NAMES}
+      if moment_bits is None:
+        record[field] = {name: stored[name][name] for name in llama.NAMES}
+        continue
+      pairs = {name: (q.codes[name], q.absmax[name]) for name, q in stored.items()}
+      record[field] = {n: jax_moments.load_moment(p, signed, 8) for n, p in pairs.items()}
+      eight = {n: p for n, p in pairs.items() if p[0].dtype == jnp.uint8}
+      record[f"{field}_codes"] = {n: p[0] for n, p in eight.items()}
+      record[f"{field}_absmax"] = {n: p[1] for n, p in eight.items()}
     return params, state, record
 
   return jax.jit(step)
@@ -176,25 +262,40 @@ def _layout(name, value, transpose=True):
   return value.T if transpose and name in llama.KERNELS else value
 
 
-def run(int8: bool, mode: str, dev: core.Device, steps: int = STEPS, with_jax: bool = True):
+def run(
+  int8: bool,
+  mode: str,
+  dev: core.Device,
+  steps: int = STEPS,
+  with_jax: bool = True,
+  moment_bits: int | None = None,
+  lockstep: bool = False,
+):
   """Trains both backends ``steps`` steps; returns the (JAX, torch) traces.
 
-  ``with_jax=False`` runs torch alone (the JAX trace is then ``None``).
+  ``with_jax=False`` runs torch alone (the JAX trace is then ``None``). ``moment_bits=8``
+  stores the moments in 8 bits, from one tile up (:func:`small_moment_blocks`);
+  ``lockstep=True`` (8-bit only) starts each JAX step from torch's stored moments.
   """
+  with small_moment_blocks() if moment_bits else contextlib.nullcontext():
+    return _run(int8, mode, dev, steps, with_jax, moment_bits, lockstep and bool(moment_bits))
+
+
+def _run(int8, mode, dev, steps, with_jax, moment_bits, lockstep):
   shared = mode == "shared"
   init = llama.init_params()
   tokens = llama.batches(steps)
   model = llama.TorchBlock(init).to(dev.torch)
   if int8:
     qgalore_torch.quantize_linears(model, qgalore_torch.is_llama_projection)
-  opt = _torch_opt(model)
-  tx = _jax_tx()
+  opt = _torch_opt(model, moment_bits)
+  tx = _jax_tx(moment_bits)
   jax_trace, torch_trace = Trace(), Trace()
   if with_jax:
     with core.on(dev):
       params, state = _jax_init(tx, int8)(init)
   with shared_svd() if shared else contextlib.nullcontext():
-    step = _jax_step(tx, int8, shared)
+    step = _jax_step(tx, int8, shared, moment_bits)
     for t in range(steps):
       batch = torch.from_numpy(tokens[t]).to(dev.torch)
       opt.zero_grad()
@@ -202,30 +303,39 @@ def run(int8: bool, mode: str, dev: core.Device, steps: int = STEPS, with_jax: b
       loss.backward()
       grads = {n: _layout(n, core.to_numpy(model.parameter(n).grad)) for n in llama.NAMES}
       opt.step()
+      moments = _torch_moments(torch_trace) if lockstep and t else None
       _record_torch(torch_trace, model, opt, loss.item())
       if with_jax:
         with core.on(dev):
-          params, state, record = step(params, state, jnp.asarray(tokens[t]), grads, t)
+          params, state, record = step(params, state, jnp.asarray(tokens[t]), grads, t, moments)
         _record_jax(jax_trace, record)
   return (jax_trace if with_jax else None), torch_trace
 
 
 def _record_torch(trace, model, opt, loss):
   trace.loss.append(loss)
-  weights, mu, nu, codes = {}, {}, {}, {}
+  weights, codes = {}, {}
+  moments = {f: {} for f in ("mu", "nu", "mu_codes", "mu_absmax", "nu_codes", "nu_absmax")}
   trace.proj_codes.append(
     {n: core.to_numpy(opt.state[model.parameter(n)]["proj_codes"]) for n in llama.PROJECTIONS}
   )
   for name in llama.NAMES:
     p = model.parameter(name)
     weights[name] = core.to_numpy(p.dequantize() if hasattr(p, "codes") else p)
-    mu[name] = core.to_numpy(opt.state[p]["exp_avg"])
-    nu[name] = core.to_numpy(opt.state[p]["exp_avg_sq"])
+    for field, key, signed in (("mu", "exp_avg", True), ("nu", "exp_avg_sq", False)):
+      stored = opt.state[p][key]
+      if stored.dtype == torch.uint8:
+        absmax = opt.state[p][f"{key}_absmax"]
+        moments[f"{field}_codes"][name] = core.to_numpy(stored)
+        moments[f"{field}_absmax"][name] = core.to_numpy(absmax)
+        quantized = qgalore_torch.QuantizedMoment(stored, absmax)
+        stored = qgalore_torch.dequantize_moment(quantized, signed)
+      moments[field][name] = core.to_numpy(stored)
     if hasattr(p, "codes"):
       codes[name] = core.to_numpy(p.codes)
   trace.weights.append(weights)
-  trace.mu.append(mu)
-  trace.nu.append(nu)
+  for field, values in moments.items():
+    getattr(trace, field).append(values)
   trace.codes.append(codes)
 
 
@@ -236,6 +346,10 @@ def _record_jax(trace, record):
   # Projected moments are canonical low-rank matrices; the head's follow its kernel.
   trace.mu.append({n: _layout(n, record["mu"][n], n not in llama.PROJECTIONS) for n in llama.NAMES})
   trace.nu.append({n: _layout(n, record["nu"][n], n not in llama.PROJECTIONS) for n in llama.NAMES})
+  for field in ("mu_codes", "mu_absmax", "nu_codes", "nu_absmax"):
+    values = record.get(field, {})
+    layout = {n: _layout(n, v, n not in llama.PROJECTIONS) for n, v in values.items()}
+    getattr(trace, field).append(layout)
   trace.codes.append(record["codes"])
   trace.proj_codes.append(record["proj_codes"])
 
@@ -298,6 +412,14 @@ def quantities(trace: Trace, init: dict) -> dict:
   out["INT4 projector codes"] = nibbles.astype(np.int32)
   if trace.codes[0]:
     out["INT8 codes"] = _stack(trace.codes, llama.PROJECTIONS).astype(np.int32)
+  for group, names in (("projected", llama.PROJECTIONS), ("other", llama.OTHERS)):
+    eight = [n for n in names if n in trace.mu_codes[0]]
+    if not eight:
+      continue
+    for field, label in (("mu", "exp_avg / mu"), ("nu", "exp_avg_sq / nu")):
+      codes = _stack(getattr(trace, f"{field}_codes"), eight).astype(np.int32)
+      out[f"{label} codes, {group}"] = codes
+      out[f"{label} absmax, {group}"] = _stack(getattr(trace, f"{field}_absmax"), eight)
   return out
 
 
@@ -340,9 +462,12 @@ def free_tolerances(reference: dict, int8: bool, dev: core.Device) -> dict:
 
 
 @functools.cache
-def traces(int8: bool, mode: str, dev_name: str) -> tuple[Trace, Trace]:
+def traces(
+  int8: bool, mode: str, dev_name: str, moment_bits=None, lockstep=False
+) -> tuple[Trace, Trace]:
   """The (JAX, torch) traces of a full run, cached: the precision suite reuses them."""
-  return run(int8, mode, core.device(dev_name))
+  dev = core.device(dev_name)
+  return run(int8, mode, dev, moment_bits=moment_bits, lockstep=lockstep)
 
 
 def measure(int8: bool, mode: str, dev_name: str) -> list[core.Check]:

@@ -22,6 +22,7 @@ import torch
 from parity_tests import core
 from parity_tests import cross_device
 from parity_tests import generator
+from parity_tests import moments
 from parity_tests import optimizer
 from parity_tests import precision
 from parity_tests import projector
@@ -54,10 +55,14 @@ def run_components(dev: core.Device, authors_cls) -> list[core.Check]:
   for mode in optimizer.MODES:
     for int8 in (False, True):
       checks += optimizer.measure(int8, mode, dev.name)
+  checks += moments.measure_all(dev)
+  for lockstep in (True, False):
+    checks += moments.measure_optimizer(lockstep, dev.name)
   checks += precision.measure(dev)
   if dev.name == "gpu":
     cpu = core.device("cpu")
     checks += cross_device.measure_codes(cpu, dev)
+    checks += moments.measure_cross_device(cpu, dev)
     for int8 in (False, True):
       checks += cross_device.measure_optimizer(cpu, dev, int8)
   return checks

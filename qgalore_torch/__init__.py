@@ -14,6 +14,9 @@ from qgalore_torch._src.int8 import quantize_linears
 from qgalore_torch._src.int8 import stochastic_round
 from qgalore_torch._src.int8 import stream_key
 from qgalore_torch._src.int8 import uniforms
+from qgalore_torch._src.moments import QuantizedMoment
+from qgalore_torch._src.moments import dequantize_moment
+from qgalore_torch._src.moments import quantize_moment
 from qgalore_torch._src.optimizer import QGaLoreAdamW
 from qgalore_torch._src.projector import compute_projector
 from qgalore_torch._src.projector import project
@@ -35,11 +38,13 @@ __all__ = (
   "Int8Linear",
   "Int8Weight",
   "QGaLoreAdamW",
+  "QuantizedMoment",
   "QuantizedTensor",
   "SubspaceState",
   "apply_int8_update",
   "compute_projector",
   "dequantize",
+  "dequantize_moment",
   "is_llama_projection",
   "lowbias32",
   "pack_int4",
@@ -48,6 +53,7 @@ __all__ = (
   "projector_side",
   "quantize",
   "quantize_linears",
+  "quantize_moment",
   "quantized_nbytes",
   "sign_canonical",
   "stochastic_round",

@@ -28,6 +28,7 @@ from qgalore_jax._src.quantization import exact_divide
 TILE = 16  # blocks are TILE x TILE tiles: 256 elements, bitsandbytes' block size
 MIN_QUANTIZED_SIZE = 4096  # smaller moments stay float32 (bitsandbytes' min_8bit_size)
 MOMENT_BITS = (None, 8)
+TINY = float(np.finfo(np.float32).tiny)  # 2**-126: smaller magnitudes count as zero
 
 
 def _dynamic_map(signed: bool) -> np.ndarray:
@@ -95,6 +96,14 @@ def _per_element(absmax: jax.Array, shape: tuple[int, int]) -> jax.Array:
   return wide[: shape[0], : shape[1]]
 
 
+def _flush(x: jax.Array) -> jax.Array:
+  """``x`` with subnormals (``|x| < 2**-126``) set to zero.
+
+  XLA's CPU code flushes them anyway; written out, every device computes the same codes.
+  """
+  return jnp.where(jnp.abs(x) < TINY, 0.0, x)
+
+
 def _encode(y: jax.Array, thresholds: np.ndarray) -> jax.Array:
   """Number of thresholds below ``y``: a branch-free binary search, 8 gathers."""
   table = jnp.asarray(thresholds)
@@ -111,6 +120,8 @@ def quantize_moment(x: jax.Array, signed: bool) -> QuantizedMoment:
   ``x / a`` (an exact float32 division; 0 where ``a`` is 0), ties to the smaller value.
   With the unsigned map a positive value never gets the zero code (it gets code 1), so a
   stored second moment never decodes to 0 where it is not: ``1 / sqrt(v)`` stays bounded.
+  Subnormal ``x``, ``x / a`` and decoded values count as zero; a NaN gets code 0 (and its
+  tile's absmax is NaN).
 
   Args:
     x: float32 [a, b] moment.
@@ -132,10 +143,10 @@ def quantize_moment(x: jax.Array, signed: bool) -> QuantizedMoment:
   """
   if x.ndim != 2:
     raise ValueError(f"8-bit moments are 2-D, got shape {x.shape}")
-  x = x.astype(jnp.float32)
+  x = _flush(x.astype(jnp.float32))
   absmax = jnp.max(jnp.abs(_tiled(x)), axis=(1, 3))
   divisor = _per_element(jnp.where(absmax == 0, 1.0, absmax), x.shape)
-  y = exact_divide(x, divisor)
+  y = _flush(exact_divide(x, divisor))
   code = _encode(y, _SIGNED_THRESHOLDS if signed else _UNSIGNED_THRESHOLDS)
   if not signed:
     code = jnp.where((code == 0) & (y > 0), 1, code)
@@ -145,7 +156,7 @@ def quantize_moment(x: jax.Array, signed: bool) -> QuantizedMoment:
 def dequantize_moment(q: QuantizedMoment, signed: bool) -> jax.Array:
   """Float32 ``map[code] * absmax`` of each element (inverse of :func:`quantize_moment`)."""
   table = jnp.asarray(SIGNED_MAP if signed else UNSIGNED_MAP)
-  return table[q.codes.astype(jnp.int32)] * _per_element(q.absmax, q.codes.shape)
+  return _flush(table[q.codes.astype(jnp.int32)] * _per_element(q.absmax, q.codes.shape))
 
 
 def init_moment(shape: tuple[int, ...], signed: bool, moment_bits: int | None, dtype=None):

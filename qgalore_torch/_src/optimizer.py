@@ -11,10 +11,16 @@ parameter's device. Deciding whether a matrix refreshes therefore reads CPU memo
 a step without a refresh never waits for the accelerator. A refresh step copies the new top
 singular vector and a finiteness flag back to the CPU; on CUDA that step already
 synchronises, since ``torch.linalg.svd`` does.
+
+With ``moment_bits=8`` each step of a parameter whose moments are stored in 8 bits
+dequantises them to float32, runs the same :func:`adam_direction`, takes the direction from
+those float32 moments and requantises them (docs/numerics.md, "8-bit moments"); the float
+path is untouched.
 """
 
 import torch
 
+from qgalore_torch._src import moments
 from qgalore_torch._src import projector as proj
 from qgalore_torch._src import schedule
 from qgalore_torch._src.checks import check_bits
@@ -27,6 +33,7 @@ from qgalore_torch._src.quantization import QuantizedTensor
 _HOST = torch.device("cpu")
 _SCHEDULE_KEYS = schedule.SubspaceState._fields
 _HOST_KEYS = ("step", *_SCHEDULE_KEYS)
+_MOMENT_KEYS = (("exp_avg", True), ("exp_avg_sq", False))  # (state key, signed map)
 
 
 def adam_direction(grad, exp_avg, exp_avg_sq, step, b1, b2, eps):
@@ -154,6 +161,66 @@ def _stored_to_state(stored):
   return {"proj_basis": stored}
 
 
+def _init_moments(state, shape, device, moment_bits, like=None):
+  """Zero moments of ``shape`` into ``state``: 8-bit codes and tile maxima or float32.
+
+  With ``moment_bits=8`` and a 2-D shape of at least 4096 elements, ``exp_avg`` and
+  ``exp_avg_sq`` hold the zero codes (uint8) and ``exp_avg_absmax``, ``exp_avg_sq_absmax``
+  zero tile maxima; otherwise the two moments are float32 (shaped and strided like ``like``
+  when given) and there are no absmax entries.
+  """
+  if moment_bits is not None and moments.is_quantized_shape(shape):
+    for key, signed in _MOMENT_KEYS:
+      state[key], state[f"{key}_absmax"] = moments.zero_moment(shape, signed, device)
+    return
+  if like is None:
+    state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=device)
+  else:
+    state["exp_avg"] = torch.zeros_like(
+      like, dtype=torch.float32, memory_format=torch.preserve_format
+    )
+  state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+
+
+def _adam_step(state, grad, group):
+  """:func:`adam_direction` on the moments of ``state``, stored back as the group asks.
+
+  Float32 moments of a float group are updated in place, as always. Otherwise each moment
+  is loaded (dequantised if its state holds uint8 codes), updated in float32, and stored in
+  8 bits where the group's ``moment_bits`` is 8 and its shape qualifies, else as float32:
+  the stored form follows the group, so a state saved with other settings loads and carries
+  on.
+  """
+  b1, b2 = group["betas"]
+  bits = group.get("moment_bits")
+  state["step"] += 1
+  args = (state["step"], b1, b2, group["eps"])
+  if bits is None and state["exp_avg"].dtype != torch.uint8:
+    return adam_direction(grad, state["exp_avg"], state["exp_avg_sq"], *args)
+  exp_avg, exp_avg_sq = (_load_moment(state, key, signed) for key, signed in _MOMENT_KEYS)
+  u = adam_direction(grad, exp_avg, exp_avg_sq, *args)
+  for (key, signed), value in zip(_MOMENT_KEYS, (exp_avg, exp_avg_sq), strict=True):
+    _store_moment(state, key, value, signed, bits)
+  return u
+
+
+def _load_moment(state, key, signed):
+  """The float32 moment ``state[key]``: dequantised when the state holds uint8 codes."""
+  stored = state[key]
+  if stored.dtype != torch.uint8:
+    return stored
+  return moments.dequantize_moment(moments.QuantizedMoment(stored, state[f"{key}_absmax"]), signed)
+
+
+def _store_moment(state, key, value, signed, moment_bits):
+  """Stores the float32 moment ``value`` as ``state[key]`` (and its tile maxima)."""
+  if moment_bits is not None and moments.is_quantized_shape(value.shape):
+    state[key], state[f"{key}_absmax"] = moments.quantize_moment(value, signed)
+    return
+  state[key] = value
+  state.pop(f"{key}_absmax", None)
+
+
 def _check_group(group, index):
   """Validates one param group (defaults already merged in); raises naming the argument."""
   check_number(group["lr"], "lr", 0.0)
@@ -164,6 +231,7 @@ def _check_group(group, index):
   check_number(betas[1], "betas[1]", 0.0, 1.0, high_open=True)
   check_number(group["eps"], "eps", 0.0)
   check_number(group["weight_decay"], "weight_decay", 0.0)
+  moments.check_moment_bits(group.get("moment_bits"))
   for i, p in enumerate(group["params"]):
     if not isinstance(p, torch.Tensor) or not p.is_floating_point():
       raise TypeError(
@@ -221,12 +289,23 @@ class QGaLoreAdamW(torch.optim.Optimizer):
 
   Group keys (defaults from the constructor): ``rank`` (selects projection; no default),
   ``update_proj_gap``, ``scale``, ``proj_bits`` (``None``: float32 projector),
-  ``proj_group_size``, ``cos_threshold``, ``gamma_proj``, ``queue_size``, and torch's
-  ``lr``, ``betas``, ``eps``, ``weight_decay``.
+  ``proj_group_size``, ``cos_threshold``, ``gamma_proj``, ``queue_size``, ``moment_bits``,
+  and torch's ``lr``, ``betas``, ``eps``, ``weight_decay``.
+
+  8-bit moments (``moment_bits=8``; docs/numerics.md): a moment that is 2-D with at least
+  4096 elements (a projected matrix's low-rank (m, r) or (r, n) moment, or the parameter's
+  own shape for plain AdamW) is stored as uint8 codes plus one float32 absmax per 16 x 16
+  tile, 1.016 bytes per element instead of 4; smaller and non-2-D moments stay float32.
+  Each step dequantises, runs the float32 Adam arithmetic above, takes the direction from
+  those float32 moments and requantises, so the first step equals the float32 one. The
+  quantiser is ``qgalore_jax``'s bit for bit (:func:`~qgalore_torch.quantize_moment`).
 
   State (tensors only, so ``torch.save``/``torch.load(weights_only=True)`` round-trips it
   and training resumes bit-identically): ``step`` (float32 [] on CPU: updates so far),
-  ``exp_avg`` and ``exp_avg_sq`` (float32), and for projected matrices ``proj_codes``,
+  ``exp_avg`` and ``exp_avg_sq`` (float32; with 8-bit moments uint8 codes, the signed map
+  for ``exp_avg`` and the unsigned one for ``exp_avg_sq``, plus their tile maxima
+  ``exp_avg_absmax`` and ``exp_avg_sq_absmax``, float32 [ceil(a / 16), ceil(b / 16)]; a
+  moment kept in float32 has no absmax entry), and for projected matrices ``proj_codes``,
   ``proj_scale``, ``proj_zero`` (or ``proj_basis`` when ``proj_bits`` is ``None``) on the
   parameter's device plus the schedule ``gap``, ``cosines``, ``num_cosines``,
   ``top_vector``, ``svd_count`` on CPU (see the module docstring for why).
@@ -246,6 +325,8 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     cos_threshold: mean cosine in [-1, 1] at or above which the gap grows.
     gamma_proj: growth factor of the gap (>= 1); 1 gives plain GaLore's fixed gap.
     queue_size: number of recent cosines averaged (>= 1).
+    moment_bits: ``None`` for float32 moments, or 8 for 8-bit block-wise moments (see
+      above; Dettmers et al.'s 8-bit Adam, which the paper's memory figures assume).
 
   Example:
     >>> import torch
@@ -266,6 +347,8 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     <https://arxiv.org/abs/2403.03507>`_, 2024.
     Loshchilov and Hutter, `Decoupled Weight Decay Regularization
     <https://arxiv.org/abs/1711.05101>`_, 2019.
+    Dettmers et al., `8-bit Optimizers via Block-wise Quantization
+    <https://arxiv.org/abs/2110.02861>`_, 2022.
   """
 
   def __init__(
@@ -284,6 +367,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     cos_threshold=0.4,
     gamma_proj=2,
     queue_size=5,
+    moment_bits=None,
   ):
     check_int(seed, "seed", minimum=0)
     defaults = dict(
@@ -299,6 +383,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
       cos_threshold=cos_threshold,
       gamma_proj=gamma_proj,
       queue_size=queue_size,
+      moment_bits=moment_bits,
     )
     super().__init__(params, defaults)
 
@@ -399,21 +484,8 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     state = self.state[p]
     if not state:
       state["step"] = torch.zeros([], dtype=torch.float32, device=_HOST)
-      state["exp_avg"] = torch.zeros_like(
-        p, dtype=torch.float32, memory_format=torch.preserve_format
-      )
-      state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-    b1, b2 = group["betas"]
-    state["step"] += 1
-    u = adam_direction(
-      p.grad.to(torch.float32),
-      state["exp_avg"],
-      state["exp_avg_sq"],
-      state["step"],
-      b1,
-      b2,
-      group["eps"],
-    )
+      _init_moments(state, tuple(p.shape), p.device, group.get("moment_bits"), like=p)
+    u = _adam_step(state, p.grad.to(torch.float32), group)
     self._write(p, u, group, tensor_id)
 
   def _update_projected(self, p, group, tensor_id):
@@ -428,8 +500,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
       empty = torch.zeros(basis_shape, dtype=torch.float32, device=p.device)
       subspace = schedule.init_subspace(k, group["update_proj_gap"], group["queue_size"], _HOST)
       state["step"] = torch.zeros([], dtype=torch.float32, device=_HOST)
-      state["exp_avg"] = torch.zeros(low_rank_shape, dtype=torch.float32, device=p.device)
-      state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+      _init_moments(state, low_rank_shape, p.device, group.get("moment_bits"))
       state.update(_stored_to_state(proj.store_projector(empty, bits, group_size)))
       state.update(subspace._asdict())
     grad_MxN = p.grad.to(torch.float32)
@@ -450,17 +521,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
       state.update(_stored_to_state(stored))
       state.update(subspace._asdict())
     basis_RxK = proj.load_projector(stored, basis_shape, bits, group_size)
-    b1, b2 = group["betas"]
-    state["step"] += 1
-    u = adam_direction(
-      proj.project(grad_MxN, basis_RxK),
-      state["exp_avg"],
-      state["exp_avg_sq"],
-      state["step"],
-      b1,
-      b2,
-      group["eps"],
-    )
+    u = _adam_step(state, proj.project(grad_MxN, basis_RxK), group)
     direction = proj.project_back(u, basis_RxK, side).mul_(group["scale"])
     self._write(p, direction, group, tensor_id)
 

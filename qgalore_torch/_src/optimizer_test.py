@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from qgalore_torch._src import moments_test
 from qgalore_torch._src.optimizer import QGaLoreAdamW
 from qgalore_torch._src.projector_test import naive_sign_rule
 from qgalore_torch._src.quantization_test import brute_force_quantize
@@ -429,3 +430,338 @@ def test_cuda_matches_cpu_and_steps_without_refresh_do_not_synchronise():
   state = cuda_opt.state[cuda_params[0]]
   assert state["exp_avg"].is_cuda and state["proj_codes"].is_cuda
   assert not state["step"].is_cuda and not state["gap"].is_cuda
+
+
+# --- 8-bit moments (docs/numerics.md, "8-bit moments") -------------------------------------
+
+
+def naive_adam_8bit(grads, steps_of):
+  """Adam with 8-bit moments as docs/numerics.md states it: dequantise, float32 Adam,
+  direction from the float32 moments, requantise (the brute-force quantiser of
+  ``moments_test``). ``grads`` are float32 (the low-rank ``R`` of a projected matrix).
+
+  Returns, per step, the float64 direction ``u`` and the stored ``(codes, absmax)`` of both
+  moments. The moment updates are written in float32 with the documented roundings, one
+  IEEE operation at a time, so the codes can be compared bit for bit.
+  """
+  (b1, b2), eps = HYPER["betas"], HYPER["eps"]
+  m = v = np.zeros(grads[0].shape, np.float32)
+  out = []
+  for t, g in zip(steps_of, grads, strict=True):
+    m = np.float32(b1) * m + g * np.float32(1 - b1)
+    v = np.float32(b2) * v + (g * g) * np.float32(1 - b2)
+    m64, v64 = m.astype(np.float64), v.astype(np.float64)
+    u = (m64 / (1 - b1**t)) / (np.sqrt(v64 / (1 - b2**t)) + eps)
+    stored_m = moments_test.brute_force_quantize(m, signed=True)
+    stored_v = moments_test.brute_force_quantize(v, signed=False)
+    out.append((u, stored_m, stored_v))
+    m = moments_test.brute_force_dequantize(*stored_m, signed=True)
+    v = moments_test.brute_force_dequantize(*stored_v, signed=False)
+  return out
+
+
+def _state_moments(state):
+  return (
+    (state["exp_avg"].numpy(), state["exp_avg_absmax"].numpy()),
+    (state["exp_avg_sq"].numpy(), state["exp_avg_sq_absmax"].numpy()),
+  )
+
+
+def test_8bit_moments_of_plain_leaf_match_naive_reference():
+  steps, shape = 6, (72, 100)  # 7200 elements; partial tiles on both edges
+  lr, wd = HYPER["lr"], HYPER["weight_decay"]
+  w0 = np.random.default_rng(30).standard_normal(shape).astype(np.float32)
+  w = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+  opt = QGaLoreAdamW([w], moment_bits=8, **HYPER)
+  grads = _gradients(shape, steps, seed=31)
+  expected = naive_adam_8bit(grads, range(1, steps + 1))
+  w_ref = w0.astype(np.float64)
+  for g, (u, stored_m, stored_v) in zip(grads, expected, strict=True):
+    w.grad = torch.from_numpy(g)
+    opt.step()
+    got_m, got_v = _state_moments(opt.state[w])
+    for got, want in ((got_m, stored_m), (got_v, stored_v)):
+      np.testing.assert_array_equal(got[0], want[0])
+      np.testing.assert_array_equal(got[1], want[1])
+    w_ref = w_ref - lr * (u + wd * w_ref)
+    np.testing.assert_allclose(w.detach().numpy(), w_ref, rtol=1e-5, atol=1e-6)
+  assert opt.state[w]["exp_avg"].dtype == torch.uint8
+  assert opt.state[w]["exp_avg_absmax"].shape == (5, 7)
+
+
+@pytest.mark.parametrize("shape", [(260, 40), (40, 270)], ids=["right", "left"])
+def test_8bit_moments_of_projected_leaf_match_naive_reference(shape):
+  """Low-rank moments (260, 16) and (16, 270). The reference reads the optimizer's float32
+  basis each step (the projector is tested above) and projects with the same torch matmul,
+  so that R is bit-identical; the moments, codes, direction and update are re-derived."""
+  steps, rank, scale = 6, 16, 0.5
+  lr, wd = HYPER["lr"], HYPER["weight_decay"]
+  w0 = np.random.default_rng(32).standard_normal(shape).astype(np.float32)
+  w = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+  group = dict(params=[w], rank=rank, scale=scale, proj_bits=None, update_proj_gap=3)
+  opt = QGaLoreAdamW([group], moment_bits=8, **HYPER)
+  grads = _gradients(shape, steps, seed=33)
+  right = shape[0] >= shape[1]
+  (b1, b2), eps = HYPER["betas"], HYPER["eps"]
+  m = v = None
+  w_ref = w0.astype(np.float64)
+  for t, g in enumerate(grads, start=1):
+    w.grad = torch.from_numpy(g)
+    opt.step()
+    basis = opt.state[w]["proj_basis"]
+    low_rank = (w.grad @ basis.T if right else basis @ w.grad).numpy()
+    if m is None:
+      m = v = np.zeros(low_rank.shape, np.float32)
+    m = np.float32(b1) * m + low_rank * np.float32(1 - b1)
+    v = np.float32(b2) * v + (low_rank * low_rank) * np.float32(1 - b2)
+    m64, v64 = m.astype(np.float64), v.astype(np.float64)
+    u = (m64 / (1 - b1**t)) / (np.sqrt(v64 / (1 - b2**t)) + eps)
+    stored_m = moments_test.brute_force_quantize(m, signed=True)
+    stored_v = moments_test.brute_force_quantize(v, signed=False)
+    got_m, got_v = _state_moments(opt.state[w])
+    for got, want in ((got_m, stored_m), (got_v, stored_v)):
+      np.testing.assert_array_equal(got[0], want[0])
+      np.testing.assert_array_equal(got[1], want[1])
+    m = moments_test.brute_force_dequantize(*stored_m, signed=True)
+    v = moments_test.brute_force_dequantize(*stored_v, signed=False)
+    p = basis.numpy().astype(np.float64)
+    w_ref = w_ref - lr * (scale * (u @ p if right else p.T @ u) + wd * w_ref)
+    np.testing.assert_allclose(w.detach().numpy(), w_ref, rtol=1e-5, atol=1e-6)
+  assert opt.projection_stats()[0]["svd_count"] == 2  # steps 0 and 3: moments persist
+  assert opt.state[w]["exp_avg"].shape == ((shape[0], rank) if right else (rank, shape[1]))
+
+
+def _big_model(dtype=torch.float32, seed=0):
+  """A projected (128, 64) matrix (low-rank moment (128, 32)), a plain (64, 128) matrix, a
+  small (8, 8) matrix and a bias: 8-bit, 8-bit, float32 and float32 moments."""
+  torch.manual_seed(seed)
+  shapes = [(128, 64), (64, 128), (8, 8), (64,)]
+  return [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in shapes]
+
+
+def _big_optimizer(params, **kwargs):
+  projected, plain, small, bias = params
+  return QGaLoreAdamW(
+    [
+      {"params": [projected], "rank": 32, "update_proj_gap": 3, "proj_group_size": 64},
+      {"params": [plain, small, bias]},
+    ],
+    **HYPER,
+    **kwargs,
+  )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_8bit_step_equals_float_step_exactly(dtype):
+  floats, eights = _big_model(dtype), _big_model(dtype)
+  float_opt, eight_opt = _big_optimizer(floats), _big_optimizer(eights, moment_bits=8)
+  grads = [_gradients(tuple(p.shape), 1, seed=40 + i)[0] for i, p in enumerate(floats)]
+  _run(floats, [[g] for g in grads], float_opt, 1)
+  _run(eights, [[g] for g in grads], eight_opt, 1)
+  for p, q in zip(floats, eights, strict=True):
+    assert torch.equal(p, q)
+  assert eight_opt.state[eights[0]]["exp_avg"].dtype == torch.uint8
+  assert eight_opt.state[eights[1]]["exp_avg_sq"].dtype == torch.uint8
+
+
+def test_small_and_non_matrix_moments_stay_float32_without_absmax():
+  params = _big_model()
+  opt = _big_optimizer(params, moment_bits=8)
+  grads = [_gradients(tuple(p.shape), 2, seed=50 + i) for i, p in enumerate(params)]
+  _run(params, grads, opt, 2)
+  projected, plain, small, bias = (opt.state[p] for p in params)
+  for state, tiles in ((projected, (8, 2)), (plain, (4, 8))):
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.uint8
+    assert state["exp_avg_absmax"].shape == state["exp_avg_sq_absmax"].shape == tiles
+    assert state["exp_avg_absmax"].dtype == torch.float32
+  assert projected["exp_avg"].shape == (128, 32)
+  for state in (small, bias):
+    assert set(state) == {"step", "exp_avg", "exp_avg_sq"}
+    assert state["exp_avg"].dtype == torch.float32
+
+
+def test_8bit_state_bytes_per_element():
+  params = _big_model()
+  opt = _big_optimizer(params, moment_bits=8)
+  _run(params, [_gradients(tuple(p.shape), 1, seed=i) for i, p in enumerate(params)], opt, 1)
+  for p in params[:2]:
+    state = opt.state[p]
+    for key in ("exp_avg", "exp_avg_sq"):
+      stored = (state[key], state[f"{key}_absmax"])
+      nbytes = sum(t.numel() * t.element_size() for t in stored)
+      assert nbytes / state[key].numel() == 1 + 4 / 256
+
+
+def _mlp_loss(model, x, y):
+  return (model(x) - y).square().mean()
+
+
+def _regression(moment_bits, projected, steps=100):
+  """A 2-layer MLP (64 -> 128 -> 64) fitting a random teacher of the same form."""
+  torch.manual_seed(0)
+  teacher = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 64))
+  x = torch.randn(256, 64)
+  with torch.no_grad():
+    y = teacher(x)
+  torch.manual_seed(1)
+  model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 64))
+  matrices = [model[0].weight, model[2].weight]
+  biases = [model[0].bias, model[2].bias]
+  if projected:  # low-rank moments (128, 32) and (32, 128): 4096 elements each
+    groups = [{"params": matrices, "rank": 32, "update_proj_gap": 50, "scale": 1.0}]
+  else:
+    groups = [{"params": matrices}]
+  opt = QGaLoreAdamW([*groups, {"params": biases}], lr=3e-3, moment_bits=moment_bits)
+  with torch.no_grad():
+    initial = float(_mlp_loss(model, x, y))
+  for _ in range(steps):
+    opt.zero_grad()
+    _mlp_loss(model, x, y).backward()
+    opt.step()
+  assert opt.state[matrices[0]]["exp_avg"].dtype == (torch.uint8 if moment_bits else torch.float32)
+  with torch.no_grad():
+    return initial, float(_mlp_loss(model, x, y))
+
+
+@pytest.mark.parametrize("projected", [False, True], ids=["adamw", "projected"])
+def test_8bit_moments_converge_like_float_moments(projected):
+  initial, float_loss = _regression(None, projected)
+  _, eight_loss = _regression(8, projected)
+  assert float_loss < 0.2 * initial
+  assert eight_loss == pytest.approx(float_loss, rel=0.05)
+
+
+def _save_and_load(opt, make_optimizer, params):
+  buffer = io.BytesIO()
+  torch.save(opt.state_dict(), buffer)
+  buffer.seek(0)
+  resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+  resumed = make_optimizer(resumed_params)
+  resumed.load_state_dict(torch.load(buffer, weights_only=True))
+  return resumed, resumed_params
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_8bit_state_dict_round_trip_resumes_bit_identically(dtype):
+  grads = [_gradients(tuple(p.shape), 10, seed=60 + i) for i, p in enumerate(_big_model(dtype))]
+  params = _big_model(dtype)
+  make = lambda ps: _big_optimizer(ps, moment_bits=8)
+  opt = make(params)
+  _run(params, [g[:4] for g in grads], opt, 4)
+  resumed, resumed_params = _save_and_load(opt, make, params)
+  _run(params, [g[4:] for g in grads], opt, 6)
+  _run(resumed_params, [g[4:] for g in grads], resumed, 6)
+  for p, q in zip(params, resumed_params, strict=True):
+    assert torch.equal(p, q)
+    assert opt.state[p].keys() == resumed.state[q].keys()
+    for key, value in opt.state[p].items():
+      assert value.dtype == resumed.state[q][key].dtype, key
+      assert torch.equal(value, resumed.state[q][key]), key
+  state = resumed.state[resumed_params[1]]
+  assert state["exp_avg"].dtype == torch.uint8 and state["exp_avg_absmax"].dtype == torch.float32
+  assert resumed.param_groups[0]["moment_bits"] == 8
+
+
+@pytest.mark.parametrize("saved_bits, loaded_bits", [(None, 8), (8, None)])
+def test_state_saved_with_other_moment_bits_carries_on(saved_bits, loaded_bits):
+  """The stored form follows the group: float moments are quantised on the next step, 8-bit
+  ones dequantised (and their absmax entries dropped)."""
+  grads = [_gradients(tuple(p.shape), 5, seed=70 + i) for i, p in enumerate(_big_model())]
+  params = _big_model()
+  opt = _big_optimizer(params, moment_bits=saved_bits)
+  _run(params, [g[:3] for g in grads], opt, 3)
+  resumed, resumed_params = _save_and_load(opt, _big_optimizer, params)
+  for group in resumed.param_groups:
+    group["moment_bits"] = loaded_bits
+  _run(resumed_params, [g[3:] for g in grads], resumed, 2)
+  state = resumed.state[resumed_params[1]]
+  assert state["exp_avg"].dtype == (torch.uint8 if loaded_bits else torch.float32)
+  assert ("exp_avg_sq_absmax" in state) == (loaded_bits is not None)
+  assert all(torch.isfinite(p).all() for p in resumed_params)
+
+
+def _big_mlp(seed=0):
+  torch.manual_seed(seed)
+  return torch.nn.Sequential(
+    torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 64), torch.nn.LayerNorm(64)
+  )
+
+
+def _big_mlp_optimizer(model):
+  """First layer projected (moment (128, 32)), second plain AdamW (64, 128): both 8-bit."""
+  others = [p for p in model.parameters() if p is not model[0].weight]
+  return QGaLoreAdamW(
+    [{"params": [model[0].weight], "rank": 32, "update_proj_gap": 2}, {"params": others}],
+    moment_bits=8,
+    **HYPER,
+  )
+
+
+@pytest.mark.parametrize("accumulation_steps", [1, 2])
+def test_layerwise_mode_matches_step_with_8bit_moments(accumulation_steps):
+  batches = 3
+  generator = torch.Generator().manual_seed(9)
+  data = torch.randn(batches * accumulation_steps, 8, 64, generator=generator)
+  normal, layerwise = _big_mlp(), _big_mlp()
+  normal_opt, layerwise_opt = _big_mlp_optimizer(normal), _big_mlp_optimizer(layerwise)
+  layerwise_opt.register_layerwise_hooks(accumulation_steps)
+  for i, x in enumerate(data):
+    normal(x).square().mean().backward()
+    if (i + 1) % accumulation_steps == 0:
+      normal_opt.step()
+      normal_opt.zero_grad()
+    layerwise(x).square().mean().backward()
+  for p, q in zip(normal.parameters(), layerwise.parameters(), strict=True):
+    assert torch.equal(p, q)
+    assert q.grad is None
+    for key, value in normal_opt.state[p].items():
+      assert torch.equal(value, layerwise_opt.state[q][key]), key
+  assert layerwise_opt.state[layerwise[0].weight]["exp_avg"].dtype == torch.uint8
+  assert layerwise_opt.state[layerwise[2].weight]["exp_avg"].dtype == torch.uint8
+
+
+@pytest.mark.parametrize(
+  "group, kwargs",
+  [
+    ({}, {"moment_bits": 4}),
+    ({}, {"moment_bits": 16}),
+    ({}, {"moment_bits": 8.0}),
+    ({}, {"moment_bits": True}),
+    ({"moment_bits": "8"}, {}),
+    ({"rank": 2, "moment_bits": 0}, {}),
+  ],
+)
+def test_bad_moment_bits_raise_naming_them(group, kwargs):
+  with pytest.raises(ValueError, match="`moment_bits` must be None"):
+    QGaLoreAdamW([{"params": [torch.nn.Parameter(torch.ones(4, 3))], **group}], **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_8bit_moments_match_cpu_and_do_not_synchronise():
+  cpu_params = _big_model()
+  cuda_params = [torch.nn.Parameter(p.detach().cuda()) for p in _big_model()]
+  cpu_opt = _big_optimizer(cpu_params, moment_bits=8)
+  cuda_opt = _big_optimizer(cuda_params, moment_bits=8)
+  grads = [_gradients(tuple(p.shape), 5, seed=80 + i) for i, p in enumerate(cpu_params)]
+  for t in range(5):
+    for p, q, g in zip(cpu_params, cuda_params, grads, strict=True):
+      p.grad, q.grad = torch.from_numpy(g[t]), torch.from_numpy(g[t]).cuda()
+    cpu_opt.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("default" if t % 3 == 0 else "error")  # refresh steps sync
+    try:
+      cuda_opt.step()
+    finally:
+      torch.cuda.set_sync_debug_mode("default")
+  # The plain (64, 128) matrix gets the same gradients and only elementwise IEEE operations
+  # on both devices, so equal codes are expected; this has not run on a GPU yet, so one code
+  # step is allowed. (The projected matrix goes through cuSOLVER and cuBLAS: not compared.)
+  state_cpu, state_gpu = cpu_opt.state[cpu_params[1]], cuda_opt.state[cuda_params[1]]
+  assert state_gpu["exp_avg"].is_cuda and state_gpu["exp_avg_absmax"].is_cuda
+  for key in ("exp_avg", "exp_avg_sq"):
+    differ = (state_gpu[key].cpu().int() - state_cpu[key].int()).abs()
+    assert int(differ.max()) <= 1, key
+  torch.testing.assert_close(
+    cuda_params[1].detach().cpu(), cpu_params[1].detach(), rtol=1e-4, atol=1e-5
+  )
