@@ -1,0 +1,153 @@
+"""Runs every benchmark at its default settings, then writes ``docs/benchmarks.md``.
+
+  python -m benchmarks                     # everything (about an hour on 2 CPU cores)
+  python -m benchmarks --only memory svd_study
+  python -m benchmarks --docs-only         # rebuild docs/benchmarks.md from results/
+
+Each benchmark is also a module of its own (``python -m benchmarks.<name> --help``); each
+prints its tables and writes JSON + markdown (and PNGs) into ``benchmarks/results/``. The
+docs page gathers those markdown files under one heading per benchmark, with the command
+that made them.
+"""
+
+import argparse
+import datetime
+import importlib
+import os
+import pathlib
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DOCS = ROOT / "docs" / "benchmarks.md"
+
+# (module, arguments of its main, title, what it measures, result stems in results/)
+BENCHMARKS = (
+  (
+    "memory",
+    [],
+    "Memory of weights and optimizer state (allocation-free)",
+    "Bytes of the real state of each optimizer, read from `jax.eval_shape` of its `init` for"
+    " the paper's LLaMA configs, beside the paper's Table 1; then the torch backend's"
+    " `state_dict()` bytes for the same configs.",
+    ["memory"],
+  ),
+  (
+    "step_memory",
+    [],
+    "Peak memory of a jitted train step (XLA memory analysis)",
+    "The compiled memory of one full train step of the main example (forward, backward,"
+    " optimizer, INT8 write-back), with parameters and optimizer state donated.",
+    ["step_memory"],
+  ),
+  (
+    "update_speed",
+    ["--config", "60M"],
+    "Speed of the JAX update, LLaMA-60M shapes",
+    "Jitted optimizer update: medians of interleaved repeats after warm-up; a normal step and"
+    " a refresh step (every matrix runs its SVD) separately; the amortised step over a"
+    " realistic schedule.",
+    ["update_speed_cpu_60M"],
+  ),
+  (
+    "update_speed",
+    ["--config", "130M"],
+    "Speed of the JAX update, LLaMA-130M shapes",
+    "As above, on the 130M shapes at the paper's rank 256.",
+    ["update_speed_cpu_130M"],
+  ),
+  (
+    "torch_step_speed",
+    ["--config", "60M"],
+    "Speed of the torch step, LLaMA-60M shapes",
+    "`QGaLoreAdamW.step()` against galore-torch's pure-torch `GaLoreAdamW` and"
+    " `torch.optim.AdamW(foreach=True)`, one torch thread, interleaved repeats.",
+    ["torch_step_speed_cpu_60M"],
+  ),
+  (
+    "torch_step_speed",
+    ["--config", "130M"],
+    "Speed of the torch step, LLaMA-130M shapes",
+    "As above, on the 130M shapes at rank 256.",
+    ["torch_step_speed_cpu_130M"],
+  ),
+  (
+    "layerwise_memory",
+    [],
+    "Layer-wise updates in torch: peak memory of an iteration",
+    "The optimizer step run inside `backward()` per parameter (post-accumulate-grad hooks)"
+    " against the normal mode, on a 60M-shape model.",
+    ["layerwise_memory_cpu"],
+  ),
+  (
+    "svd_study",
+    [],
+    "SVD count and quality: adaptive vs fixed-gap refresh",
+    "The main example trained with adaptive refresh, with a fixed gap, and with AdamW, from"
+    " the same seed and data.",
+    ["svd_study"],
+  ),
+)
+
+
+def run(only: set[str] | None) -> None:
+  """Runs the selected benchmarks in order, each through its own ``main``."""
+  for name, args, title, _, _ in BENCHMARKS:
+    if only and name not in only:
+      continue
+    print(f"\n=== {title}: python -m benchmarks.{name} {' '.join(args)}", flush=True)
+    start = time.perf_counter()
+    importlib.import_module(f"benchmarks.{name}").main(list(args))
+    print(f"=== {name} took {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def docs() -> str:
+  """``docs/benchmarks.md``: every results file present, under its benchmark's heading."""
+  lines = [
+    "# Benchmarks",
+    "",
+    "Every figure on this page was written by a script in `benchmarks/`; the command above",
+    "each table reruns it. `python -m benchmarks` runs them all and rebuilds this page",
+    "(`--docs-only` rebuilds it from `benchmarks/results/`). Speed is reported as ratios of",
+    "runs interleaved in one process: on a CPU, absolute times say little. Each table names",
+    "its machine, versions and date.",
+    "",
+    "No GPU was available to this project's sessions so far: the GPU figures the issues ask",
+    "for (GPU step times and the normal step against the memory-bandwidth floor) are not",
+    "measured yet.",
+    "",
+  ]
+  for name, args, title, what, stems in BENCHMARKS:
+    found = [RESULTS / f"{stem}.md" for stem in stems if (RESULTS / f"{stem}.md").exists()]
+    if not found:
+      continue
+    command = f"python -m benchmarks.{name} {' '.join(args)}".rstrip()
+    lines += [f"## {title}", "", what, "", "```bash", command, "```", ""]
+    for path in found:
+      text = path.read_text().strip().splitlines()
+      # The results' own headings go two levels down, under this page's.
+      lines += ["##" + line if line.startswith("#") else line for line in text] + [""]
+      png = path.with_suffix(".png")
+      if png.exists():
+        lines += [f"![{title}](../benchmarks/results/{png.name})", ""]
+  lines.append(f"_Page built {datetime.date.today().isoformat()} by `python -m benchmarks`._")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+  names = sorted({b[0] for b in BENCHMARKS})
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--only", nargs="+", choices=names, help="run only these benchmarks")
+  parser.add_argument("--docs-only", action="store_true", help="only rebuild the docs page")
+  args = parser.parse_args(argv)
+  if not args.docs_only:
+    run(set(args.only) if args.only else None)
+  DOCS.write_text(docs())
+  print(f"wrote {DOCS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+  # CPU SVDs through OpenBLAS: its spinning worker threads slow a shared machine badly.
+  os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+  sys.exit(main())
