@@ -1,4 +1,4 @@
-"""Smoke tests of the torch benchmarks on tiny shapes: they run and write well-formed results.
+"""Smoke tests of the speed and torch benchmarks on tiny shapes: they run and write results.
 
 No timing or memory figure is asserted (the machine's load decides those); only the checks
 that the scripts make themselves and the shape of what they write.
@@ -14,6 +14,8 @@ import torch
 
 from benchmarks import layerwise_memory
 from benchmarks import torch_step_speed
+from benchmarks import update_speed
+from benchmarks.llama_shapes import llama_param_shapes
 
 TINY_SHAPES = torch_step_speed.torch_param_shapes(hidden=32, ffn=48, layers=2, vocab=64)
 TINY_MODEL = dict(hidden=32, ffn=48, layers=2, heads=4, vocab=64)
@@ -86,9 +88,113 @@ def test_step_speed_main_writes_json_and_markdown(one_thread, tmp_path, monkeypa
   torch_step_speed.main(
     ["--rank", "4", "--repeats", "2", "--refresh-repeats", "1", "--out", str(tmp_path)]
   )
-  result = json.loads((tmp_path / "torch_step_speed_cpu.json").read_text())
-  assert result["settings"]["rank"] == 4
-  assert (tmp_path / "torch_step_speed_cpu.md").read_text().startswith("`step()`")
+  result = json.loads((tmp_path / "torch_step_speed_cpu_60M.json").read_text())
+  assert result["settings"]["rank"] == 4 and result["settings"]["config"] == "60M"
+  assert (tmp_path / "torch_step_speed_cpu_60M.md").read_text().startswith("`step()`")
+
+
+def test_step_speed_config_sets_the_papers_rank(one_thread, monkeypatch):
+  monkeypatch.setattr(torch_step_speed, "torch_param_shapes", lambda *_: TINY_SHAPES)
+  result = torch_step_speed.run(
+    config="130M", repeats=2, warmup=1, with_galore_torch=False, breakdown=False
+  )
+  assert result["settings"]["rank"] == 256 and result["settings"]["refresh_repeats"] == 1
+  assert result["benchmark"].endswith("LLaMA-130M parameter shapes")
+
+
+def test_schedule_svds_follows_the_documented_schedules():
+  # The documented stable schedule (0, 200, ..., 1200, 1600, 3200, 6400), at a tenth of the
+  # gap: 0, 20, ..., 120, 160, 320, 640; a fixed gap refreshes at 0, 20, ..., 1000.
+  assert update_speed.schedule_svds(1000, 20, gamma_proj=2) == 10
+  assert update_speed.schedule_svds(1001, 20, gamma_proj=1) == 51
+
+
+def test_amortised_ms_adds_the_svd_cost_per_step():
+  assert update_speed.amortised_ms(100.0, 1100.0, 50, 10_000) == pytest.approx(105.0)
+  assert update_speed.amortised_ms(100.0, 1100.0, 0, 10_000) == 100.0
+
+
+@pytest.mark.parametrize(
+  "study, ratio",
+  [
+    (
+      {
+        "runs": [{"optimizer": "qgalore", "svd_count": 30, "steps": 1000}],
+        "more": [{"optimizer": "galore", "svd_count": 120, "steps": 2000}],
+      },
+      0.5,
+    ),
+    ({"galore": {"svds": 100}, "qgalore": {"svds": 25}, "adamw": {"svds": 0}}, 0.25),
+    (
+      {
+        "settings": {"steps": 300, "update_proj_gap": 10},
+        "optimizers": {
+          "adamw": {"optimizer": "adamw", "steps": 300, "svd_count": 0},
+          "qgalore": {
+            "optimizer": "qgalore",
+            "steps": 300,
+            "svd_count": 210,
+            "matrices": {"layers.0.q": {"svd_count": 5, "final_gap": 40}},
+          },
+          "galore": {"optimizer": "galore", "steps": 300, "svd_count": 900},
+          "qgalore-fixedgap": {"optimizer": "qgalore-fixedgap", "steps": 300, "svd_count": 420},
+        },
+      },
+      0.5,
+    ),
+    (
+      {"steps": 500, "by": {"qgalore": {"svd_count": 20}, "qgalore-noquant": {"svd_count": 40}}},
+      0.5,
+    ),
+    (
+      [
+        {"name": "qgalore", "total_svds": 3},
+        {"name": "qgalore", "total_svds": 5},
+        {"name": "galore", "total_svds": 16},
+      ],
+      0.5,
+    ),
+    ({"qgalore": {"svd_count": 20, "steps": 100}, "galore": {"svd_count": 40}}, None),
+    ({"qgalore": {"svd_count": 20}, "qgalore-noquant": {"svd_count": 0}}, None),
+    ({"qgalore": {"svd_count": 20}}, None),
+    ({"qgalore": {"svd_count": "many"}, "galore": {"svd_count": 40}}, None),
+    (None, None),
+  ],
+)
+def test_study_svd_ratio_reads_what_it_can(study, ratio, tmp_path):
+  path = tmp_path / "svd_study.json"
+  path.write_text(json.dumps(study))
+  got, details = update_speed.study_svd_ratio(path)
+  assert got == ratio
+  assert isinstance(details, dict) == (ratio is not None)
+
+
+def test_study_svd_ratio_skips_missing_and_broken_files(tmp_path):
+  assert update_speed.study_svd_ratio(tmp_path / "absent.json") == (None, "absent.json not found")
+  (tmp_path / "broken.json").write_text("{")
+  assert update_speed.study_svd_ratio(tmp_path / "broken.json")[0] is None
+
+
+def test_update_speed_main_writes_json_and_markdown_per_config(tmp_path, monkeypatch):
+  tiny = llama_param_shapes(hidden=32, ffn=48, layers=2, vocab=64)
+  monkeypatch.setattr(update_speed, "llama_param_shapes", lambda **_: tiny)
+  study = tmp_path / "svd_study.json"
+  study.write_text(json.dumps({"qgalore": {"svd_count": 4}, "galore": {"svd_count": 8}}))
+  short = ["--rank", "4", "--repeats", "2", "--refresh-repeats", "1", "--amortise-steps", "100"]
+  update_speed.main(["--config", "130M", *short, "--svd-study", str(study), "--out", str(tmp_path)])
+  result = json.loads((tmp_path / "update_speed_cpu_130M.json").read_text())
+  assert result["settings"]["config"] == "130M" and result["settings"]["rank"] == 4
+  cases = {"optax.adamw", "optax.contrib.galore", "qgalore_adamw", "qgalore_adamw (float proj)"}
+  assert set(result["median_ms"]) == cases | {f"{c} [refresh]" for c in cases - {"optax.adamw"}}
+  assert all(len(s) == 1 if "refresh" in n else 2 for n, s in result["samples_ms"].items())
+  # gap 200 over 100 steps: one SVD per matrix on any schedule; the study halves it.
+  svds = [row["svds_per_matrix"] for row in result["amortised_ms"]]
+  assert svds == [0, 1, 1, 1, 1, 0.5]
+  assert result["svd_study"]["ratio"] == 0.5
+  markdown = (tmp_path / "update_speed_cpu_130M.md").read_text()
+  assert markdown.startswith("Jitted update, LLaMA-130M shapes")
+  rows = len(result["median_ms"]) + len(result["amortised_ms"])
+  assert markdown.count("\n| ") == 2 + rows and "SVD study" in markdown
 
 
 def test_layerwise_memory_runs_both_modes_and_checks_weights():

@@ -14,6 +14,10 @@ CONFIGS = {
   "7B": (4096, 11008, 32),
 }
 VOCAB = 32000
+# GaLore ranks of the paper's runs (reference: 1B used 512 in the paper, 1024 in the scripts).
+RANKS = {"60M": 128, "130M": 256, "350M": 256, "1B": 512, "7B": 1024}
+# The configs the speed benchmarks time (the larger ones take too long on a CPU).
+SPEED_CONFIGS = ("60M", "130M")
 # The matrices GaLore and Q-GaLore project (the authors' target modules).
 BLOCK_MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
 

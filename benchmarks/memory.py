@@ -45,6 +45,7 @@ from optax.contrib import GaLoreDimensionNumbers
 import qgalore_jax
 import qgalore_torch
 from benchmarks.llama_shapes import CONFIGS
+from benchmarks.llama_shapes import RANKS
 from benchmarks.llama_shapes import block_mask
 from benchmarks.llama_shapes import is_shape
 from benchmarks.llama_shapes import llama_param_shapes
@@ -53,8 +54,6 @@ from benchmarks.torch_step_speed import torch_param_shapes
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 GB = 1e9
-# GaLore ranks of the paper's runs (reference: 1B used 512 in the paper, 1024 in the scripts).
-RANKS = {"60M": 128, "130M": 256, "350M": 256, "1B": 512, "7B": 1024}
 Q8_LABEL = "Q-GaLore + 8-bit moments"
 # arXiv 2407.08296 Table 1: estimated weights + optimizer-state memory, GB. Its Q-GaLore
 # figure assumes 8-bit Adam states, so it is printed beside both of our Q-GaLore rows.

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import optax
 
 import qgalore_jax
-from benchmarks.memory import RANKS
+from benchmarks.llama_shapes import RANKS
 from examples.llama import model
 from examples.llama import train
 

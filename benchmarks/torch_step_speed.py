@@ -1,10 +1,12 @@
-"""Speed of one ``QGaLoreAdamW.step()`` on the LLaMA-60M parameter shapes (issue 3).
+"""Speed of one ``QGaLoreAdamW.step()`` on the paper's LLaMA-60M or -130M parameter shapes.
 
 The twin of ``benchmarks/update_speed.py``. Times ``step()`` of ``qgalore_torch.QGaLoreAdamW``
 (INT4 projector, and ``proj_bits=None``), galore-torch 1.0's pure-torch ``GaLoreAdamW`` (its
 ``adamw.py``: same rank, gap and scale 0.25, ``proj_type="std"``) and
 ``torch.optim.AdamW(foreach=True)`` on the parameter shapes of the paper's LLaMA-60M (hidden
-512, ffn 1376, 8 layers, vocab 32000) in torch layout, (out, in). Both GaLore variants project
+512, ffn 1376, 8 layers) or LLaMA-130M (hidden 768, ffn 2048, 12 layers), vocab 32000, in torch
+layout, (out, in). The rank defaults to the paper's for the config (128 for 60M, 256 for
+130M), the gap to 200. Both GaLore variants project
 the same matrices: by default the seven block matrices q,k,v,o,gate,up,down of every layer
 (as the paper does); ``--all-2d`` adds the embeddings and the head. All optimizers share one
 set of parameters and one set of fixed random gradients (the values do not change the cost).
@@ -16,11 +18,17 @@ A normal step is timed on an optimizer that has taken one step (its refresh) alr
 ``update_proj_gap`` larger than the number of timed steps, so no matrix refreshes: the script
 checks that no SVD ran (``svd_count`` of ours; galore-torch's projector tensor is the same
 object before and after). A refresh step is timed on a separate optimizer whose step counters
-are reset to 0 (outside the timer) before each call, so every projected matrix runs its SVD.
+are reset to 0 (outside the timer) before each call, so every projected matrix runs its SVD;
+its first step, which creates the state, is its warm-up.
 Timings are medians of interleaved repeats after warm-up (the order rotates each repeat), so
 the ratios compare runs that saw the same machine state. One torch thread by default: on a
 CPU shared with other jobs, every parallel region of a multi-threaded step waits for a
 descheduled sibling thread (on 2 busy cores, 2 threads made single AdamW steps vary 20-fold).
+The 130M refresh steps are repeated fewer times (``REFRESH_REPEATS``) to keep the run within
+10 minutes on 2 CPU cores.
+
+Results go to ``benchmarks/results/torch_step_speed_<device>_<config>[_all2d][_threads<n>]``
+``.json`` and ``.md`` (e.g. ``torch_step_speed_cpu_60M.md``).
 
 galore-torch's package ``__init__`` imports bitsandbytes, so ``adamw.py`` and its sibling
 ``galore_projector.py`` are loaded as files (install with
@@ -28,7 +36,8 @@ galore-torch's package ``__init__`` imports bitsandbytes, so ``adamw.py`` and it
 ``transformers.utils.versions.require_version``, which is stubbed while it loads when
 transformers is not installed.
 
-  python -m benchmarks.torch_step_speed               # q,k,v,o,gate,up,down projected (paper)
+  python -m benchmarks.torch_step_speed               # 60M, q,k,v,o,gate,up,down projected
+  python -m benchmarks.torch_step_speed --config 130M # 130M, rank 256
   python -m benchmarks.torch_step_speed --all-2d      # every 2-D parameter projected
   python -m benchmarks.torch_step_speed --threads 0   # torch's default thread count
   python -m benchmarks.torch_step_speed --device cuda
@@ -54,10 +63,15 @@ import torch
 import qgalore_torch
 from benchmarks.llama_shapes import BLOCK_MATRICES
 from benchmarks.llama_shapes import CONFIGS
+from benchmarks.llama_shapes import RANKS
+from benchmarks.llama_shapes import SPEED_CONFIGS
 from benchmarks.llama_shapes import VOCAB
 from benchmarks.llama_shapes import llama_param_shapes
 
 RESULTS = pathlib.Path(__file__).parent / "results"
+# GaLore's ranks for the paper's configs (GaLore Table 2, used again by Q-GaLore).
+# Timed refresh steps per optimizer: a 130M refresh step takes several times a 60M one.
+REFRESH_REPEATS = {"60M": 3, "130M": 1}
 # The breakdown: a normal step with gradients on only some of the parameters.
 SUBSETS = {"matrices only": lambda proj: proj, "others only": lambda proj: not proj}
 _GALORE_FILES = "_galore_torch_files"
@@ -189,17 +203,23 @@ def run(
   config="60M",
   shapes=None,
   all_2d=False,
-  rank=128,
+  rank=None,
   gap=200,
   repeats=15,
   warmup=2,
-  refresh_repeats=3,
+  refresh_repeats=None,
   device="cpu",
   with_galore_torch=True,
   breakdown=True,
 ):
-  """Times the steps and returns the result as a JSON-ready dict (see the module docstring)."""
+  """Times the steps and returns the result as a JSON-ready dict (see the module docstring).
+
+  ``rank`` and ``refresh_repeats`` default to ``RANKS[config]`` and ``REFRESH_REPEATS[config]``;
+  ``shapes`` (a ``torch_param_shapes`` dict) replaces the config's shapes, for tests.
+  """
   source = source_version()
+  rank = RANKS[config] if rank is None else rank
+  refresh_repeats = REFRESH_REPEATS[config] if refresh_repeats is None else refresh_repeats
   hidden, ffn, layers = CONFIGS[config]
   named = torch_param_shapes(hidden, ffn, layers)
   label = f"LLaMA-{config}" if shapes is None or shapes == named else "custom"
@@ -242,15 +262,15 @@ def run(
       for subset, selected in SUBSETS.items():
         opt = _build(name, params, projected, rank, gap)
         cases[f"{name} [{subset}]"] = (opt, grads_on(selected))
-  for opt, _ in cases.values():
-    every(opt)
+  for opt, before in cases.values():
+    before(opt)
     opt.step()  # initialises state; the GaLores refresh, so the next step is a normal one
   galore_torch_cases = [name for name in cases if "galore_torch" in name and "refresh" not in name]
   projectors_before = {name: galore_torch_projectors(cases[name][0]) for name in galore_torch_cases}
 
   samples = {name: [] for name in cases}
-  for opt, before in cases.values():
-    for _ in range(warmup):
+  for name, (opt, before) in cases.items():
+    for _ in range(0 if name.endswith("[refresh]") else warmup):
       time_step(opt, device, before)
   names = list(cases)
   for i in range(repeats):
@@ -262,11 +282,14 @@ def run(
   every(None)
   medians = {name: statistics.median(samples[name]) * 1e3 for name in cases}
 
-  # The normal steps must not have refreshed (and the refresh steps must have).
+  # The normal steps must not have refreshed (and the refresh steps must have); with
+  # gradients on the others only, the matrices never had a step.
   for name, (opt, _) in cases.items():
-    if name.startswith("QGaLoreAdamW") and "refresh" not in name and set(svd_counts(opt)) != {1}:
+    if not name.startswith("QGaLoreAdamW") or name.endswith("[refresh]"):
+      continue
+    if set(svd_counts(opt)) != ({0} if name.endswith("[others only]") else {1}):
       raise RuntimeError(f"{name}: a timed normal step ran an SVD: {svd_counts(opt)}")
-  refreshes = 1 + warmup + len(samples["QGaLoreAdamW [refresh]"])
+  refreshes = 1 + len(samples["QGaLoreAdamW [refresh]"])
   if set(svd_counts(cases["QGaLoreAdamW [refresh]"][0])) != {refreshes}:
     raise RuntimeError("QGaLoreAdamW: a timed refresh step did not run its SVDs")
   for name, before in projectors_before.items():
@@ -303,13 +326,14 @@ def run(
   else:
     device_name = f"cpu ({platform.processor() or platform.machine()})"
   return {
-    "benchmark": "torch optimizer step(), LLaMA-60M parameter shapes",
+    "benchmark": f"torch optimizer step(), {label} parameter shapes",
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     "device": device_name,
     "backend": device.type,
     "versions": {"torch": torch.__version__, "qgalore_torch": qgalore_torch.__version__},
     "source": source,
     "settings": {
+      "config": config,
       "shapes": label,
       "hidden": hidden,
       "ffn": ffn,
@@ -327,6 +351,7 @@ def run(
       "repeats": repeats,
       "refresh_repeats": refresh_repeats,
       "warmup": warmup,
+      "refresh_warmup": "the first step",
       "torch_threads": torch.get_num_threads(),
     },
     "checks": {"no_refresh_in_normal_steps": True, "every_refresh_step_ran_svd": True},
@@ -368,9 +393,12 @@ def main(argv=None):
   parser.add_argument(
     "--no-breakdown", action="store_true", help="skip the steps with some gradients only"
   )
-  parser.add_argument("--rank", type=int, default=128)
+  parser.add_argument("--config", choices=SPEED_CONFIGS, default="60M", help="LLaMA shapes")
+  parser.add_argument("--rank", type=int, default=None, help="default: the paper's for --config")
   parser.add_argument("--repeats", type=int, default=15)
-  parser.add_argument("--refresh-repeats", type=int, default=3)
+  parser.add_argument(
+    "--refresh-repeats", type=int, default=None, help=f"default: {REFRESH_REPEATS}"
+  )
   parser.add_argument("--device", default="cpu")
   parser.add_argument("--threads", type=int, default=1, help="torch threads; 0: torch's default")
   parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
@@ -378,6 +406,7 @@ def main(argv=None):
   if args.threads:
     torch.set_num_threads(args.threads)
   result = run(
+    config=args.config,
     all_2d=args.all_2d,
     rank=args.rank,
     repeats=args.repeats,
@@ -388,7 +417,7 @@ def main(argv=None):
   markdown = to_markdown(result)
   print(markdown)
   args.out.mkdir(parents=True, exist_ok=True)
-  stem = f"torch_step_speed_{result['backend']}" + ("_all2d" if args.all_2d else "")
+  stem = f"torch_step_speed_{result['backend']}_{args.config}" + ("_all2d" if args.all_2d else "")
   stem += "" if args.threads == 1 else f"_threads{torch.get_num_threads()}"
   (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
   (args.out / f"{stem}.md").write_text(markdown)
