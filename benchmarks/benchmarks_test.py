@@ -185,7 +185,8 @@ def test_update_speed_main_writes_json_and_markdown_per_config(tmp_path, monkeyp
   result = json.loads((tmp_path / "update_speed_cpu_130M.json").read_text())
   assert result["settings"]["config"] == "130M" and result["settings"]["rank"] == 4
   cases = {"optax.adamw", "optax.contrib.galore", "qgalore_adamw", "qgalore_adamw (float proj)"}
-  assert set(result["median_ms"]) == cases | {f"{c} [refresh]" for c in cases - {"optax.adamw"}}
+  refresh = {f"{c} [refresh]" for c in cases - {"optax.adamw"}}
+  assert set(result["median_ms"]) == cases | refresh | {update_speed.FLOOR}
   assert all(len(s) == 1 if "refresh" in n else 2 for n, s in result["samples_ms"].items())
   # gap 200 over 100 steps: one SVD per matrix on any schedule; the study halves it.
   svds = [row["svds_per_matrix"] for row in result["amortised_ms"]]
@@ -195,6 +196,29 @@ def test_update_speed_main_writes_json_and_markdown_per_config(tmp_path, monkeyp
   assert markdown.startswith("Jitted update, LLaMA-130M shapes")
   rows = len(result["median_ms"]) + len(result["amortised_ms"])
   assert markdown.count("\n| ") == 2 + rows and "SVD study" in markdown
+
+
+def test_projection_floor_is_two_matmuls_with_its_basis():
+  """Against NumPy: a (in, out) kernel's canonical gradient G = g^T, projected and back."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  rng = np.random.default_rng(0)
+  params = {"tall": jnp.zeros((8, 24)), "wide": jnp.zeros((24, 8)), "bias": jnp.zeros(8)}
+  mask = {"tall": True, "wide": True, "bias": False}
+  tx = update_speed.projection_floor(mask, rank=3)
+  bases = tx.init(params)
+  grads = {k: jnp.asarray(rng.normal(size=p.shape), jnp.float32) for k, p in params.items()}
+  out, _ = tx.update(grads, bases)
+  # tall kernel (in 8, out 24): G is 24 x 8, m >= n, "right": P is 3 x 8, G P^T P.
+  p = np.asarray(bases["tall"])
+  want = 0.25 * (np.asarray(grads["tall"]).T @ p.T @ p)
+  np.testing.assert_allclose(np.asarray(out["tall"]).T, want, rtol=1e-5, atol=1e-6)
+  # wide kernel (in 24, out 8): G is 8 x 24, m < n, "left": basis rows are P^T (3 x 8).
+  p = np.asarray(bases["wide"]).T
+  want = 0.25 * (p @ p.T @ np.asarray(grads["wide"]).T)
+  np.testing.assert_allclose(np.asarray(out["wide"]).T, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(out["bias"]), np.asarray(grads["bias"]))
 
 
 def test_layerwise_memory_runs_both_modes_and_checks_weights():
