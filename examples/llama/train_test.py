@@ -78,12 +78,15 @@ def test_restore_checkpoint_returns_step_and_data_position(tmp_path):
 
 def test_memory_counts_low_rank_state_and_int8_weights():
   opt_bytes, weight_bytes = {}, {}
-  for name in optimizers.NAMES:
+  for name in optimizers.ALL_NAMES:
     _, params, opt_state, _, _ = train.init_state(dataclasses.replace(CFG, optimizer=name))
     opt_bytes[name], weight_bytes[name] = train.tree_bytes(opt_state), train.tree_bytes(params)
   assert weight_bytes["adamw"] == 4 * model.param_count(TEST_MODEL)
   assert opt_bytes["galore"] < opt_bytes["adamw"]
   assert opt_bytes["qgalore"] < opt_bytes["qgalore-noquant"] < opt_bytes["adamw"]
+  assert opt_bytes["qgalore-fixedgap"] == opt_bytes["qgalore"]
+  assert weight_bytes["qgalore-8bit"] == weight_bytes["qgalore"]
+  assert opt_bytes["qgalore-8bit"] < 0.5 * opt_bytes["qgalore"]
   # The projected matrices hold one byte per weight plus a float32 scale and zero per 256.
   projected = 4 * 32 * 32 + 3 * 32 * 64
   assert weight_bytes["adamw"] - weight_bytes["qgalore"] == projected * (4 - 1 - 8 / 256)
