@@ -4,6 +4,13 @@ The twin of ``qgalore_jax.qgalore_adamw``: the same arithmetic, written once in 
 pure functions (:func:`adam_direction`, :func:`refresh_projector`, :func:`apply_update`);
 :class:`QGaLoreAdamW` only validates, groups and holds tensor state.
 
+What a step costs. A float32 weight with float32 moments is updated in place, with the
+roundings of those functions: a plain one by :func:`adamw_step_` (on a single-threaded CPU
+slice by slice, without a full-size temporary), a projected one by one ``addmm_`` that adds
+the back-projected update into the weight (with weight decay, one (m, n) temporary). Other
+weights (bf16, INT8, 8-bit moments) go through :func:`adam_direction` and
+:func:`apply_update`.
+
 Where the state lives. ``step`` and the refresh schedule (``gap``, ``cosines``,
 ``num_cosines``, ``top_vector``, ``svd_count``) are small CPU tensors, like ``state["step"]``
 of torch's own optimizers with ``capturable=False``; moments and projector live on the
@@ -17,6 +24,8 @@ dequantises them to float32, runs the same :func:`adam_direction`, takes the dir
 those float32 moments and requantises them (docs/numerics.md, "8-bit moments"); the float
 path is untouched.
 """
+
+import functools
 
 import torch
 
@@ -36,7 +45,56 @@ _HOST_KEYS = ("step", *_SCHEDULE_KEYS)
 _MOMENT_KEYS = (("exp_avg", True), ("exp_avg_sq", False))  # (state key, signed map)
 
 
-def adam_direction(grad, exp_avg, exp_avg_sq, step, b1, b2, eps):
+# Elements per slice of a single-threaded CPU elementwise update (a multiple of every SIMD
+# width). The slices of the parameter, gradient and moments and two scratch slices (1 MiB
+# each) stay in the cache through the update's eleven or twelve passes, so each tensor
+# crosses the memory bus about once; and the scratch is allocated once per parameter at
+# slice size, not full size (first writes into a freshly mapped buffer cost ~10x writes into
+# a reused one). Measured on a 32000 x 512 embedding, one thread: 33-35 ms at 2**18, 45-48
+# ms at 2**16 (per-slice Python overhead), 118 ms with whole-tensor operations and full-size
+# temporaries. With several intra-op threads every operation is a parallel region, and on a
+# CPU shared with other jobs each region can wait for a descheduled thread: 64 slices of
+# eleven regions then took from 34 ms to 3 s on 2 busy cores. Several threads therefore get
+# whole-tensor operations, as accelerators do.
+_CPU_SLICE = 1 << 18
+
+
+def _bias_corrections(step, b1, b2):
+  """Float32 reciprocals ``1 / (1 - b1^t)`` and ``1 / (1 - b2^t)`` of a 0-dim CPU ``step``.
+
+  Multiplying by them is how XLA computes a division by a broadcast scalar (and torch's CUDA
+  kernel a division by a CPU scalar): written out, the same expression runs on JAX, torch
+  CPU and torch CUDA. Returned as Python floats holding the float32 values (no device read:
+  ``step`` is on the CPU), which ATen applies in float32 again.
+  """
+  return _bias_corrections_at(float(step), b1, b2)
+
+
+@functools.lru_cache(maxsize=256)
+def _bias_corrections_at(t, b1, b2):
+  """:func:`_bias_corrections` of step ``t``, computed once per step for all parameters."""
+  step = torch.tensor(t, dtype=torch.float32)
+  return float(1 / (1 - b1**step)), float(1 / (1 - b2**step))
+
+
+def _update_moments(grad, exp_avg, exp_avg_sq, b1, b2, scratch):
+  """``m = b1 m + (1 - b1) g`` and ``v = b2 v + (1 - b2) g^2`` in place; ``scratch`` gets g^2.
+
+  ``add_(x, alpha=a)`` rounds ``y + a x`` as one fused multiply-add, as XLA's CPU fusion of
+  the same expressions does: the new moments equal ``qgalore_jax``'s bit for bit on CPU.
+  """
+  exp_avg.mul_(b1).add_(grad, alpha=1 - b1)
+  torch.mul(grad, grad, out=scratch)
+  exp_avg_sq.mul_(b2).add_(scratch, alpha=1 - b2)
+
+
+def _direction(exp_avg, exp_avg_sq, c1, c2, eps, out, scratch):
+  """``u = (m c1) / (sqrt(v c2) + eps)`` into ``out`` (``scratch`` is overwritten)."""
+  denom = torch.mul(exp_avg_sq, c2, out=scratch).sqrt_().add_(eps)
+  return torch.mul(exp_avg, c1, out=out).div_(denom)
+
+
+def adam_direction(grad, exp_avg, exp_avg_sq, step, b1, b2, eps, *, scratch=None):
   r"""One Adam step on float32 tensors (SPEC section 5; optax ``scale_by_adam``, eps_root 0).
 
   .. math::
@@ -52,27 +110,76 @@ def adam_direction(grad, exp_avg, exp_avg_sq, step, b1, b2, eps):
     grad: float32 gradient (the low-rank ``R`` for a projected matrix).
     exp_avg: float32 first moment ``m_{t-1}``, same shape.
     exp_avg_sq: float32 second moment ``v_{t-1}``, same shape.
-    step: float32 0-dim tensor, the 1-based step ``t`` of the new moments.
+    step: float32 0-dim CPU tensor, the 1-based step ``t`` of the new moments.
     b1: decay of the first moment.
     b2: decay of the second moment.
     eps: added to the root of the second moment.
+    scratch: optional float32 tensor of ``grad``'s shape for the temporaries; it may be
+      ``grad`` itself, which is then overwritten.
 
   Returns:
     The float32 Adam direction ``u``. ``exp_avg`` and ``exp_avg_sq`` are updated in place
-    (like torch's functional Adam), with the same roundings as the formulas above: each
-    operation is one IEEE-rounded op, in an order that addition's commutativity makes equal.
+    (like torch's functional Adam). ``add_(x, alpha=a)`` rounds ``m + a x`` as one fused
+    multiply-add, and so does XLA's CPU fusion of ``(1 - b1) g + b1 m``: the new moments
+    equal ``qgalore_jax``'s bit for bit on CPU (tested). The direction agrees to rounding
+    only: torch 2.13's CPU float32 ``sqrt`` is not correctly rounded (about one result in
+    five is 1 ulp off; XLA's and NumPy's are exact).
   """
-  # One scratch tensor serves every intermediate: full-size temporaries are what a step costs
-  # on large embeddings.
-  scratch = grad * (1 - b1)
-  exp_avg.mul_(b1).add_(scratch)
-  torch.mul(grad, grad, out=scratch)
-  exp_avg_sq.mul_(b2).add_(scratch.mul_(1 - b2))
-  # Multiplying by the float32 reciprocal of each bias correction, as XLA computes a
-  # division by a broadcast scalar (and torch's CUDA kernel a division by a CPU scalar):
-  # written out, the same expression runs on JAX, torch CPU and torch CUDA.
-  denom = torch.mul(exp_avg_sq, 1 / (1 - b2**step), out=scratch).sqrt_().add_(eps)
-  return (exp_avg * (1 / (1 - b1**step))).div_(denom)
+  c1, c2 = _bias_corrections(step, b1, b2)
+  if scratch is None:
+    scratch = torch.empty_like(exp_avg_sq)
+  _update_moments(grad, exp_avg, exp_avg_sq, b1, b2, scratch)
+  return _direction(exp_avg, exp_avg_sq, c1, c2, eps, torch.empty_like(exp_avg), scratch)
+
+
+def adamw_step_(param, grad, exp_avg, exp_avg_sq, step, b1, b2, eps, lr, weight_decay):
+  """:func:`adam_direction` and :func:`apply_update` of a float32 parameter, in place.
+
+  The same roundings as the two functions. On a CPU with one intra-op thread the tensors
+  are updated slice by slice (``_CPU_SLICE`` elements, no full-size temporary), which gives
+  the same elementwise results as the whole-tensor operations used otherwise.
+
+  Args:
+    param: float32 parameter (not an :class:`~qgalore_torch.Int8Weight`).
+    grad: its float32 gradient.
+    exp_avg: float32 first moment, updated in place.
+    exp_avg_sq: float32 second moment, updated in place.
+    step: float32 0-dim CPU tensor, the 1-based step of the new moments.
+    b1: decay of the first moment.
+    b2: decay of the second moment.
+    eps: added to the root of the second moment.
+    lr: learning rate.
+    weight_decay: decoupled weight decay.
+  """
+  c1, c2 = _bias_corrections(step, b1, b2)
+  tensors = (param, grad, exp_avg, exp_avg_sq)
+  size = param.numel()
+  sliced = param.device.type == "cpu" and torch.get_num_threads() == 1
+  if not sliced or not all(t.is_contiguous() for t in tensors):
+    scratch, out = torch.empty_like(exp_avg_sq), torch.empty_like(exp_avg)
+    _adamw_slice(*tensors, c1, c2, b1, b2, eps, lr, weight_decay, scratch, out)
+    return
+  scratch, out = torch.empty(2, min(size, _CPU_SLICE), dtype=torch.float32)
+  for p, g, m, v in zip(*(t.view(-1).split(_CPU_SLICE) for t in tensors), strict=True):
+    n = p.numel()
+    _adamw_slice(p, g, m, v, c1, c2, b1, b2, eps, lr, weight_decay, scratch[:n], out[:n])
+
+
+def _adamw_slice(
+  param, grad, exp_avg, exp_avg_sq, c1, c2, b1, b2, eps, lr, weight_decay, scratch, out
+):
+  """One AdamW step on matching slices; ``scratch`` and ``out`` are float32 temporaries."""
+  _update_moments(grad, exp_avg, exp_avg_sq, b1, b2, scratch)
+  direction = _direction(exp_avg, exp_avg_sq, c1, c2, eps, out, scratch)
+  _apply_float32(param, direction, lr, weight_decay)
+
+
+def _apply_float32(param, direction, lr, weight_decay):
+  """``W + (-lr) (direction + weight_decay W)`` into the float32 ``param``, two fused
+  multiply-adds: bit for bit what XLA computes for optax's ``adamw`` tail on CPU."""
+  if weight_decay:
+    direction.add_(param, alpha=weight_decay)
+  param.add_(direction, alpha=-lr)
 
 
 def refresh_projector(
@@ -134,19 +241,17 @@ def apply_update(param, direction, lr, weight_decay, *, seed=0, count=None, tens
     tensor_id: the parameter's position across the param groups (INT8 weights only).
   """
   if isinstance(param, Int8Weight):
-    w = param.dequantize()
-    update = (direction + weight_decay * w) * -lr
+    if weight_decay:
+      direction.add_(param.dequantize(), alpha=weight_decay)
     step = count.to(torch.int64) - 1
-    apply_int8_update(param, update, seed=seed, step=step, tensor_id=tensor_id)
+    apply_int8_update(param, direction.mul_(-lr), seed=seed, step=step, tensor_id=tensor_id)
     return
   if param.dtype == torch.float32:
-    # In place, with the roundings of the expression below (``direction`` is consumed).
-    if weight_decay:
-      direction.add_(weight_decay * param)
-    param.sub_(direction.mul_(lr))
+    _apply_float32(param, direction, lr, weight_decay)
     return
   w = param.to(torch.float32)
-  param.copy_(w - lr * (direction + weight_decay * w))
+  _apply_float32(w, direction, lr, weight_decay)
+  param.copy_(w)
 
 
 def _stored_from_state(state, bits):
@@ -182,23 +287,25 @@ def _init_moments(state, shape, device, moment_bits, like=None):
   state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
 
 
-def _adam_step(state, grad, group):
+def _adam_step(state, grad, group, scratch=None):
   """:func:`adam_direction` on the moments of ``state``, stored back as the group asks.
 
   Float32 moments of a float group are updated in place, as always. Otherwise each moment
   is loaded (dequantised if its state holds uint8 codes), updated in float32, and stored in
   8 bits where the group's ``moment_bits`` is 8 and its shape qualifies, else as float32:
   the stored form follows the group, so a state saved with other settings loads and carries
-  on.
+  on. ``scratch`` is passed on to :func:`adam_direction` (``grad`` itself when the caller
+  owns it).
   """
-  b1, b2 = group["betas"]
+  b1, b2 = (_number(b) for b in group["betas"])
   bits = group.get("moment_bits")
   state["step"] += 1
-  args = (state["step"], b1, b2, group["eps"])
+  args = (state["step"], b1, b2, _number(group["eps"]))
+  kwargs = {"scratch": scratch}
   if bits is None and state["exp_avg"].dtype != torch.uint8:
-    return adam_direction(grad, state["exp_avg"], state["exp_avg_sq"], *args)
+    return adam_direction(grad, state["exp_avg"], state["exp_avg_sq"], *args, **kwargs)
   exp_avg, exp_avg_sq = (_load_moment(state, key, signed) for key, signed in _MOMENT_KEYS)
-  u = adam_direction(grad, exp_avg, exp_avg_sq, *args)
+  u = adam_direction(grad, exp_avg, exp_avg_sq, *args, **kwargs)
   for (key, signed), value in zip(_MOMENT_KEYS, (exp_avg, exp_avg_sq), strict=True):
     _store_moment(state, key, value, signed, bits)
   return u
@@ -219,6 +326,31 @@ def _store_moment(state, key, value, signed, moment_bits):
     return
   state[key] = value
   state.pop(f"{key}_absmax", None)
+
+
+def _number(value):
+  """A hyperparameter as a Python number, which the fused in-place operations take.
+
+  A tensor (torch's optimizers accept e.g. a tensor ``lr``, which a schedule may update in
+  place) is read at every step with ``item()``: free for a CPU tensor; on an accelerator
+  it synchronises, as torch's own optimizers do without ``capturable``.
+  """
+  return value.item() if isinstance(value, torch.Tensor) else value
+
+
+def _float32_in_place(param, state, moment_bits):
+  """True when :func:`adamw_step_` can update ``param`` and its moments in place.
+
+  That is a float32 parameter (not INT8) whose moments are float32 and stay float32: no
+  8-bit storage is asked for their shape, and none is held from a state saved with it.
+  """
+  return (
+    param.dtype == torch.float32
+    and not isinstance(param, Int8Weight)
+    and state["exp_avg"].dtype == torch.float32
+    and state["exp_avg_sq"].dtype == torch.float32
+    and (moment_bits is None or not moments.is_quantized_shape(tuple(param.shape)))
+  )
 
 
 def _check_group(group, index):
@@ -485,8 +617,17 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     if not state:
       state["step"] = torch.zeros([], dtype=torch.float32, device=_HOST)
       _init_moments(state, tuple(p.shape), p.device, group.get("moment_bits"), like=p)
-    u = _adam_step(state, p.grad.to(torch.float32), group)
-    self._write(p, u, group, tensor_id)
+    grad = p.grad.to(torch.float32)
+    if _float32_in_place(p, state, group.get("moment_bits")):
+      b1, b2 = (_number(b) for b in group["betas"])
+      state["step"] += 1
+      exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+      hyper = (_number(group[key]) for key in ("eps", "lr", "weight_decay"))
+      args = (state["step"], b1, b2, *hyper)
+      adamw_step_(p, grad, exp_avg, exp_avg_sq, *args)
+      return
+    scratch = None if grad is p.grad else grad  # a float32 copy of the gradient is ours
+    self._write(p, _adam_step(state, grad, group, scratch), group, tensor_id)
 
   def _update_projected(self, p, group, tensor_id):
     shape = tuple(p.shape)
@@ -521,8 +662,21 @@ class QGaLoreAdamW(torch.optim.Optimizer):
       state.update(_stored_to_state(stored))
       state.update(subspace._asdict())
     basis_RxK = proj.load_projector(stored, basis_shape, bits, group_size)
-    u = _adam_step(state, proj.project(grad_MxN, basis_RxK), group)
-    direction = proj.project_back(u, basis_RxK, side).mul_(group["scale"])
+    low_rank = proj.project(grad_MxN, basis_RxK)
+    u = _adam_step(state, low_rank, group, scratch=low_rank)
+    lr, scale, wd = (_number(group[key]) for key in ("lr", "scale", "weight_decay"))
+    if p.dtype == torch.float32 and not isinstance(p, Int8Weight):
+      # W + (-lr) (scale back-project(u) + wd W), with W rounded once, as XLA does. Without
+      # decay one matmul call adds the update into W and there is no (m, n) temporary; with
+      # it one matmul call forms the parenthesis. (Not addmm_'s beta = 1 - lr wd: its float32
+      # rounding is the same every step, a bias of up to 2**-25 / (lr wd) in the decay rate.)
+      if not wd:
+        proj.project_back_add(p, u, basis_RxK, side, alpha=-lr * scale, out=p)
+      else:
+        direction = proj.project_back_add(p, u, basis_RxK, side, alpha=scale, beta=wd)
+        p.add_(direction, alpha=-lr)
+      return
+    direction = proj.project_back(u, basis_RxK, side).mul_(scale)
     self._write(p, direction, group, tensor_id)
 
   def _write(self, p, direction, group, tensor_id):
@@ -530,8 +684,8 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     apply_update(
       p,
       direction,
-      group["lr"],
-      group["weight_decay"],
+      _number(group["lr"]),
+      _number(group["weight_decay"]),
       seed=group["seed"],
       count=state["step"],
       tensor_id=tensor_id,

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from qgalore_torch._src import moments_test
+from qgalore_torch._src import optimizer
 from qgalore_torch._src.optimizer import QGaLoreAdamW
 from qgalore_torch._src.projector_test import naive_sign_rule
 from qgalore_torch._src.quantization_test import brute_force_quantize
@@ -20,15 +21,18 @@ def naive_dequantised(rows, bits, group_size):
   return (scales[group_of] * (codes.astype(np.float32) - zeros[group_of])).reshape(rows.shape)
 
 
-def naive_qgalore(w0, grads, rank, bits, group_size, scale, gap, cos_threshold, gamma, queue):
+def naive_qgalore(
+  w0, grads, rank, bits, group_size, scale, gap, cos_threshold, gamma, queue, weight_decay=None
+):
   """Q-GaLore on one canonical matrix as SPEC sections 2-5 state it, in float64.
 
   The SVD is torch's float32 LAPACK call, the one the optimizer makes, so that a
   rounding-level SVD difference cannot flip a 4-bit code; everything after it (sign rule,
   side, quantiser, schedule, Adam, decay) is re-derived here. Returns the final weights and
-  the 0-based steps that refreshed.
+  the 0-based steps that refreshed. ``weight_decay`` defaults to ``HYPER``'s.
   """
   lr, (b1, b2), eps, wd = HYPER["lr"], HYPER["betas"], HYPER["eps"], HYPER["weight_decay"]
+  wd = wd if weight_decay is None else weight_decay
   w = w0.astype(np.float64)
   m_dim, n_dim = w.shape
   right = m_dim >= n_dim
@@ -56,8 +60,9 @@ def naive_qgalore(w0, grads, rank, bits, group_size, scale, gap, cos_threshold, 
   return w, refreshes
 
 
-def naive_adamw(w0, grads):
+def naive_adamw(w0, grads, weight_decay=None):
   lr, (b1, b2), eps, wd = HYPER["lr"], HYPER["betas"], HYPER["eps"], HYPER["weight_decay"]
+  wd = wd if weight_decay is None else weight_decay
   w, m, v = w0.astype(np.float64), 0.0, 0.0
   for t, g in enumerate(grads, start=1):
     m = b1 * m + (1 - b1) * g
@@ -435,21 +440,32 @@ def test_cuda_matches_cpu_and_steps_without_refresh_do_not_synchronise():
 # --- 8-bit moments (docs/numerics.md, "8-bit moments") -------------------------------------
 
 
+def fused_multiply_add(a, b, c):
+  """float32 ``a * b + c`` rounded once, as a fused multiply-add rounds it.
+
+  The float64 product of two float32 values is exact; the float64 sum is then rounded twice
+  (to float64, then to float32), which differs from one rounding only in the rare case that
+  the first rounding lands exactly on a float32 rounding tie.
+  """
+  a, b, c = (np.asarray(x, np.float32).astype(np.float64) for x in (a, b, c))
+  return (a * b + c).astype(np.float32)
+
+
 def naive_adam_8bit(grads, steps_of):
   """Adam with 8-bit moments as docs/numerics.md states it: dequantise, float32 Adam,
   direction from the float32 moments, requantise (the brute-force quantiser of
   ``moments_test``). ``grads`` are float32 (the low-rank ``R`` of a projected matrix).
 
   Returns, per step, the float64 direction ``u`` and the stored ``(codes, absmax)`` of both
-  moments. The moment updates are written in float32 with the documented roundings, one
-  IEEE operation at a time, so the codes can be compared bit for bit.
+  moments. The moment updates are written in float32 with the optimizer's roundings (``b m``
+  rounded, then one fused multiply-add), so the codes can be compared bit for bit.
   """
   (b1, b2), eps = HYPER["betas"], HYPER["eps"]
   m = v = np.zeros(grads[0].shape, np.float32)
   out = []
   for t, g in zip(steps_of, grads, strict=True):
-    m = np.float32(b1) * m + g * np.float32(1 - b1)
-    v = np.float32(b2) * v + (g * g) * np.float32(1 - b2)
+    m = fused_multiply_add(np.float32(1 - b1), g, np.float32(b1) * m)
+    v = fused_multiply_add(np.float32(1 - b2), g * g, np.float32(b2) * v)
     m64, v64 = m.astype(np.float64), v.astype(np.float64)
     u = (m64 / (1 - b1**t)) / (np.sqrt(v64 / (1 - b2**t)) + eps)
     stored_m = moments_test.brute_force_quantize(m, signed=True)
@@ -512,8 +528,8 @@ def test_8bit_moments_of_projected_leaf_match_naive_reference(shape):
     low_rank = (w.grad @ basis.T if right else basis @ w.grad).numpy()
     if m is None:
       m = v = np.zeros(low_rank.shape, np.float32)
-    m = np.float32(b1) * m + low_rank * np.float32(1 - b1)
-    v = np.float32(b2) * v + (low_rank * low_rank) * np.float32(1 - b2)
+    m = fused_multiply_add(np.float32(1 - b1), low_rank, np.float32(b1) * m)
+    v = fused_multiply_add(np.float32(1 - b2), low_rank * low_rank, np.float32(b2) * v)
     m64, v64 = m.astype(np.float64), v.astype(np.float64)
     u = (m64 / (1 - b1**t)) / (np.sqrt(v64 / (1 - b2**t)) + eps)
     stored_m = moments_test.brute_force_quantize(m, signed=True)
@@ -765,3 +781,133 @@ def test_cuda_8bit_moments_match_cpu_and_do_not_synchronise():
   torch.testing.assert_close(
     cuda_params[1].detach().cpu(), cpu_params[1].detach(), rtol=1e-4, atol=1e-5
   )
+
+
+# --- The in-place float32 step (optimizer.adamw_step_, project_back_add) --------------------
+
+
+def fused_moments(grads):
+  """float32 moments as the optimizer rounds them: ``b m`` rounded, then one fused
+  multiply-add (and the same for ``v`` with ``g * g`` rounded first)."""
+  b1, b2 = HYPER["betas"]
+  m = v = np.zeros(grads[0].shape, np.float32)
+  for g in grads:
+    m = fused_multiply_add(np.float32(1 - b1), g, np.float32(b1) * m)
+    v = fused_multiply_add(np.float32(1 - b2), g * g, np.float32(b2) * v)
+  return m, v
+
+
+@pytest.fixture
+def one_thread():
+  """One intra-op thread, the setting in which plain AdamW updates a CPU tensor in slices."""
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.usefixtures("one_thread")
+def test_plain_adamw_in_slices_matches_reference(monkeypatch, weight_decay):
+  """A (40, 25) matrix updated in slices of 64 elements (the last one partial): the moments
+  equal the fused-multiply-add reference bit for bit, the weights the float64 reference to
+  rounding; and slicing changes no bit (one slice, a transposed parameter and two threads,
+  which take the whole-tensor path, give the same weights and moments)."""
+  steps, shape = 5, (40, 25)
+  hyper = {**HYPER, "weight_decay": weight_decay}
+  w0 = np.random.default_rng(50).standard_normal(shape).astype(np.float32)
+  grads = _gradients(shape, steps, seed=51)
+  runs = []
+  cases = ((64, False, 1), (1 << 20, False, 1), (64, True, 1), (64, False, 2))
+  for slice_size, transposed, threads in cases:
+    monkeypatch.setattr(optimizer, "_CPU_SLICE", slice_size)
+    torch.set_num_threads(threads)
+    if transposed:  # (25, 40) storage seen as (40, 25): not contiguous
+      w = torch.nn.Parameter(torch.from_numpy(w0.T.copy()).T)
+      assert not w.is_contiguous()
+    else:
+      w = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+    opt = QGaLoreAdamW([w], **hyper)
+    for g in grads:
+      w.grad = torch.from_numpy(g.T.copy()).T if transposed else torch.from_numpy(g)
+      opt.step()
+    runs.append((w.detach().numpy(), opt.state[w]["exp_avg"], opt.state[w]["exp_avg_sq"]))
+  want_m, want_v = fused_moments(grads)
+  np.testing.assert_array_equal(runs[0][1].numpy(), want_m)
+  np.testing.assert_array_equal(runs[0][2].numpy(), want_v)
+  w_ref = naive_adamw(w0, grads, weight_decay)
+  np.testing.assert_allclose(runs[0][0], w_ref, rtol=1e-5, atol=1e-6)
+  for other in runs[1:]:
+    for got, want in zip(other, runs[0], strict=True):
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("shape", [(10, 4), (4, 9)], ids=["right", "left"])
+@pytest.mark.parametrize("bits", [4, None])
+def test_projected_without_weight_decay_matches_naive_reference(shape, bits):
+  """Without decay the update goes into W by one in-place matmul call (``addmm_``)."""
+  steps = 8
+  w0 = np.random.default_rng(52).standard_normal(shape).astype(np.float32)
+  w = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+  group = dict(params=[w], rank=2, scale=0.5, proj_bits=bits, proj_group_size=4)
+  opt = QGaLoreAdamW([{**group, "update_proj_gap": 3}], **{**HYPER, "weight_decay": 0.0})
+  grads = _gradients(shape, steps, seed=53)
+  _run([w], [grads], opt, steps)
+  expected, refreshes = naive_qgalore(w0, grads, 2, bits, 4, 0.5, 3, 0.4, 2, 5, weight_decay=0.0)
+  assert refreshes == [0, 3, 6]
+  np.testing.assert_allclose(w.detach().numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_moments_equal_qgalore_jax_bit_for_bit():
+  """``m.mul_(b1).add_(g, alpha=1 - b1)`` rounds as XLA's CPU fusion of
+  ``(1 - b1) * g + b1 * m`` does (and likewise ``v``): float32 moments of the plain and the
+  projected path equal ``qgalore_jax``'s ``adam_step`` under ``jax.jit`` bit for bit, on
+  gradients spanning six decades and shapes with partial SIMD vectors."""
+  jax = pytest.importorskip("jax")
+  from qgalore_jax._src import moments as jax_moments
+
+  (b1, b2), eps = HYPER["betas"], HYPER["eps"]
+  jax_step = jax.jit(jax_moments.adam_step, static_argnums=(4, 5, 6))
+  rng = np.random.default_rng(54)
+  for shape in ((7, 13), (300, 37)):
+    mu = nu = np.zeros(shape, np.float32)
+    exp_avg, exp_avg_sq = torch.zeros(shape), torch.zeros(shape)
+    for t in range(1, 6):
+      g = (rng.standard_normal(shape) * 10.0 ** rng.uniform(-6, 0, shape)).astype(np.float32)
+      _, mu, nu = (np.asarray(x) for x in jax_step(g, mu, nu, np.int32(t), b1, b2, eps))
+      optimizer.adam_direction(
+        torch.from_numpy(g), exp_avg, exp_avg_sq, torch.tensor(float(t)), b1, b2, eps
+      )
+      np.testing.assert_array_equal(exp_avg.numpy(), mu)
+      np.testing.assert_array_equal(exp_avg_sq.numpy(), nu)
+
+
+def test_tensor_hyperparameters_step_like_numbers():
+  """0-dim CPU tensors (e.g. an ``lr`` a schedule updates in place) give the weights that
+  Python numbers of the same (float32) values give, bit for bit, on the projected and the
+  plain path."""
+  results = []
+  for as_tensor in (False, True):
+    value = torch.tensor if as_tensor else lambda x: float(np.float32(x))
+    params = _model(torch.float32)
+    tall, wide, bias = params
+    hyper = dict(
+      lr=value(HYPER["lr"]),
+      betas=tuple(value(b) for b in HYPER["betas"]),
+      eps=value(HYPER["eps"]),
+      weight_decay=value(HYPER["weight_decay"]),
+    )
+    opt = QGaLoreAdamW(
+      [{"params": [tall, wide], "rank": 2, "proj_group_size": 4}, {"params": [bias]}], **hyper
+    )
+    grads = [_gradients(tuple(p.shape), 4, seed=60 + i) for i, p in enumerate(params)]
+    _run(params, grads, opt, 2)
+    for group in opt.param_groups:
+      if as_tensor:
+        group["lr"].fill_(HYPER["lr"] / 2)  # in place, as a scheduler does
+      else:
+        group["lr"] = value(HYPER["lr"] / 2)
+    _run(params, [g[2:] for g in grads], opt, 2)
+    results.append([p.detach().clone() for p in params])
+  for a, b in zip(*results, strict=True):
+    assert torch.equal(a, b)

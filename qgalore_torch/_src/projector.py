@@ -87,6 +87,27 @@ def project_back(low_rank: torch.Tensor, basis_RxK: torch.Tensor, side: str) -> 
   return basis_RxK.T @ low_rank
 
 
+def project_back_add(
+  c: torch.Tensor,
+  low_rank: torch.Tensor,
+  basis_RxK: torch.Tensor,
+  side: str,
+  *,
+  alpha: float = 1.0,
+  beta: float = 1.0,
+  out: torch.Tensor | None = None,
+) -> torch.Tensor:
+  """``beta c + alpha back-project(low_rank)`` as one matmul call (``torch.addmm``).
+
+  ``c`` is a float32 canonical (m, n) matrix; ``out=c`` updates it in place, without an
+  (m, n) temporary. ``alpha`` and ``beta`` are Python numbers.
+  """
+  a, b = (low_rank, basis_RxK) if side == RIGHT else (basis_RxK.T, low_rank)
+  if out is c:
+    return c.addmm_(a, b, beta=beta, alpha=alpha)
+  return torch.addmm(c, a, b, beta=beta, alpha=alpha, out=out)
+
+
 def store_projector(basis_RxK: torch.Tensor, bits: int | None, group_size: int):
   """The stored form of a projector: a packed :class:`QuantizedTensor`, or float32 if no bits."""
   if bits is None:
