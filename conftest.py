@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: the authors' projector as an independent oracle."""
+"""Shared pytest fixtures: the authors' projector as an independent oracle, one torch thread."""
 
 import importlib.util
 import os
@@ -32,3 +32,14 @@ def authors_projector_cls():
   """``GaLoreProjector`` from the authors' ``q-galore-torch`` 1.0 (skips when absent)."""
   pytest.importorskip("torch", reason="torch is needed for the authors' projector")
   return _load_authors_module("q_galore_torch", "q_galore_projector").GaLoreProjector
+
+
+@pytest.fixture
+def one_thread():
+  """One torch intra-op thread for the test (the setting of the torch speed benchmark, and
+  the one in which plain AdamW updates a CPU tensor in slices)."""
+  torch = pytest.importorskip("torch")
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)

@@ -22,14 +22,6 @@ TINY_MODEL = dict(hidden=32, ffn=48, layers=2, heads=4, vocab=64)
 HAS_GALORE_TORCH = importlib.util.find_spec("galore_torch") is not None
 
 
-@pytest.fixture
-def one_thread():
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
-
-
 def test_llama_shapes_and_projected_matrices():
   shapes = torch_step_speed.torch_param_shapes(512, 1376, 8)
   assert shapes["layers.7.gate"] == (1376, 512) and shapes["layers.7.down"] == (512, 1376)

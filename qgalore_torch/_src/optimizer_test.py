@@ -165,26 +165,35 @@ def _optimizer(params):
   )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_state_dict_round_trip_resumes_bit_identically(dtype):
-  grads = [_gradients(tuple(p.shape), 12, seed=i) for i, p in enumerate(_model(dtype))]
-  params = _model(dtype)
-  opt = _optimizer(params)
-  _run(params, [g[:5] for g in grads], opt, 5)
+def _save_and_load(opt, make_optimizer, params):
   buffer = io.BytesIO()
   torch.save(opt.state_dict(), buffer)
   buffer.seek(0)
   resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
-  resumed = _optimizer(resumed_params)
+  resumed = make_optimizer(resumed_params)
   resumed.load_state_dict(torch.load(buffer, weights_only=True))
-  _run(params, [g[5:] for g in grads], opt, 7)
-  _run(resumed_params, [g[5:] for g in grads], resumed, 7)
+  return resumed, resumed_params
+
+
+def _assert_same_weights_and_state(opt, params, resumed, resumed_params):
   for p, q in zip(params, resumed_params, strict=True):
     assert torch.equal(p, q)
     assert opt.state[p].keys() == resumed.state[q].keys()
     for key, value in opt.state[p].items():
       assert value.dtype == resumed.state[q][key].dtype, key
       assert torch.equal(value, resumed.state[q][key]), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_round_trip_resumes_bit_identically(dtype):
+  grads = [_gradients(tuple(p.shape), 12, seed=i) for i, p in enumerate(_model(dtype))]
+  params = _model(dtype)
+  opt = _optimizer(params)
+  _run(params, [g[:5] for g in grads], opt, 5)
+  resumed, resumed_params = _save_and_load(opt, _optimizer, params)
+  _run(params, [g[5:] for g in grads], opt, 7)
+  _run(resumed_params, [g[5:] for g in grads], resumed, 7)
+  _assert_same_weights_and_state(opt, params, resumed, resumed_params)
   tall_state = resumed.state[resumed_params[0]]
   assert tall_state["proj_codes"].dtype == torch.uint8
   assert tall_state["exp_avg"].dtype == torch.float32
@@ -374,6 +383,18 @@ def _mlp_optimizer(model):
   )
 
 
+def _train_normal_and_layerwise(normal, normal_opt, layerwise, layerwise_opt, data, accumulation):
+  """Trains two copies on ``data``: one with ``step()`` every ``accumulation`` micro-batches,
+  the other with layer-wise hooks (which step inside ``backward``)."""
+  layerwise_opt.register_layerwise_hooks(accumulation)
+  for i, x in enumerate(data):
+    normal(x).square().mean().backward()
+    if (i + 1) % accumulation == 0:
+      normal_opt.step()
+      normal_opt.zero_grad()
+    layerwise(x).square().mean().backward()
+
+
 @pytest.mark.parametrize("accumulation_steps", [1, 3])
 def test_layerwise_mode_matches_step(accumulation_steps):
   batches = 4
@@ -381,13 +402,9 @@ def test_layerwise_mode_matches_step(accumulation_steps):
   normal, layerwise = _mlp(), _mlp()
   normal_opt, layerwise_opt = _mlp_optimizer(normal), _mlp_optimizer(layerwise)
   initial = [p.detach().clone() for p in layerwise.parameters()]
-  layerwise_opt.register_layerwise_hooks(accumulation_steps)
-  for i, x in enumerate(data):
-    normal(x).square().mean().backward()
-    if (i + 1) % accumulation_steps == 0:
-      normal_opt.step()
-      normal_opt.zero_grad()
-    layerwise(x).square().mean().backward()
+  _train_normal_and_layerwise(
+    normal, normal_opt, layerwise, layerwise_opt, data, accumulation_steps
+  )
   for p, q, p0 in zip(normal.parameters(), layerwise.parameters(), initial, strict=True):
     assert torch.equal(p, q)
     assert not torch.equal(q, p0)  # every parameter, norms and biases included, moved
@@ -647,16 +664,6 @@ def test_8bit_moments_converge_like_float_moments(projected):
   assert eight_loss == pytest.approx(float_loss, rel=0.05)
 
 
-def _save_and_load(opt, make_optimizer, params):
-  buffer = io.BytesIO()
-  torch.save(opt.state_dict(), buffer)
-  buffer.seek(0)
-  resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
-  resumed = make_optimizer(resumed_params)
-  resumed.load_state_dict(torch.load(buffer, weights_only=True))
-  return resumed, resumed_params
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_8bit_state_dict_round_trip_resumes_bit_identically(dtype):
   grads = [_gradients(tuple(p.shape), 10, seed=60 + i) for i, p in enumerate(_big_model(dtype))]
@@ -667,12 +674,7 @@ def test_8bit_state_dict_round_trip_resumes_bit_identically(dtype):
   resumed, resumed_params = _save_and_load(opt, make, params)
   _run(params, [g[4:] for g in grads], opt, 6)
   _run(resumed_params, [g[4:] for g in grads], resumed, 6)
-  for p, q in zip(params, resumed_params, strict=True):
-    assert torch.equal(p, q)
-    assert opt.state[p].keys() == resumed.state[q].keys()
-    for key, value in opt.state[p].items():
-      assert value.dtype == resumed.state[q][key].dtype, key
-      assert torch.equal(value, resumed.state[q][key]), key
+  _assert_same_weights_and_state(opt, params, resumed, resumed_params)
   state = resumed.state[resumed_params[1]]
   assert state["exp_avg"].dtype == torch.uint8 and state["exp_avg_absmax"].dtype == torch.float32
   assert resumed.param_groups[0]["moment_bits"] == 8
@@ -720,13 +722,9 @@ def test_layerwise_mode_matches_step_with_8bit_moments(accumulation_steps):
   data = torch.randn(batches * accumulation_steps, 8, 64, generator=generator)
   normal, layerwise = _big_mlp(), _big_mlp()
   normal_opt, layerwise_opt = _big_mlp_optimizer(normal), _big_mlp_optimizer(layerwise)
-  layerwise_opt.register_layerwise_hooks(accumulation_steps)
-  for i, x in enumerate(data):
-    normal(x).square().mean().backward()
-    if (i + 1) % accumulation_steps == 0:
-      normal_opt.step()
-      normal_opt.zero_grad()
-    layerwise(x).square().mean().backward()
+  _train_normal_and_layerwise(
+    normal, normal_opt, layerwise, layerwise_opt, data, accumulation_steps
+  )
   for p, q in zip(normal.parameters(), layerwise.parameters(), strict=True):
     assert torch.equal(p, q)
     assert q.grad is None
@@ -795,15 +793,6 @@ def fused_moments(grads):
     m = fused_multiply_add(np.float32(1 - b1), g, np.float32(b1) * m)
     v = fused_multiply_add(np.float32(1 - b2), g * g, np.float32(b2) * v)
   return m, v
-
-
-@pytest.fixture
-def one_thread():
-  """One intra-op thread, the setting in which plain AdamW updates a CPU tensor in slices."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
