@@ -19,8 +19,8 @@ gap it held then), and writes ``svd_study.json``, ``svd_study.md`` and ``svd_stu
 The gap starts small (10) so that it can grow within a CPU-sized run: each matrix needs 5
 refreshes (``queue_size`` cosines) before its gap can double.
 
-Rerun (the results in ``benchmarks/results/``: 14.5 minutes wall, 7 minutes of CPU time, on
-the 2-core CPU machine while other jobs loaded it to a load average of 6-7)::
+Rerun (the results in ``benchmarks/results/``: 3 min 55 s wall on the quiet 2-core CPU
+machine; 14.5 minutes while other jobs loaded it to a load average of 6-7)::
 
   OPENBLAS_NUM_THREADS=1 python -m benchmarks.svd_study
   python -m benchmarks.svd_study --optimizers adamw,qgalore,qgalore-fixedgap,galore,qgalore-noquant
