@@ -247,7 +247,7 @@ def _jax_step(tx, int8: bool, shared: bool, moment_bits=None):
       if moment_bits is None:
         record[field] = {name: stored[name][name] for name in llama.NAMES}
         continue
-      pairs = {name: (q.codes[name], q.absmax[name]) for name, q in stored.items()}
+      pairs = {n: jax_moments.QuantizedMoment(q.codes[n], q.absmax[n]) for n, q in stored.items()}
       record[field] = {n: jax_moments.load_moment(p, signed, 8) for n, p in pairs.items()}
       eight = {n: p for n, p in pairs.items() if p[0].dtype == jnp.uint8}
       record[f"{field}_codes"] = {n: p[0] for n, p in eight.items()}

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qgalore_jax._src import trees
 from qgalore_jax._src.checks import check_number
 from qgalore_jax._src.quantization import exact_divide
 
@@ -162,26 +163,25 @@ def dequantize_moment(q: QuantizedMoment, signed: bool) -> jax.Array:
 def init_moment(shape: tuple[int, ...], signed: bool, moment_bits: int | None, dtype=None):
   """Zero moment of ``shape``: float (``dtype``, default float32) or a quantised pair.
 
-  With ``moment_bits=8`` returns ``(codes, absmax)`` arrays (see
-  :class:`QuantizedMoment`); otherwise a float array.
+  With ``moment_bits=8`` returns a :class:`QuantizedMoment` (for a moment kept in float32,
+  its float32 zeros and no absmax); otherwise a float array.
   """
   if moment_bits is None:
     return jnp.zeros(shape, dtype or jnp.float32)
   if not is_quantized_shape(shape):
-    return jnp.zeros(shape, jnp.float32), optax.MaskedNode()
+    return QuantizedMoment(jnp.zeros(shape, jnp.float32), optax.MaskedNode())
   tiles = (-(-shape[0] // TILE), -(-shape[1] // TILE))
   zero_code = SIGNED_ZERO_CODE if signed else 0
-  return jnp.full(shape, zero_code, jnp.uint8), jnp.zeros(tiles, jnp.float32)
+  return QuantizedMoment(jnp.full(shape, zero_code, jnp.uint8), jnp.zeros(tiles, jnp.float32))
 
 
 def load_moment(stored, signed: bool, moment_bits: int | None) -> jax.Array:
-  """The float32 moment held by ``stored`` (a float array or a ``(codes, absmax)`` pair)."""
+  """The float32 moment held by ``stored`` (a float array or a :class:`QuantizedMoment`)."""
   if moment_bits is None:
     return stored.astype(jnp.float32)
-  codes, absmax = stored
-  if codes.dtype != jnp.uint8:
-    return codes
-  return dequantize_moment(QuantizedMoment(codes, absmax), signed)
+  if stored.codes.dtype != jnp.uint8:
+    return stored.codes
+  return dequantize_moment(stored, signed)
 
 
 def store_moment(x: jax.Array, signed: bool, moment_bits: int | None, dtype=None):
@@ -189,8 +189,8 @@ def store_moment(x: jax.Array, signed: bool, moment_bits: int | None, dtype=None
   if moment_bits is None:
     return x.astype(dtype or jnp.float32)
   if not is_quantized_shape(x.shape):
-    return x, optax.MaskedNode()
-  return tuple(quantize_moment(x, signed))
+    return QuantizedMoment(x, optax.MaskedNode())
+  return quantize_moment(x, signed)
 
 
 def adam_step(g, mu, nu, count_inc, b1, b2, eps):
@@ -225,18 +225,9 @@ def check_moment_bits(moment_bits, mu_dtype=None) -> None:
     raise ValueError("`mu_dtype` and `moment_bits` both set the moments' storage; pass one")
 
 
-def _pack(treedef, per_leaf, moment_bits):
-  """A tree of stored moments, or a :class:`QuantizedMoment` of two trees."""
-  if moment_bits is None:
-    return treedef.unflatten(per_leaf)
-  return QuantizedMoment(*(treedef.unflatten([leaf[i] for leaf in per_leaf]) for i in range(2)))
-
-
-def _unpack(treedef, stored, moment_bits):
-  """Inverse of :func:`_pack`: one stored moment per leaf of ``treedef``."""
-  if moment_bits is None:
-    return treedef.flatten_up_to(stored)
-  return list(zip(*(treedef.flatten_up_to(tree) for tree in stored), strict=True))
+def moment_cls(moment_bits):
+  """How a tree of moments is stored: arrays (``None``) or :class:`QuantizedMoment` of trees."""
+  return None if moment_bits is None else QuantizedMoment
 
 
 class ScaleByAdam8bitState(NamedTuple):
@@ -287,8 +278,10 @@ def scale_by_adam_8bit(
     leaves, treedef = jax.tree.flatten(params)
     return ScaleByAdam8bitState(
       count=jnp.zeros([], jnp.int32),
-      mu=_pack(treedef, [init_moment(jnp.shape(p), True, 8) for p in leaves], 8),
-      nu=_pack(treedef, [init_moment(jnp.shape(p), False, 8) for p in leaves], 8),
+      mu=trees.pack(treedef, [init_moment(jnp.shape(p), True, 8) for p in leaves], QuantizedMoment),
+      nu=trees.pack(
+        treedef, [init_moment(jnp.shape(p), False, 8) for p in leaves], QuantizedMoment
+      ),
     )
 
   def update_fn(updates, state, params=None):
@@ -297,12 +290,15 @@ def scale_by_adam_8bit(
     count_inc = optax.safe_increment(state.count)
     out = []
     for g, mu, nu in zip(
-      leaves, _unpack(treedef, state.mu, 8), _unpack(treedef, state.nu, 8), strict=True
+      leaves,
+      trees.unpack(treedef, state.mu, QuantizedMoment),
+      trees.unpack(treedef, state.nu, QuantizedMoment),
+      strict=True,
     ):
       u, mu, nu = adam_step(
         g.astype(jnp.float32),
-        load_moment(mu, True, 8),
-        load_moment(nu, False, 8),
+        load_moment(mu, True, QuantizedMoment),
+        load_moment(nu, False, QuantizedMoment),
         count_inc,
         b1,
         b2,
@@ -311,8 +307,8 @@ def scale_by_adam_8bit(
       out.append((u.astype(g.dtype), store_moment(mu, True, 8), store_moment(nu, False, 8)))
     return treedef.unflatten([o[0] for o in out]), ScaleByAdam8bitState(
       count=count_inc,
-      mu=_pack(treedef, [o[1] for o in out], 8),
-      nu=_pack(treedef, [o[2] for o in out], 8),
+      mu=trees.pack(treedef, [o[1] for o in out], QuantizedMoment),
+      nu=trees.pack(treedef, [o[2] for o in out], QuantizedMoment),
     )
 
   return optax.GradientTransformation(init_fn, update_fn)

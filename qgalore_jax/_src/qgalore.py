@@ -17,6 +17,7 @@ import optax
 from qgalore_jax._src import moments
 from qgalore_jax._src import projector as proj
 from qgalore_jax._src import schedule
+from qgalore_jax._src import trees
 from qgalore_jax._src.checks import _static_hint
 from qgalore_jax._src.checks import check_bits
 from qgalore_jax._src.checks import check_int
@@ -43,17 +44,6 @@ class ScaleByQGaLoreState(NamedTuple):
   # a tree of float32 [r, k] bases when proj_bits is None.
   projector: Any
   subspace: schedule.SubspaceState  # whose fields are trees: gap, cosines, ... per matrix
-
-
-def _struct_of_trees(cls, treedef, per_leaf):
-  """``cls`` whose fields are trees, from one ``cls`` per leaf (a pytree transpose)."""
-  return cls(*(treedef.unflatten([getattr(x, f) for x in per_leaf]) for f in cls._fields))
-
-
-def _per_leaf(cls, treedef, struct):
-  """Inverse of :func:`_struct_of_trees`: one ``cls`` per leaf of ``treedef``."""
-  fields = [treedef.flatten_up_to(getattr(struct, f)) for f in cls._fields]
-  return [cls(*values) for values in zip(*fields, strict=True)]
 
 
 def _path_str(path) -> str:
@@ -262,15 +252,8 @@ def scale_by_qgalore(
     nu = moments.store_moment(nu, False, moment_bits)
     return direction, mu, nu, stored, subspace
 
-  def pack_projectors(treedef, stored):
-    if proj_bits is None:
-      return treedef.unflatten(stored)
-    return _struct_of_trees(QuantizedArray, treedef, stored)
-
-  def unpack_projectors(treedef, projector):
-    if proj_bits is None:
-      return treedef.flatten_up_to(projector)
-    return _per_leaf(QuantizedArray, treedef, projector)
+  projector_cls = None if proj_bits is None else QuantizedArray
+  moment_cls = moments.moment_cls(moment_bits)
 
   def init_fn(params):
     axes = _resolve_input_axes(params, input_axis, "scale_by_qgalore")
@@ -279,10 +262,10 @@ def scale_by_qgalore(
     mu, nu, stored, subspace = ([leaf[i] for leaf in per_leaf] for i in range(4))
     return ScaleByQGaLoreState(
       count=jnp.zeros([], jnp.int32),
-      mu=moments._pack(treedef, mu, moment_bits),
-      nu=moments._pack(treedef, nu, moment_bits),
-      projector=pack_projectors(treedef, stored),
-      subspace=_struct_of_trees(schedule.SubspaceState, treedef, subspace),
+      mu=trees.pack(treedef, mu, moment_cls),
+      nu=trees.pack(treedef, nu, moment_cls),
+      projector=trees.pack(treedef, stored, projector_cls),
+      subspace=trees.struct_of_trees(schedule.SubspaceState, treedef, subspace),
     )
 
   def update_fn(updates, state, params=None):
@@ -294,10 +277,10 @@ def scale_by_qgalore(
       update_leaf(g, mu, nu, stored, sub, a, state.count, count_inc)
       for g, mu, nu, stored, sub, a in zip(
         leaves,
-        moments._unpack(treedef, state.mu, moment_bits),
-        moments._unpack(treedef, state.nu, moment_bits),
-        unpack_projectors(treedef, state.projector),
-        _per_leaf(schedule.SubspaceState, treedef, state.subspace),
+        trees.unpack(treedef, state.mu, moment_cls),
+        trees.unpack(treedef, state.nu, moment_cls),
+        trees.unpack(treedef, state.projector, projector_cls),
+        trees.structs_per_leaf(schedule.SubspaceState, treedef, state.subspace),
         axes,
         strict=True,
       )
@@ -305,10 +288,10 @@ def scale_by_qgalore(
     new_updates, mu, nu, stored, subspace = ([leaf[i] for leaf in per_leaf] for i in range(5))
     return treedef.unflatten(new_updates), ScaleByQGaLoreState(
       count=count_inc,
-      mu=moments._pack(treedef, mu, moment_bits),
-      nu=moments._pack(treedef, nu, moment_bits),
-      projector=pack_projectors(treedef, stored),
-      subspace=_struct_of_trees(schedule.SubspaceState, treedef, subspace),
+      mu=trees.pack(treedef, mu, moment_cls),
+      nu=trees.pack(treedef, nu, moment_cls),
+      projector=trees.pack(treedef, stored, projector_cls),
+      subspace=trees.struct_of_trees(schedule.SubspaceState, treedef, subspace),
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
