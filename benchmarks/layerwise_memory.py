@@ -25,7 +25,8 @@ allocated when the iteration began (parameters, moments, projectors):
   themselves.
 * ``rss``: the growth of the process's resident set over the measured iterations, read from
   the kernel: ``VmHWM`` (peak resident set, reset by writing ``5`` to
-  ``/proc/self/clear_refs`` before them) minus ``VmRSS`` when they began. It sees everything
+  ``/proc/self/clear_refs`` before them; never below ``VmRSS`` at either end, since the
+  kernel updates it lazily) minus ``VmRSS`` when they began. It sees everything
   the process touches, library scratch included, but also the allocator's behaviour: glibc
   keeps freed small blocks, so the children run with ``MALLOC_MMAP_THRESHOLD_=131072``
   (blocks of 128 KiB or more are mapped and unmapped one by one, the threshold no longer
@@ -199,7 +200,10 @@ def measure_mode(mode, config, batch, seq, rank, gap, warmup, measured, device, 
   for i in range(warmup, warmup + measured):
     train_iteration(model, opt, tokens[i], mode)
   seconds = (time.perf_counter() - start) / measured
-  rss_peak_kib = _proc_status_kib("VmHWM")
+  # The kernel folds the live resident set into VmHWM lazily (on unmap, not on every
+  # madvise-free), so VmHWM can read a page or two under the VmRSS taken just after the
+  # reset. The peak is at least the resident set at either end of the measured window.
+  rss_peak_kib = max(_proc_status_kib("VmHWM"), _proc_status_kib("VmRSS"), rss_start_kib)
 
   peaks = {"rss": (rss_peak_kib - rss_start_kib) * 1024}
   activities = [torch.profiler.ProfilerActivity.CPU]
