@@ -174,7 +174,7 @@ def measure(case: str, dev: core.Device) -> list[core.Check]:
 
 def measure_maps(dev: core.Device) -> list[core.Check]:
   """The two maps and their thresholds, as each package holds them (float32 constants)."""
-  # JAX appends +inf to its 255 thresholds (the sentinel of its binary search).
+  # JAX appends +inf to its 255 thresholds (so a lookup past the last one is in range).
   pairs = {
     "signed map": (jax_moments.SIGNED_MAP, torch_moments.SIGNED_MAP),
     "unsigned map": (jax_moments.UNSIGNED_MAP, torch_moments.UNSIGNED_MAP),

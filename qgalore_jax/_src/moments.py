@@ -105,13 +105,43 @@ def _flush(x: jax.Array) -> jax.Array:
   return jnp.where(jnp.abs(x) < TINY, 0.0, x)
 
 
-def _encode(y: jax.Array, thresholds: np.ndarray) -> jax.Array:
-  """Number of thresholds below ``y``: a branch-free binary search, 8 gathers."""
-  table = jnp.asarray(thresholds)
-  code = jnp.zeros(y.shape, jnp.int32)
-  for step in (128, 64, 32, 16, 8, 4, 2, 1):
-    code = jnp.where(table[code + (step - 1)] < y, code + step, code)
-  return code
+# _encode finds a code with two gathers instead of a binary search's eight. The float32
+# bit pattern of |y|, shifted right by _SHIFT, names a bucket of 2**_SHIFT consecutive
+# floats: 1/256 of a binade, narrower than any gap between two thresholds (checked
+# below), so a bucket holds at most one threshold and the code of every y in it is the
+# code of its lowest value, plus one if y lies above that threshold. Magnitudes under
+# 2**-24 (below every nonzero threshold) share one bucket; |y| <= 1 bounds the other end.
+_SHIFT = 15
+_BUCKET_LO = int(np.float32(2.0**-24).view(np.int32)) >> _SHIFT
+_BUCKET_HI = int(np.float32(1.0).view(np.int32)) >> _SHIFT
+_BUCKETS = _BUCKET_HI - _BUCKET_LO + 1
+
+
+def _bucket_codes(thresholds: np.ndarray) -> np.ndarray:
+  """int32 [2 * _BUCKETS]: the code of each bucket's lowest value, y >= 0 then y < 0."""
+  b = np.arange(_BUCKET_LO, _BUCKET_HI + 1, dtype=np.int64)
+  top = np.minimum(((b + 1) << _SHIFT) - 1, int(np.float32(1.0).view(np.int32)))
+  bottom = np.where(b == _BUCKET_LO, 0, b << _SHIFT)
+  as_float = lambda bits: bits.astype(np.int32).view(np.float32)
+  rows = []
+  for low, high in ((as_float(bottom), as_float(top)), (-as_float(top), -as_float(bottom))):
+    first = np.searchsorted(thresholds, low, side="left")  # thresholds strictly below
+    assert np.all(np.searchsorted(thresholds, high, side="left") - first <= 1)
+    rows.append(first)
+  return np.concatenate(rows).astype(np.int32)
+
+
+def _encode(y: jax.Array, thresholds: np.ndarray, bucket_codes: np.ndarray) -> jax.Array:
+  """Number of thresholds strictly below ``y`` (``|y| <= 1``; 0 for NaN), by bucket."""
+  bits = jax.lax.bitcast_convert_type(y, jnp.int32)
+  bucket = jnp.clip((bits & 0x7FFFFFFF) >> _SHIFT, _BUCKET_LO, _BUCKET_HI) - _BUCKET_LO
+  first = jnp.asarray(bucket_codes)[jnp.where(bits < 0, bucket + _BUCKETS, bucket)]
+  code = first + (jnp.asarray(thresholds)[first] < y)
+  return jnp.where(jnp.isnan(y), 0, code)
+
+
+_SIGNED_BUCKET_CODES = _bucket_codes(_SIGNED_THRESHOLDS)
+_UNSIGNED_BUCKET_CODES = _bucket_codes(_UNSIGNED_THRESHOLDS)
 
 
 def quantize_moment(x: jax.Array, signed: bool) -> QuantizedMoment:
@@ -148,7 +178,10 @@ def quantize_moment(x: jax.Array, signed: bool) -> QuantizedMoment:
   absmax = jnp.max(jnp.abs(_tiled(x)), axis=(1, 3))
   divisor = _per_element(jnp.where(absmax == 0, 1.0, absmax), x.shape)
   y = _flush(exact_divide(x, divisor))
-  code = _encode(y, _SIGNED_THRESHOLDS if signed else _UNSIGNED_THRESHOLDS)
+  if signed:
+    code = _encode(y, _SIGNED_THRESHOLDS, _SIGNED_BUCKET_CODES)
+  else:
+    code = _encode(y, _UNSIGNED_THRESHOLDS, _UNSIGNED_BUCKET_CODES)
   if not signed:
     code = jnp.where((code == 0) & (y > 0), 1, code)
   return QuantizedMoment(code.astype(jnp.uint8), absmax)

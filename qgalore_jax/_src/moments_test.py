@@ -114,6 +114,28 @@ def test_codes_match_reference(case, signed):
 
 
 @pytest.mark.parametrize("signed", [True, False])
+def test_codes_next_to_every_threshold_and_across_all_magnitudes(signed):
+  """Each threshold, the floats either side of it, and every 4099th float32 in [0, 1]
+  (both signs where signed), in tiles whose absmax is 1, so ``x / absmax`` is ``x``.
+  The code is the count of the reference's thresholds strictly below the value."""
+  mids = ref_map(signed).astype(np.float64)
+  mids = ((mids[:-1] + mids[1:]) / 2).astype(np.float32)
+  up, down = np.float32(2), np.float32(-2)
+  sweep = np.arange(0, 0x3F800001, 4099, dtype=np.int64).astype(np.int32).view(np.float32)
+  values = np.concatenate([mids, np.nextafter(mids, up), np.nextafter(mids, down), sweep])
+  values = np.concatenate([values, -values]) if signed else np.abs(values)
+  values = values[np.abs(values) <= 1]
+  x = np.resize(values, (-(-values.size // 256) * 16, 16))
+  x[::16, 0] = 1.0  # every tile's absmax is 1
+  codes = np.asarray(quantize_moment(jnp.asarray(x), signed).codes)
+  y = np.where(np.abs(x) < 2.0**-126, 0, x)  # subnormals count as zero
+  want = np.searchsorted(mids, y, side="left")
+  if not signed:
+    want = np.where((want == 0) & (y > 0), 1, want)
+  np.testing.assert_array_equal(codes, want)
+
+
+@pytest.mark.parametrize("signed", [True, False])
 def test_error_bound_per_tile(signed):
   x = np.random.default_rng(1).standard_t(3, size=(80, 72)).astype(np.float32)
   x = x if signed else x * x
