@@ -9,8 +9,8 @@ seed and data:
 - ``qgalore-fixedgap``: the same with the gap held fixed (``gamma_proj=1``);
 - optionally (``--optimizers``) the float variants ``galore`` (optax) and ``qgalore-noquant``.
 
-It records each Q-GaLore matrix's SVD count and refresh gap after every step (by wrapping
-the example's train step; the training itself is untouched), checks them against an
+It records each Q-GaLore matrix's SVD count and refresh gap after every step (through
+``train.train``'s ``wrap_step``; the training itself is untouched), checks them against an
 independent count (a fixed gap must refresh ``matrices x ceil(steps / gap)`` times; an
 adaptive run must have refreshed exactly at the steps where the step is a multiple of the
 gap it held then), and writes ``svd_study.json``, ``svd_study.md`` and ``svd_study.png``
@@ -116,18 +116,6 @@ class Recorder:
     return np.array(self._steps), counts, gaps
 
 
-@contextlib.contextmanager
-def recording():
-  """Makes ``train.train`` record its Q-GaLore schedule into the yielded ``Recorder``."""
-  recorder = Recorder()
-  original = train.make_train_step
-  train.make_train_step = lambda *args, **kwargs: recorder.wrap(original(*args, **kwargs))
-  try:
-    yield recorder
-  finally:
-    train.make_train_step = original
-
-
 def fixed_gap_count(num_matrices: int, steps: int, gap: int) -> int:
   """SVDs of a fixed gap: every matrix at steps 0, gap, 2 gap, ... below ``steps``."""
   return num_matrices * -(-steps // gap)
@@ -185,8 +173,8 @@ def check_schedule(name: str, recorder: Recorder, cfg, svd_count: int) -> dict:
 def run_one(cfg, name: str, progress: bool = True) -> dict:
   """Trains ``name`` with ``train.train`` and returns its row of the study."""
   run_cfg = dataclasses.replace(cfg, optimizer=name)
-  with recording() as recorder:
-    result = train.train(run_cfg, progress=progress)
+  recorder = Recorder()
+  result = train.train(run_cfg, progress=progress, wrap_step=recorder.wrap)
   num_projected = len(model.PROJECTED) * model.CONFIGS[cfg.model].num_layers
   row = {
     "optimizer": name,

@@ -178,12 +178,20 @@ def evaluate(eval_step, params, heldout) -> float:
   return float(np.mean([eval_step(params, batch) for batch in heldout]))
 
 
-def train(cfg: RunConfig, progress: bool = True) -> dict:
-  """Trains one model; returns the summary that ``report.markdown_table`` prints."""
+def train(cfg: RunConfig, progress: bool = True, wrap_step=None) -> dict:
+  """Trains one model; returns the summary that ``report.markdown_table`` prints.
+
+  ``wrap_step``, if given, is applied to the jitted train step
+  ``(params, opt_state, batch, step) -> (params, opt_state, loss)`` and must return a
+  function of the same form: a way to watch every step (``benchmarks.svd_study`` records
+  the refresh schedule so).
+  """
   run_dir = pathlib.Path(cfg.out_dir).resolve() / cfg.optimizer
   run_dir.mkdir(parents=True, exist_ok=True)
   graphdef, params, opt_state, tx, int8_weights = init_state(cfg)
   train_step = make_train_step(graphdef, tx, int8_weights, cfg.seed)
+  if wrap_step is not None:
+    train_step = wrap_step(train_step)
   eval_step = make_eval_step(graphdef, int8_weights)
   start = position = 0
   manager = None
