@@ -1,7 +1,8 @@
 """Speed of one jitted optimizer update on the paper's LLaMA-60M or -130M parameter shapes.
 
 Times ``jax.jit(tx.update)`` for ``qgalore_jax.qgalore_adamw`` (a normal step and a refresh
-step, separately), ``optax.adamw`` and ``optax.contrib.galore`` at the same rank, on the
+step, separately; also its normal step with 8-bit moments), ``optax.adamw``, our
+``adamw_8bit`` and ``optax.contrib.galore`` at the same rank, on the
 parameter shapes of the paper's LLaMA-60M (hidden 512, ffn 1376, 8 layers) or LLaMA-130M
 (hidden 768, ffn 2048, 12 layers), vocab 32000, in Flax layout. Every optimizer projects the
 same leaves. The rank defaults to the paper's for the config (128 for 60M, 256 for 130M).
@@ -11,7 +12,7 @@ the same machine state.
 A normal step is timed by calling the update again and again on a state whose count is 1
 (no refresh is due); a refresh step on a state whose count is 0 (every projected matrix
 runs its SVD). The first update, which compiles, is such a refresh step and is the refresh
-steps' only warm-up; the 130M refresh steps are repeated fewer times (``REFRESH_REPEATS``) to
+steps' only warm-up; the 130M steps are repeated fewer times (``REPEATS``, ``REFRESH_REPEATS``) to
 keep the run within 10 minutes on 2 CPU cores.
 
 From the two timings, the mean time per step over a whole run (``--amortise-steps``, 10,000
@@ -60,6 +61,9 @@ SVD_STUDY = RESULTS / "svd_study.json"
 # GaLore's ranks for the paper's configs (GaLore Table 2, used again by Q-GaLore).
 # Timed refresh steps per case: a 130M refresh step takes several times a 60M one.
 REFRESH_REPEATS = {"60M": 3, "130M": 1}
+# Timed normal steps per case. On a shared CPU the samples of one case spread by +-20%
+# (optax.adamw, a pure pass over memory, the most); 31 keeps the 60M medians steady.
+REPEATS = {"60M": 31, "130M": 15}
 # Names of the optimizers in the SVD study (``benchmarks/svd_study.py``): our adaptive
 # schedule, and the fixed-gap ones to compare it with, by preference.
 STUDY_ADAPTIVE = "qgalore"
@@ -69,6 +73,8 @@ _STUDY_STEP_KEYS = ("steps", "num_steps", "total_steps")
 
 
 FLOOR = "projection floor (2 matmuls + AdamW on the rest)"
+Q8 = "qgalore_adamw (8-bit moments)"
+ADAM8 = "qgalore_jax.adamw_8bit"
 
 
 def projection_floor(mask, rank):
@@ -120,6 +126,8 @@ def optimizers(mask, rank, gap):
     "qgalore_adamw (float proj)": qgalore_jax.qgalore_adamw(
       1e-3, rank=rank, update_proj_gap=gap, mask=mask, proj_bits=None
     ),
+    Q8: qgalore_jax.qgalore_adamw(1e-3, rank=rank, update_proj_gap=gap, mask=mask, moment_bits=8),
+    ADAM8: qgalore_jax.adamw_8bit(1e-3),
     FLOOR: projection_floor(mask, rank),
   }
 
@@ -257,7 +265,7 @@ def run(
   only_blocks=False,
   rank=None,
   gap=200,
-  repeats=15,
+  repeats=None,
   warmup=2,
   refresh_repeats=None,
   amortise_steps=10_000,
@@ -268,6 +276,7 @@ def run(
   ``shapes`` (a ``llama_param_shapes`` tree) replaces the config's shapes, for tests.
   """
   rank = RANKS[config] if rank is None else rank
+  repeats = REPEATS[config] if repeats is None else repeats
   refresh_repeats = REFRESH_REPEATS[config] if refresh_repeats is None else refresh_repeats
   dims = dict(zip(("hidden", "ffn", "layers"), CONFIGS[config], strict=True))
   label = f"LLaMA-{config}" if shapes is None else "custom"
@@ -284,7 +293,7 @@ def run(
     state0 = tx.init(params)
     _, state1 = update(grads, state0, params)  # compiles; count 1: the next call is normal
     cases[name] = (update, state1)
-    if "galore" in name:
+    if "galore" in name and name not in (Q8, ADAM8):  # 8-bit moments leave the SVD as it is
       cases[f"{name} [refresh]"] = (update, state0)
 
   samples = {name: [] for name in cases}
@@ -334,10 +343,18 @@ def run(
         medians["qgalore_adamw [refresh]"] / medians["optax.contrib.galore [refresh]"]
       ),
       "projection floor / optax.adamw": medians[FLOOR] / medians["optax.adamw"],
+      "qgalore 8-bit moments / qgalore normal": medians[Q8] / medians["qgalore_adamw"],
+      "adamw_8bit / optax.adamw": medians[ADAM8] / medians["optax.adamw"],
     },
     "amortised_ms": amortised,
     "svd_study": study,
   }
+
+
+def _quartiles(samples):
+  """First and third quartiles of the samples."""
+  q = statistics.quantiles(samples, n=4)
+  return q[0], q[2]
 
 
 def to_markdown(result):
@@ -352,16 +369,30 @@ def to_markdown(result):
     f" {settings['repeats']} interleaved repeats ({settings['refresh_repeats']} for refresh"
     " steps).",
     "",
-    "| optimizer | step | median ms | vs optax.adamw |",
-    "|---|---|---:|---:|",
+    "| optimizer | step | median ms | middle half of samples, ms | vs optax.adamw |",
+    "|---|---|---:|---:|---:|",
   ]
   for name, ms in result["median_ms"].items():
     kind = "refresh (SVD)" if name.endswith("[refresh]") else "normal"
     label = name.removesuffix(" [refresh]")
-    lines.append(f"| {label} | {kind} | {ms:.1f} | {ms / base:.2f}x |")
+    samples = result["samples_ms"][name]
+    spread = "" if len(samples) < 4 else "{:.0f}-{:.0f}".format(*_quartiles(samples))
+    lines.append(f"| {label} | {kind} | {ms:.1f} | {spread} | {ms / base:.2f}x |")
   lines.append("")
   for name, ratio in result["ratios"].items():
     lines.append(f"- {name}: **{ratio:.2f}x**")
+  widths = [
+    (q3 - q1) / 2 / result["median_ms"][name]
+    for name, samples in result["samples_ms"].items()
+    if len(samples) >= 4
+    for q1, q3 in [_quartiles(samples)]
+  ]
+  if widths:
+    lines += [
+      "",
+      f"The middle half of one case's samples spans up to +-{max(widths):.0%} of its median"
+      " here: ratios that differ by less than that are within this machine's noise.",
+    ]
   lines += [
     "",
     f"The {FLOOR} row times only the projection and back-projection of every projected"
@@ -418,7 +449,7 @@ def main(argv=None):
   parser.add_argument("--config", choices=SPEED_CONFIGS, default="60M", help="LLaMA shapes")
   parser.add_argument("--only-blocks", action="store_true", help="project q,k,v,o,gate,up,down")
   parser.add_argument("--rank", type=int, default=None, help="default: the paper's for --config")
-  parser.add_argument("--repeats", type=int, default=15)
+  parser.add_argument("--repeats", type=int, default=None, help=f"default: {REPEATS}")
   parser.add_argument(
     "--refresh-repeats", type=int, default=None, help=f"default: {REFRESH_REPEATS}"
   )
