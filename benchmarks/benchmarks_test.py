@@ -6,6 +6,7 @@ that the scripts make themselves and the shape of what they write.
   python -m pytest benchmarks/benchmarks_test.py
 """
 
+import functools
 import importlib.util
 import json
 
@@ -173,6 +174,8 @@ def test_update_speed_main_writes_json_and_markdown_per_config(tmp_path, monkeyp
   study = tmp_path / "svd_study.json"
   study.write_text(json.dumps({"qgalore": {"svd_count": 4}, "galore": {"svd_count": 8}}))
   short = ["--rank", "4", "--repeats", "2", "--refresh-repeats", "1", "--amortise-steps", "100"]
+  small_triad = functools.partial(update_speed.measure_bandwidth, size=2**16, repeats=3)
+  monkeypatch.setattr(update_speed, "measure_bandwidth", small_triad)
   update_speed.main(["--config", "130M", *short, "--svd-study", str(study), "--out", str(tmp_path)])
   result = json.loads((tmp_path / "update_speed_cpu_130M.json").read_text())
   assert result["settings"]["config"] == "130M" and result["settings"]["rank"] == 4
@@ -187,8 +190,41 @@ def test_update_speed_main_writes_json_and_markdown_per_config(tmp_path, monkeyp
   assert result["svd_study"]["ratio"] == 0.5
   markdown = (tmp_path / "update_speed_cpu_130M.md").read_text()
   assert markdown.startswith("Jitted update, LLaMA-130M shapes")
-  rows = len(result["median_ms"]) + len(result["amortised_ms"])
-  assert markdown.count("\n| ") == 2 + rows and "SVD study" in markdown
+  assert set(result["bandwidth_floor"]) == cases | normal_only
+  assert result["bandwidth_bytes_per_s"] > 0
+  rows = len(result["median_ms"]) + len(result["amortised_ms"]) + len(result["bandwidth_floor"])
+  assert markdown.count("\n| ") == 3 + rows and "SVD study" in markdown
+
+
+def test_bytes_touched_counts_what_a_step_must_move():
+  """Hand counts: AdamW reads g, m, v (and W only with weight decay), writes u, m, v."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import qgalore_jax
+
+  params = {"w": jnp.ones((64, 32)), "b": jnp.ones(32)}
+  grads = jax.tree.map(lambda p: p * 0.1, params)
+  n = 4 * (64 * 32 + 32)  # float32 bytes of one copy of the parameters
+  count = 4  # optax's int32 step counter
+  for wd, reads_params in ((0.0, False), (0.1, True)):
+    tx = optax.adamw(1e-3, weight_decay=wd)
+    update = jax.jit(tx.update)
+    _, state = update(grads, tx.init(params), params)
+    read, written = update_speed.bytes_touched(update, grads, state, params)
+    assert read == n + 2 * n + count + reads_params * n
+    assert written == n + 2 * n + count
+  # Q-GaLore on a normal step: the INT4 projector and the schedule are read, not written.
+  tx = qgalore_jax.qgalore_adamw(1e-3, rank=4, mask={"w": True, "b": False})
+  update = jax.jit(tx.update)
+  state0 = tx.init(params)
+  _, state = update(grads, state0, params)
+  read, written = update_speed.bytes_touched(update, grads, state, params)
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  assert read == n + state_bytes
+  # (out 32, in 64) kernel, rank 4: "left", low-rank moments 4 x 64; AdamW on b; 2 counters.
+  assert written == n + 2 * 4 * (4 * 64) + 2 * 4 * 32 + 2 * count
 
 
 def test_projection_floor_is_two_matmuls_with_its_basis():
