@@ -87,7 +87,7 @@ def projection_floor(mask, rank):
 
   For each projected Flax kernel, ``scale * P^T (P G)`` (or its "left" twin) with a fixed
   float32 basis held in the state, through ``qgalore_jax``'s own projection functions; the
-  leaves that are not projected get ``optax.adamw`` as in every optimizer timed here. No
+  leaves that are not projected get AdamW as in every optimizer timed here. No
   low-rank moments, no quantisation: what is left of a GaLore step when everything but its
   matmuls costs nothing.
   """
@@ -115,8 +115,7 @@ def projection_floor(mask, rank):
     optax.partition(
       {"floor": optax.GradientTransformation(init, update), "adam": optax.scale_by_adam()}, labels
     ),
-    optax.add_decayed_weights(1e-4),
-    optax.scale_by_learning_rate(1e-3),
+    optax.scale_by_learning_rate(1e-3),  # no weight decay, as in every row
   )
 
 
