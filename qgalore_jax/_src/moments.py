@@ -113,14 +113,15 @@ def _flush(x: jax.Array) -> jax.Array:
 # 2**-24 (below every nonzero threshold) share one bucket; |y| <= 1 bounds the other end.
 _SHIFT = 15
 _BUCKET_LO = int(np.float32(2.0**-24).view(np.int32)) >> _SHIFT
-_BUCKET_HI = int(np.float32(1.0).view(np.int32)) >> _SHIFT
+_ONE_BITS = int(np.float32(1.0).view(np.int32))
+_BUCKET_HI = _ONE_BITS >> _SHIFT
 _BUCKETS = _BUCKET_HI - _BUCKET_LO + 1
 
 
 def _bucket_codes(thresholds: np.ndarray) -> np.ndarray:
   """int32 [2 * _BUCKETS]: the code of each bucket's lowest value, y >= 0 then y < 0."""
   b = np.arange(_BUCKET_LO, _BUCKET_HI + 1, dtype=np.int64)
-  top = np.minimum(((b + 1) << _SHIFT) - 1, int(np.float32(1.0).view(np.int32)))
+  top = np.minimum(((b + 1) << _SHIFT) - 1, _ONE_BITS)
   bottom = np.where(b == _BUCKET_LO, 0, b << _SHIFT)
   as_float = lambda bits: bits.astype(np.int32).view(np.float32)
   rows = []
@@ -182,7 +183,6 @@ def quantize_moment(x: jax.Array, signed: bool) -> QuantizedMoment:
     code = _encode(y, _SIGNED_THRESHOLDS, _SIGNED_BUCKET_CODES)
   else:
     code = _encode(y, _UNSIGNED_THRESHOLDS, _UNSIGNED_BUCKET_CODES)
-  if not signed:
     code = jnp.where((code == 0) & (y > 0), 1, code)
   return QuantizedMoment(code.astype(jnp.uint8), absmax)
 
@@ -330,8 +330,8 @@ def scale_by_adam_8bit(
     ):
       u, mu, nu = adam_step(
         g.astype(jnp.float32),
-        load_moment(mu, True, QuantizedMoment),
-        load_moment(nu, False, QuantizedMoment),
+        load_moment(mu, True, 8),
+        load_moment(nu, False, 8),
         count_inc,
         b1,
         b2,
