@@ -2,8 +2,11 @@
 
 The paper's settings (arXiv 2407.08296, following GaLore): untied head, no biases, RMSNorm,
 vocabulary 32000. The benchmarks build their pytrees from these shapes, abstractly
-(``jax.ShapeDtypeStruct``) or with random values.
+(``jax.ShapeDtypeStruct``) or with random values, and count their bytes with :func:`nbytes`.
 """
+
+import jax
+import jax.numpy as jnp
 
 CONFIGS = {
   # name: (hidden, ffn, layers)
@@ -48,3 +51,8 @@ def block_mask(shapes: dict, only_blocks: bool = True) -> dict:
     return len(shape) == 2 and (not only_blocks or path[-1].key in BLOCK_MATRICES)
 
   return jax.tree_util.tree_map_with_path(select, shapes, is_leaf=is_shape)
+
+
+def nbytes(tree) -> int:
+  """Bytes of the arrays (or ``jax.ShapeDtypeStruct``) of a pytree."""
+  return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))

@@ -49,6 +49,7 @@ from benchmarks.llama_shapes import RANKS
 from benchmarks.llama_shapes import block_mask
 from benchmarks.llama_shapes import is_shape
 from benchmarks.llama_shapes import llama_param_shapes
+from benchmarks.llama_shapes import nbytes
 from benchmarks.torch_step_speed import is_projected
 from benchmarks.torch_step_speed import torch_param_shapes
 
@@ -71,10 +72,6 @@ TORCH_PARTS = ("moments", "projector", "schedule", "step", "other")
 def has_moment_bits(fn) -> bool:
   """Whether an optimizer constructor takes ``moment_bits`` (8-bit moments)."""
   return "moment_bits" in inspect.signature(fn).parameters
-
-
-def nbytes(tree) -> int:
-  return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def state_components(state) -> dict[str, int]:

@@ -35,6 +35,7 @@ import optax
 
 import qgalore_jax
 from benchmarks.llama_shapes import RANKS
+from benchmarks.llama_shapes import nbytes
 from examples.llama import model
 from examples.llama import train
 
@@ -51,10 +52,6 @@ VARIANTS = {
   "qgalore-noquant": ("qgalore_adamw, no quantisation", "qgalore-noquant", False),
 }
 DEFAULT_VARIANTS = ("grad-only", "adamw", "qgalore-int8", "qgalore-float")
-
-
-def nbytes(tree) -> int:
-  return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def abstract_state(cfg: train.RunConfig, int8_weights: bool):

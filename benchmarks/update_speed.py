@@ -60,6 +60,7 @@ from benchmarks.llama_shapes import VOCAB
 from benchmarks.llama_shapes import block_mask
 from benchmarks.llama_shapes import is_shape
 from benchmarks.llama_shapes import llama_param_shapes
+from benchmarks.llama_shapes import nbytes
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 SVD_STUDY = RESULTS / "svd_study.json"
@@ -80,6 +81,9 @@ _STUDY_STEP_KEYS = ("steps", "num_steps", "total_steps")
 FLOOR = "projection floor (2 matmuls + AdamW on the rest)"
 Q8 = "qgalore_adamw (8-bit moments)"
 ADAM8 = "qgalore_jax.adamw_8bit"
+# The cases whose refresh step (every matrix's SVD) is timed too; 8-bit moments leave the
+# SVD as it is.
+REFRESHED = ("optax.contrib.galore", "qgalore_adamw", "qgalore_adamw (float proj)")
 
 
 def projection_floor(mask, rank):
@@ -151,10 +155,6 @@ def measure_bandwidth(size=2**26, repeats=11):
   return 3 * 4 * size / seconds
 
 
-def _nbytes(tree):
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
 def bytes_touched(update, grads, state, params):
   """``(read, written)``: the bytes a normal step cannot avoid, from the arrays themselves.
 
@@ -173,8 +173,8 @@ def bytes_touched(update, grads, state, params):
     for old, new in zip(jax.tree.leaves(state), jax.tree.leaves(new_state), strict=True)
     if not bool(jnp.array_equal(old, new))
   ]
-  read = _nbytes(grads) + _nbytes(state) + (_nbytes(params) if reads_params else 0)
-  return read, _nbytes(updates) + _nbytes(changed)
+  read = nbytes(grads) + nbytes(state) + (nbytes(params) if reads_params else 0)
+  return read, nbytes(updates) + nbytes(changed)
 
 
 def time_call(fn, *args):
@@ -338,7 +338,7 @@ def run(
     state0 = tx.init(params)
     _, state1 = update(grads, state0, params)  # compiles; count 1: the next call is normal
     cases[name] = (update, state1)
-    if "galore" in name and name not in (Q8, ADAM8):  # 8-bit moments leave the SVD as it is
+    if name in REFRESHED:
       cases[f"{name} [refresh]"] = (update, state0)
 
   samples = {name: [] for name in cases}
@@ -451,21 +451,18 @@ def to_markdown(result):
     "| optimizer | step | median ms | middle half of samples, ms | vs optax.adamw |",
     "|---|---|---:|---:|---:|",
   ]
+  quartiles = {
+    name: _quartiles(samples) for name, samples in result["samples_ms"].items() if len(samples) >= 4
+  }
   for name, ms in result["median_ms"].items():
     kind = "refresh (SVD)" if name.endswith("[refresh]") else "normal"
     label = name.removesuffix(" [refresh]")
-    samples = result["samples_ms"][name]
-    spread = "" if len(samples) < 4 else "{:.0f}-{:.0f}".format(*_quartiles(samples))
+    spread = "{:.0f}-{:.0f}".format(*quartiles[name]) if name in quartiles else ""
     lines.append(f"| {label} | {kind} | {ms:.1f} | {spread} | {ms / base:.2f}x |")
   lines.append("")
   for name, ratio in result["ratios"].items():
     lines.append(f"- {name}: **{ratio:.2f}x**")
-  widths = [
-    (q3 - q1) / 2 / result["median_ms"][name]
-    for name, samples in result["samples_ms"].items()
-    if len(samples) >= 4
-    for q1, q3 in [_quartiles(samples)]
-  ]
+  widths = [(q3 - q1) / 2 / result["median_ms"][name] for name, (q1, q3) in quartiles.items()]
   if widths:
     lines += [
       "",
