@@ -184,16 +184,22 @@ def _assert_same_weights_and_state(opt, params, resumed, resumed_params):
       assert torch.equal(value, resumed.state[q][key]), key
 
 
+def _resume_midway(make_optimizer, params, grads, before, after):
+  """Trains ``before`` steps, saves and loads into a fresh optimizer, trains both ``after``
+  more steps and checks they agree; returns the resumed optimizer and its params."""
+  opt = make_optimizer(params)
+  _run(params, [g[:before] for g in grads], opt, before)
+  resumed, resumed_params = _save_and_load(opt, make_optimizer, params)
+  _run(params, [g[before:] for g in grads], opt, after)
+  _run(resumed_params, [g[before:] for g in grads], resumed, after)
+  _assert_same_weights_and_state(opt, params, resumed, resumed_params)
+  return resumed, resumed_params
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_state_dict_round_trip_resumes_bit_identically(dtype):
   grads = [_gradients(tuple(p.shape), 12, seed=i) for i, p in enumerate(_model(dtype))]
-  params = _model(dtype)
-  opt = _optimizer(params)
-  _run(params, [g[:5] for g in grads], opt, 5)
-  resumed, resumed_params = _save_and_load(opt, _optimizer, params)
-  _run(params, [g[5:] for g in grads], opt, 7)
-  _run(resumed_params, [g[5:] for g in grads], resumed, 7)
-  _assert_same_weights_and_state(opt, params, resumed, resumed_params)
+  resumed, resumed_params = _resume_midway(_optimizer, _model(dtype), grads, 5, 7)
   tall_state = resumed.state[resumed_params[0]]
   assert tall_state["proj_codes"].dtype == torch.uint8
   assert tall_state["exp_avg"].dtype == torch.float32
@@ -667,14 +673,8 @@ def test_8bit_moments_converge_like_float_moments(projected):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_8bit_state_dict_round_trip_resumes_bit_identically(dtype):
   grads = [_gradients(tuple(p.shape), 10, seed=60 + i) for i, p in enumerate(_big_model(dtype))]
-  params = _big_model(dtype)
   make = lambda ps: _big_optimizer(ps, moment_bits=8)
-  opt = make(params)
-  _run(params, [g[:4] for g in grads], opt, 4)
-  resumed, resumed_params = _save_and_load(opt, make, params)
-  _run(params, [g[4:] for g in grads], opt, 6)
-  _run(resumed_params, [g[4:] for g in grads], resumed, 6)
-  _assert_same_weights_and_state(opt, params, resumed, resumed_params)
+  resumed, resumed_params = _resume_midway(make, _big_model(dtype), grads, 4, 6)
   state = resumed.state[resumed_params[1]]
   assert state["exp_avg"].dtype == torch.uint8 and state["exp_avg_absmax"].dtype == torch.float32
   assert resumed.param_groups[0]["moment_bits"] == 8
