@@ -21,6 +21,7 @@ import torch
 
 import qgalore_torch
 from examples.llama import data
+from examples.torch_llama.model import is_llama_projection
 
 
 class ByteWindows(torch.utils.data.Dataset):
@@ -62,12 +63,8 @@ def build_optimizer(model, *, lr: float, rank: int, update_proj_gap: int, int8: 
   Call before ``Trainer``: with ``int8`` the model's projection layers are replaced in place.
   """
   if int8:
-    qgalore_torch.quantize_linears(model, qgalore_torch.is_llama_projection)
-  matrices = [
-    module.weight
-    for name, module in model.named_modules()
-    if qgalore_torch.is_llama_projection(name)
-  ]
+    qgalore_torch.quantize_linears(model, is_llama_projection)
+  matrices = [module.weight for name, module in model.named_modules() if is_llama_projection(name)]
   others = [p for p in model.parameters() if all(p is not w for w in matrices)]
   return qgalore_torch.QGaLoreAdamW(
     [

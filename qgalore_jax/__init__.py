@@ -3,17 +3,16 @@
 See ``SPEC.md`` sections 1-5 and 7 (numerical contract) and arXiv 2407.08296 (the method).
 """
 
+from qgalore_jax._src.alias import qgalore_adamw
 from qgalore_jax._src.checks import STATIC_ARGS
+from qgalore_jax._src.generator import uniforms
 from qgalore_jax._src.int8 import QuantizedWeight
 from qgalore_jax._src.int8 import apply_updates
 from qgalore_jax._src.int8 import dequantize_params
 from qgalore_jax._src.int8 import int8_train_step
 from qgalore_jax._src.int8 import is_quantized
-from qgalore_jax._src.int8 import lowbias32
 from qgalore_jax._src.int8 import quantize_params
 from qgalore_jax._src.int8 import stochastic_round
-from qgalore_jax._src.int8 import stream_key
-from qgalore_jax._src.int8 import uniforms
 from qgalore_jax._src.moments import QuantizedMoment
 from qgalore_jax._src.moments import ScaleByAdam8bitState
 from qgalore_jax._src.moments import adamw_8bit
@@ -27,7 +26,6 @@ from qgalore_jax._src.projector import projector_side
 from qgalore_jax._src.projector import sign_canonical
 from qgalore_jax._src.qgalore import ScaleByQGaLoreState
 from qgalore_jax._src.qgalore import projection_stats
-from qgalore_jax._src.qgalore import qgalore_adamw
 from qgalore_jax._src.qgalore import scale_by_qgalore
 from qgalore_jax._src.quantization import QuantizedArray
 from qgalore_jax._src.quantization import dequantize
@@ -55,7 +53,6 @@ __all__ = (
   "dequantize_params",
   "int8_train_step",
   "is_quantized",
-  "lowbias32",
   "pack_int4",
   "project",
   "project_back",
@@ -70,7 +67,6 @@ __all__ = (
   "scale_by_qgalore",
   "sign_canonical",
   "stochastic_round",
-  "stream_key",
   "uniforms",
   "unpack_int4",
 )

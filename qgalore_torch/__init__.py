@@ -4,16 +4,12 @@ The twin of ``qgalore_jax``: the same module and function names, the same number
 ``SPEC.md`` sections 1-5 and 7 (numerical contract) and arXiv 2407.08296 (the method).
 """
 
-from qgalore_torch._src.int8 import LLAMA_PROJECTIONS
+from qgalore_torch._src.generator import uniforms
 from qgalore_torch._src.int8 import Int8Linear
 from qgalore_torch._src.int8 import Int8Weight
 from qgalore_torch._src.int8 import apply_int8_update
-from qgalore_torch._src.int8 import is_llama_projection
-from qgalore_torch._src.int8 import lowbias32
 from qgalore_torch._src.int8 import quantize_linears
 from qgalore_torch._src.int8 import stochastic_round
-from qgalore_torch._src.int8 import stream_key
-from qgalore_torch._src.int8 import uniforms
 from qgalore_torch._src.moments import QuantizedMoment
 from qgalore_torch._src.moments import dequantize_moment
 from qgalore_torch._src.moments import quantize_moment
@@ -34,7 +30,6 @@ from qgalore_torch._src.schedule import SubspaceState
 __version__ = "0.1.0"
 
 __all__ = (
-  "LLAMA_PROJECTIONS",
   "Int8Linear",
   "Int8Weight",
   "QGaLoreAdamW",
@@ -45,8 +40,6 @@ __all__ = (
   "compute_projector",
   "dequantize",
   "dequantize_moment",
-  "is_llama_projection",
-  "lowbias32",
   "pack_int4",
   "project",
   "project_back",
@@ -57,7 +50,6 @@ __all__ = (
   "quantized_nbytes",
   "sign_canonical",
   "stochastic_round",
-  "stream_key",
   "uniforms",
   "unpack_int4",
 )

@@ -3,7 +3,8 @@
 The twin of ``examples/llama/model.py`` (Flax): the same configs, the same rotate-half RoPE
 and the same initialisation distributions, so losses of the two examples can be compared.
 The seven block matrices carry Hugging Face's names (``q_proj`` ... ``down_proj``), so
-``qgalore_torch.quantize_linears(model, qgalore_torch.is_llama_projection)`` finds them.
+``qgalore_torch.quantize_linears(model, is_llama_projection)`` finds them, in this model and
+in a ``transformers`` LLaMA alike.
 """
 
 import torch
@@ -12,6 +13,20 @@ from torch import nn
 
 from examples.llama.configs import CONFIGS  # noqa: F401  (re-exported as model.CONFIGS)
 from examples.llama.configs import Config
+
+# The linear layers of a LLaMA block (attention and MLP projections), by Hugging Face's names:
+# the matrices that Q-GaLore projects and holds in INT8 (embeddings, norms and head are not).
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def is_llama_projection(name: str) -> bool:
+  """Whether a module name ends in one of :data:`LLAMA_PROJECTIONS` (q/k/v/o/gate/up/down).
+
+  Example:
+    >>> is_llama_projection("layers.0.attn.q_proj"), is_llama_projection("lm_head")
+    (True, False)
+  """
+  return name.rsplit(".", 1)[-1] in LLAMA_PROJECTIONS
 
 
 def apply_rope(x_BTHD: torch.Tensor, positions_T: torch.Tensor, theta: float) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import qgalore_torch
+from examples.torch_llama.model import is_llama_projection
 
 NAMES = ("adamw", "qgalore", "qgalore-noquant")
 B2 = 0.95
@@ -37,11 +38,7 @@ class LowRank:
 
 def projected_weights(model: nn.Module) -> list[torch.Tensor]:
   """The weights of the q/k/v/o/gate/up/down layers, in ``named_modules`` order."""
-  return [
-    module.weight
-    for name, module in model.named_modules()
-    if qgalore_torch.is_llama_projection(name)
-  ]
+  return [module.weight for name, module in model.named_modules() if is_llama_projection(name)]
 
 
 def build(
@@ -61,9 +58,7 @@ def build(
   if name in ("qgalore", "qgalore-noquant"):
     quantised = name == "qgalore"
     if quantised:
-      qgalore_torch.quantize_linears(
-        model, qgalore_torch.is_llama_projection, group_size=INT8_GROUP_SIZE
-      )
+      qgalore_torch.quantize_linears(model, is_llama_projection, group_size=INT8_GROUP_SIZE)
     matrices = projected_weights(model)
     others = [p for p in model.parameters() if all(p is not w for w in matrices)]
     groups = [

@@ -6,7 +6,8 @@ import jax
 
 # Arguments of `qgalore_adamw` that fix shapes or control flow and so must stay Python
 # values: pass them as `static_args` to `optax.inject_hyperparams`, which otherwise turns
-# every numeric argument, defaults included, into an array.
+# every numeric argument, defaults included, into an array (and calls every callable one
+# as a schedule).
 STATIC_ARGS = (
   "rank",
   "update_proj_gap",
@@ -18,10 +19,13 @@ STATIC_ARGS = (
   "input_axis",
   "mu_dtype",
   "moment_bits",
+  "min_8bit_size",
+  "projector_fn",
 )
 
 
-def _static_hint(value, name: str) -> str:
+def static_hint(value, name: str) -> str:
+  """The end of an error message for ``value``: a hint when it is an array, else ``""``."""
   if isinstance(value, jax.Array):
     return (
       f"; `{name}` must be a static Python value, not an array. Under"
@@ -34,7 +38,7 @@ def check_int(value, name: str, minimum: int = 1) -> int:
   """Returns ``value`` if it is an int (not a bool) >= ``minimum``; else raises naming it."""
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
     raise TypeError(
-      f"`{name}` must be an int, got {type(value).__name__} {value!r}{_static_hint(value, name)}"
+      f"`{name}` must be an int, got {type(value).__name__} {value!r}{static_hint(value, name)}"
     )
   if value < minimum:
     raise ValueError(f"`{name}` must be >= {minimum}, got {value}")

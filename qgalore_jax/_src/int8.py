@@ -1,4 +1,4 @@
-"""INT8 weights updated by stochastic rounding, and their uniform generator (SPEC section 6).
+"""INT8 weights updated by stochastic rounding (SPEC section 6).
 
 A selected 2-D weight is held as a :class:`QuantizedWeight`: the codes of its canonical
 (out, in) matrix W (SPEC section 1), flattened row-major, one byte each, plus one float32
@@ -10,15 +10,9 @@ adds the update, recomputes ``s`` and ``z`` and rounds stochastically, all in fl
   s, z = groupwise(w_new)
   q = clamp(floor(w_new / s + u) + z, 0, 2**bits - 1)
 
-so ``E[s * (q - z)] = w_new`` wherever the clamp is inactive (unbiased rounding).
-
-The uniforms ``u`` come from a counter-based generator keyed by (seed, step, tensor id,
-element index of W in row-major order), written with uint32 arithmetic that the torch twin
-reproduces bit for bit (``docs/numerics.md``)::
-
-  lowbias32(x) = x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16
-  key = lowbias32(lowbias32(lowbias32(seed ^ 0x9e3779b9) ^ step) ^ tensor_id)
-  h_i = lowbias32(lowbias32(i ^ key) + key);  u_i = (h_i >> 8) * 2**-24
+so ``E[s * (q - z)] = w_new`` wherever the clamp is inactive (unbiased rounding). The
+uniforms ``u`` come from the counter-based generator of ``generator.py``, keyed by (seed,
+step, tensor id, element index of W in row-major order).
 """
 
 import functools
@@ -33,123 +27,16 @@ import optax
 
 from qgalore_jax._src.checks import check_bits
 from qgalore_jax._src.checks import check_int
-from qgalore_jax._src.qgalore import _canonical_shape
-from qgalore_jax._src.qgalore import _path_str
-from qgalore_jax._src.qgalore import _to_canonical
+from qgalore_jax._src.generator import uniforms
+from qgalore_jax._src.layout import canonical_shape
+from qgalore_jax._src.layout import path_str
+from qgalore_jax._src.layout import to_canonical
 from qgalore_jax._src.quantization import QuantizedArray
-from qgalore_jax._src.quantization import _grouped
 from qgalore_jax._src.quantization import dequantize
 from qgalore_jax._src.quantization import exact_divide
-from qgalore_jax._src.quantization import group_scale_zero
-from qgalore_jax._src.quantization import pack_int4
+from qgalore_jax._src.quantization import grouped
 from qgalore_jax._src.quantization import quantize
 from qgalore_jax._src.quantization import unpack_int4
-
-GOLDEN = 0x9E3779B9  # absorbed with the seed, so that seed 0 does not hash to the fixed point 0
-MULTIPLIER_1 = 0x7FEB352D  # lowbias32 constants (C. Wellons, "hash-prospector")
-MULTIPLIER_2 = 0x846CA68B
-MAX_ELEMENTS = 2**32  # element indices are uint32
-
-
-def lowbias32(x: jax.Array) -> jax.Array:
-  """The 32-bit integer hash ``lowbias32``, a bijection of uint32 (SPEC section 6).
-
-  Args:
-    x: uint32 array.
-
-  Returns:
-    uint32 array of the same shape.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from qgalore_jax import lowbias32
-    >>> [hex(h) for h in lowbias32(jnp.array([1, 0xDEADBEEF], jnp.uint32)).tolist()]
-    ['0x688990c0', '0xe628c683']
-
-  References:
-    C. Wellons, `Prospecting for hash functions
-    <https://nullprogram.com/blog/2018/07/31/>`_, 2018.
-  """
-  x = jnp.asarray(x, jnp.uint32)
-  x = x ^ (x >> 16)
-  x = x * jnp.uint32(MULTIPLIER_1)
-  x = x ^ (x >> 15)
-  x = x * jnp.uint32(MULTIPLIER_2)
-  return x ^ (x >> 16)
-
-
-def _as_uint32(value, name: str) -> jax.Array:
-  """A Python or array integer as uint32, modulo 2**32."""
-  if isinstance(value, bool):
-    raise TypeError(f"`{name}` must be an integer, got bool {value!r}")
-  if isinstance(value, (int, np.integer)):
-    return jnp.uint32(int(value) % 2**32)
-  dtype = getattr(value, "dtype", None)
-  if dtype is None or not jnp.issubdtype(dtype, jnp.integer) or jnp.ndim(value) != 0:
-    raise TypeError(
-      f"`{name}` must be an integer scalar (Python int or integer array), got {value!r}"
-    )
-  return jnp.asarray(value).astype(jnp.uint32)
-
-
-def stream_key(seed, step, tensor_id) -> jax.Array:
-  """The uint32 key of one tensor's uniforms at one step (SPEC section 6).
-
-  Args:
-    seed: integer (Python or traced), taken modulo 2**32.
-    step: integer (Python or traced), taken modulo 2**32: the 0-based update count.
-    tensor_id: integer (Python or traced), taken modulo 2**32.
-
-  Returns:
-    uint32 scalar ``lowbias32(lowbias32(lowbias32(seed ^ GOLDEN) ^ step) ^ tensor_id)``.
-
-  Example:
-    >>> from qgalore_jax import stream_key
-    >>> hex(int(stream_key(1234, 5678, 7)))
-    '0x76df4541'
-  """
-  key = lowbias32(_as_uint32(seed, "seed") ^ jnp.uint32(GOLDEN))
-  key = lowbias32(key ^ _as_uint32(step, "step"))
-  return lowbias32(key ^ _as_uint32(tensor_id, "tensor_id"))
-
-
-def uniforms(seed, step, tensor_id, shape: tuple[int, ...]) -> jax.Array:
-  r"""Counter-based uniforms in [0, 1), one per element of a tensor (SPEC section 6).
-
-  .. math::
-
-    h_i = \text{lowbias32}(\text{lowbias32}(i \oplus k) + k), \qquad u_i = \lfloor h_i / 2^8
-    \rfloor \cdot 2^{-24}
-
-  with ``k`` = :func:`stream_key` and ``i`` the row-major element index. Each ``u_i`` is a
-  float32 multiple of ``2**-24``, computed without rounding, so the torch twin gives the same
-  bits on any device; an element's value does not depend on the shape or the sharding.
-
-  Args:
-    seed: integer (Python or traced).
-    step: integer (Python or traced).
-    tensor_id: integer (Python or traced).
-    shape: static shape; at most ``2**32`` elements.
-
-  Returns:
-    float32 array of ``shape``.
-
-  Example:
-    >>> from qgalore_jax import uniforms
-    >>> u = uniforms(0, 0, 0, (2, 3))
-    >>> u.shape, u.dtype, bool(((0 <= u) & (u < 1)).all())
-    ((2, 3), dtype('float32'), True)
-
-  References:
-    Zhang et al., `Q-GaLore <https://arxiv.org/abs/2407.08296>`_, 2024.
-  """
-  size = int(np.prod(shape, dtype=np.int64))
-  if size > MAX_ELEMENTS:
-    raise ValueError(f"uniforms are indexed by uint32: at most 2**32 elements, got {size}")
-  key = stream_key(seed, step, tensor_id)
-  index = jnp.arange(size, dtype=jnp.uint32)
-  hashed = lowbias32(lowbias32(index ^ key) + key)
-  return ((hashed >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)).reshape(shape)
 
 
 def stochastic_round(
@@ -157,9 +44,9 @@ def stochastic_round(
 ) -> QuantizedArray:
   """Quantises ``w`` group-wise with stochastic rounding (SPEC sections 3 and 6).
 
-  The scale and zero are those of :func:`~qgalore_jax.quantize` on the same input (its
-  round-to-nearest codes are discarded; under ``jit`` XLA removes them); the codes are
-  ``clamp(floor(w / s + u) + z, 0, 2**bits - 1)`` with ``u`` from :func:`uniforms`.
+  :func:`~qgalore_jax.quantize` with ``noise`` from :func:`~qgalore_jax.uniforms`: the
+  scale and zero of round-to-nearest, and the codes ``clamp(floor(w / s + u) + z, 0,
+  2**bits - 1)``.
 
   Args:
     w: the canonical (out, in) matrix (any float dtype; computed in float32).
@@ -182,16 +69,8 @@ def stochastic_round(
   References:
     Zhang et al., `Q-GaLore <https://arxiv.org/abs/2407.08296>`_, 2024.
   """
-  levels = 2**bits - 1
-  flat = jnp.asarray(w, jnp.float32).reshape(-1)
-  groups = _grouped(flat, group_size)
-  scale, zero = group_scale_zero(groups, bits)
-  noise = _grouped(uniforms(seed, step, tensor_id, (flat.size,)), group_size)
-  codes = jnp.floor(exact_divide(groups, scale[:, None]) + noise) + zero[:, None]
-  codes = jnp.clip(codes, 0, levels).astype(jnp.uint8).reshape(-1)[: flat.size]
-  if bits <= 4:
-    codes = pack_int4(codes)
-  return QuantizedArray(codes=codes, scale=scale, zero=zero)
+  noise = uniforms(seed, step, tensor_id, jnp.shape(w))
+  return quantize(w, bits, group_size, noise=noise)
 
 
 class QuantizedWeight(NamedTuple):
@@ -213,12 +92,12 @@ class QuantizedWeight(NamedTuple):
   def dequantize_canonical(self) -> jax.Array:
     """The float32 canonical (out, in) matrix ``s * (q - z)``."""
     stored = QuantizedArray(self.codes, self.scale, self.zero)
-    shape = _canonical_shape(self.shape, self.input_axis)
+    shape = canonical_shape(self.shape, self.input_axis)
     return dequantize(stored, shape, self.bits, self.group_size)
 
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
     """The weight ``s * (q - z)`` in the leaf's own shape and ``dtype``."""
-    return _to_canonical(self.dequantize_canonical(), self.input_axis).astype(dtype)
+    return to_canonical(self.dequantize_canonical(), self.input_axis).astype(dtype)
 
 
 _ARRAY_FIELDS = ("codes", "scale", "zero")
@@ -263,7 +142,7 @@ def _per_leaf(value, params, name: str, leaf_type) -> list:
 
 @functools.partial(jax.jit, static_argnames=("input_axis", "bits", "group_size"))
 def _quantize_leaf(p, input_axis, bits, group_size):
-  return quantize(_to_canonical(p, input_axis), bits, group_size)
+  return quantize(to_canonical(p, input_axis), bits, group_size)
 
 
 def quantize_params(
@@ -315,7 +194,7 @@ def quantize_params(
   axes = _per_leaf(input_axis, params, "input_axis", int)
   out = []
   for (path, p), s, axis in zip(flat, selected, axes, strict=True):
-    name = _path_str(path)
+    name = path_str(path)
     if is_quantized(p):
       out.append(p)
       continue
@@ -371,8 +250,8 @@ def _add_update(p: QuantizedWeight, update_MxN: jax.Array) -> jax.Array:
   """
   size = update_MxN.size
   codes = unpack_int4(p.codes, size) if p.bits <= 4 else p.codes
-  codes = _grouped(codes.astype(jnp.float32), p.group_size)
-  update = _grouped(update_MxN.astype(jnp.float32).reshape(-1), p.group_size)
+  codes = grouped(codes.astype(jnp.float32), p.group_size)
+  update = grouped(update_MxN.astype(jnp.float32).reshape(-1), p.group_size)
   scale = p.scale[:, None]
   w_new = scale * ((codes - p.zero[:, None]) + exact_divide(update, scale))
   return w_new.reshape(-1)[:size].reshape(update_MxN.shape)
@@ -385,10 +264,10 @@ def _apply_leaf(p, u, path, seed, step, tensor_id):
     return jnp.asarray(p + u).astype(jnp.result_type(p))
   if jnp.shape(u) != p.shape:
     raise ValueError(
-      f"update for parameter {_path_str(path)} has shape {jnp.shape(u)}, but the weight has"
+      f"update for parameter {path_str(path)} has shape {jnp.shape(u)}, but the weight has"
       f" shape {p.shape}"
     )
-  w_MxN = _add_update(p, _to_canonical(u, p.input_axis))
+  w_MxN = _add_update(p, to_canonical(u, p.input_axis))
   new = stochastic_round(
     w_MxN, seed=seed, step=step, tensor_id=tensor_id, bits=p.bits, group_size=p.group_size
   )

@@ -1,10 +1,10 @@
 """Adam moments in float32 or in 8 bits, block-wise (docs/numerics.md, "8-bit moments").
 
-With ``moment_bits=8`` a moment that is 2-D and has at least :data:`MIN_QUANTIZED_SIZE`
-elements (decided from its global shape, never a shard's) is stored as one uint8 code per
-element plus one float32 absmax per 16 x 16 tile. A code indexes a 256-value map: the
-dynamic (tree) map of Dettmers et al. (arXiv 2110.02861), signed for the first moment and
-unsigned for the second. Every other moment stays float32.
+With ``moment_bits=8`` a moment that is 2-D and has at least ``min_8bit_size`` elements
+(default :data:`MIN_QUANTIZED_SIZE`; decided from its global shape, never a shard's) is
+stored as one uint8 code per element plus one float32 absmax per 16 x 16 tile. A code
+indexes a 256-value map: the dynamic (tree) map of Dettmers et al. (arXiv 2110.02861),
+signed for the first moment and unsigned for the second. Every other moment stays float32.
 
 Tiles rather than runs of 256 consecutive elements: transposing a matrix maps tiles onto
 tiles, so a Flax kernel (in, out) and a torch weight (out, in) holding the same values get
@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from qgalore_jax._src import trees
+from qgalore_jax._src.checks import check_int
 from qgalore_jax._src.checks import check_number
 from qgalore_jax._src.quantization import exact_divide
 
@@ -77,9 +78,9 @@ class QuantizedMoment(NamedTuple):
   absmax: jax.Array
 
 
-def is_quantized_shape(shape: tuple[int, ...]) -> bool:
-  """Whether a moment of this (global) shape is stored in 8 bits."""
-  return len(shape) == 2 and math.prod(shape) >= MIN_QUANTIZED_SIZE
+def is_quantized_shape(shape: tuple[int, ...], min_size: int = MIN_QUANTIZED_SIZE) -> bool:
+  """Whether a moment of this (global) shape is stored in 8 bits: 2-D, ``min_size`` or more."""
+  return len(shape) == 2 and math.prod(shape) >= min_size
 
 
 def _tiled(x: jax.Array) -> jax.Array:
@@ -193,15 +194,22 @@ def dequantize_moment(q: QuantizedMoment, signed: bool) -> jax.Array:
   return _flush(table[q.codes.astype(jnp.int32)] * _per_element(q.absmax, q.codes.shape))
 
 
-def init_moment(shape: tuple[int, ...], signed: bool, moment_bits: int | None, dtype=None):
+def init_moment(
+  shape: tuple[int, ...],
+  signed: bool,
+  moment_bits: int | None,
+  dtype=None,
+  min_size: int = MIN_QUANTIZED_SIZE,
+):
   """Zero moment of ``shape``: float (``dtype``, default float32) or a quantised pair.
 
   With ``moment_bits=8`` returns a :class:`QuantizedMoment` (for a moment kept in float32,
-  its float32 zeros and no absmax); otherwise a float array.
+  i.e. not :func:`is_quantized_shape` with ``min_size``, its float32 zeros and no absmax);
+  otherwise a float array.
   """
   if moment_bits is None:
     return jnp.zeros(shape, dtype or jnp.float32)
-  if not is_quantized_shape(shape):
+  if not is_quantized_shape(shape, min_size):
     return QuantizedMoment(jnp.zeros(shape, jnp.float32), optax.MaskedNode())
   tiles = (-(-shape[0] // TILE), -(-shape[1] // TILE))
   zero_code = SIGNED_ZERO_CODE if signed else 0
@@ -217,11 +225,17 @@ def load_moment(stored, signed: bool, moment_bits: int | None) -> jax.Array:
   return dequantize_moment(stored, signed)
 
 
-def store_moment(x: jax.Array, signed: bool, moment_bits: int | None, dtype=None):
+def store_moment(
+  x: jax.Array,
+  signed: bool,
+  moment_bits: int | None,
+  dtype=None,
+  min_size: int = MIN_QUANTIZED_SIZE,
+):
   """Inverse of :func:`load_moment`: what the state holds for the float32 moment ``x``."""
   if moment_bits is None:
     return x.astype(dtype or jnp.float32)
-  if not is_quantized_shape(x.shape):
+  if not is_quantized_shape(x.shape, min_size):
     return QuantizedMoment(x, optax.MaskedNode())
   return quantize_moment(x, signed)
 
@@ -272,11 +286,15 @@ class ScaleByAdam8bitState(NamedTuple):
 
 
 def scale_by_adam_8bit(
-  b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  *,
+  min_8bit_size: int = MIN_QUANTIZED_SIZE,
 ) -> optax.GradientTransformation:
   """``optax.scale_by_adam`` (eps_root 0) with 8-bit block-wise moments.
 
-  Moments of 2-D leaves with at least 4096 elements are stored as uint8 codes plus a
+  Moments of 2-D leaves with at least ``min_8bit_size`` elements are stored as uint8 codes plus a
   float32 absmax per 16 x 16 tile (about 1.016 bytes per element instead of 4); other
   leaves keep float32 moments. The arithmetic is float32: each step dequantises, updates
   the moments as ``optax.scale_by_adam``, takes the direction from them and requantises.
@@ -287,6 +305,8 @@ def scale_by_adam_8bit(
     b1: decay of the first moment.
     b2: decay of the second moment.
     eps: added to the root of the second moment.
+    min_8bit_size: 2-D moments with fewer elements stay float32 (bitsandbytes' name and
+      default).
 
   Returns:
     An ``optax.GradientTransformation`` whose updates have each gradient's dtype.
@@ -306,15 +326,16 @@ def scale_by_adam_8bit(
   check_number(b1, "b1", 0.0, 1.0, high_open=True)
   check_number(b2, "b2", 0.0, 1.0, high_open=True)
   check_number(eps, "eps", 0.0)
+  check_int(min_8bit_size, "min_8bit_size")
 
   def init_fn(params):
     leaves, treedef = jax.tree.flatten(params)
+    mu = [init_moment(jnp.shape(p), True, 8, min_size=min_8bit_size) for p in leaves]
+    nu = [init_moment(jnp.shape(p), False, 8, min_size=min_8bit_size) for p in leaves]
     return ScaleByAdam8bitState(
       count=jnp.zeros([], jnp.int32),
-      mu=trees.pack(treedef, [init_moment(jnp.shape(p), True, 8) for p in leaves], QuantizedMoment),
-      nu=trees.pack(
-        treedef, [init_moment(jnp.shape(p), False, 8) for p in leaves], QuantizedMoment
-      ),
+      mu=trees.pack(treedef, mu, QuantizedMoment),
+      nu=trees.pack(treedef, nu, QuantizedMoment),
     )
 
   def update_fn(updates, state, params=None):
@@ -337,7 +358,9 @@ def scale_by_adam_8bit(
         b2,
         eps,
       )
-      out.append((u.astype(g.dtype), store_moment(mu, True, 8), store_moment(nu, False, 8)))
+      mu = store_moment(mu, True, 8, min_size=min_8bit_size)
+      nu = store_moment(nu, False, 8, min_size=min_8bit_size)
+      out.append((u.astype(g.dtype), mu, nu))
     return treedef.unflatten([o[0] for o in out]), ScaleByAdam8bitState(
       count=count_inc,
       mu=trees.pack(treedef, [o[1] for o in out], QuantizedMoment),
@@ -354,6 +377,8 @@ def adamw_8bit(
   eps: float = 1e-8,
   weight_decay: float = 1e-4,
   mask=None,
+  *,
+  min_8bit_size: int = MIN_QUANTIZED_SIZE,
 ) -> optax.GradientTransformation:
   """``optax.adamw`` with 8-bit block-wise moments (:func:`scale_by_adam_8bit`).
 
@@ -364,6 +389,7 @@ def adamw_8bit(
     eps: added to the root of the second moment.
     weight_decay: decoupled weight decay (``optax.adamw``'s default 1e-4).
     mask: which leaves get weight decay, as ``optax.adamw``'s ``mask``.
+    min_8bit_size: see :func:`scale_by_adam_8bit`.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -382,7 +408,7 @@ def adamw_8bit(
     check_number(learning_rate, "learning_rate")
   check_number(weight_decay, "weight_decay", 0.0)
   return optax.chain(
-    scale_by_adam_8bit(b1, b2, eps),
+    scale_by_adam_8bit(b1, b2, eps, min_8bit_size=min_8bit_size),
     optax.add_decayed_weights(weight_decay, mask),
     optax.scale_by_learning_rate(learning_rate),
   )

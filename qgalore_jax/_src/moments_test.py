@@ -434,3 +434,29 @@ SHARDED_8BIT = textwrap.dedent(
 @pytest.mark.slow
 def test_fsdp_sharded_8bit_moments_match_one_device():
   run_on_8_cpu_devices(SHARDED_8BIT)
+
+
+def test_min_8bit_size_sets_which_moments_are_quantised():
+  params = {"w": jnp.ones((16, 16)), "b": jnp.ones(256)}  # one 16 x 16 tile; not 2-D
+  small = scale_by_adam_8bit(min_8bit_size=256).init(params)
+  assert small.mu.codes["w"].dtype == jnp.uint8 and small.mu.absmax["w"].shape == (1, 1)
+  assert small.nu.codes["w"].dtype == jnp.uint8
+  assert small.mu.codes["b"].dtype == jnp.float32  # 1-D moments always stay float32
+  default = scale_by_adam_8bit().init(params)
+  assert default.mu.codes["w"].dtype == jnp.float32
+  assert isinstance(default.mu.absmax["w"], optax.MaskedNode)
+  tx = adamw_8bit(1e-3, min_8bit_size=256)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  _, state = jax.jit(tx.update)(grads, state, params)
+  assert state[0].mu.codes["w"].dtype == jnp.uint8
+  assert not moments.is_quantized_shape((16, 16))
+  assert moments.is_quantized_shape((16, 16), min_size=256)
+
+
+@pytest.mark.parametrize("value, error", [(0, ValueError), (2.5, TypeError), (True, TypeError)])
+def test_bad_min_8bit_size(value, error):
+  with pytest.raises(error, match="min_8bit_size"):
+    scale_by_adam_8bit(min_8bit_size=value)
+  with pytest.raises(error, match="min_8bit_size"):
+    adamw_8bit(1e-3, min_8bit_size=value)

@@ -77,7 +77,9 @@ def sign_canonical(vectors_RxK: jax.Array) -> jax.Array:
 def compute_projector(grad_MxN: jax.Array, rank: int) -> jax.Array:
   """Returns the sign-canonical float32 ``basis_RxK`` of a canonical gradient.
 
-  The SVD runs in float32 (bf16/f16 gradients are upcast) and is thin.
+  The SVD runs in float32 (bf16/f16 gradients are upcast) and is thin. This is the default
+  ``projector_fn`` of :func:`~qgalore_jax.scale_by_qgalore`; a replacement has its signature
+  and returns a basis of the same shape.
 
   Args:
     grad_MxN: canonical (out, in) gradient.

@@ -1,9 +1,8 @@
-"""Q-GaLore as optax gradient transformations (SPEC sections 1, 2, 4, 5 and 7).
+"""Q-GaLore as an optax gradient transformation (SPEC sections 1, 2, 4, 5 and 7).
 
 ``scale_by_qgalore`` is the core transform: projected Adam on every leaf it is given, with
-no learning rate and no decay. ``qgalore_adamw`` is the user alias: it routes the leaves
-selected by ``mask`` to ``scale_by_qgalore`` and the rest to ``optax.scale_by_adam``, then
-adds decoupled weight decay and the learning rate, in the order of ``optax.adamw``.
+no learning rate and no decay. The user alias ``qgalore_adamw`` lives in ``alias.py``;
+``projection_stats`` reads the refresh statistics out of either one's state.
 """
 
 from collections.abc import Callable
@@ -14,17 +13,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from qgalore_jax._src import layout
 from qgalore_jax._src import moments
 from qgalore_jax._src import projector as proj
 from qgalore_jax._src import schedule
 from qgalore_jax._src import trees
-from qgalore_jax._src.checks import _static_hint
 from qgalore_jax._src.checks import check_bits
 from qgalore_jax._src.checks import check_int
 from qgalore_jax._src.checks import check_number
+from qgalore_jax._src.checks import static_hint
 from qgalore_jax._src.quantization import QuantizedArray
-
-_is_masked = lambda x: isinstance(x, optax.MaskedNode)
 
 
 class ScaleByQGaLoreState(NamedTuple):
@@ -46,54 +44,6 @@ class ScaleByQGaLoreState(NamedTuple):
   subspace: schedule.SubspaceState  # whose fields are trees: gap, cosines, ... per matrix
 
 
-def _path_str(path) -> str:
-  return jax.tree_util.keystr(path) or "<root>"
-
-
-def _canonical_shape(shape: tuple[int, ...], axis: int) -> tuple[int, int]:
-  """(out, in) shape of a 2-D leaf whose input axis is ``axis`` (0 or 1)."""
-  return (shape[1], shape[0]) if axis == 0 else (shape[0], shape[1])
-
-
-def _to_canonical(x: jax.Array, axis: int) -> jax.Array:
-  return x.T if axis == 0 else x
-
-
-def _resolve_input_axes(params, input_axis, where: str):
-  """Per-leaf input axis (0 or 1), validated, with MaskedNode where params have one."""
-  if callable(input_axis):
-    input_axis = input_axis(params)
-  if isinstance(input_axis, int) and not isinstance(input_axis, bool):
-    axes = jax.tree.map(lambda p: p if _is_masked(p) else input_axis, params, is_leaf=_is_masked)
-  else:
-    try:
-      axes = jax.tree.map(
-        lambda p, a: p if _is_masked(p) else a, params, input_axis, is_leaf=_is_masked
-      )
-    except (ValueError, TypeError) as e:
-      raise ValueError(
-        f"`input_axis` must be an int or a pytree of ints with the structure of the params"
-        f" given to {where}: {e}"
-      ) from None
-  checked = []
-  flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
-  for (path, p), a in zip(flat_params, jax.tree.leaves(axes), strict=True):
-    name = _path_str(path)
-    if getattr(p, "ndim", None) != 2:
-      raise ValueError(
-        f"{where} projects 2-D matrices only, but parameter {name} has shape"
-        f" {getattr(p, 'shape', None)}; route other leaves elsewhere (e.g. qgalore_adamw's"
-        f" `mask`)"
-      )
-    if isinstance(a, bool) or not isinstance(a, int) or a not in (-2, -1, 0, 1):
-      raise ValueError(
-        f"`input_axis` for parameter {name} must be 0 or 1, got {a!r}"
-        f"{_static_hint(a, 'input_axis')}"
-      )
-    checked.append(a % 2)
-  return checked
-
-
 def scale_by_qgalore(
   rank: int = 128,
   update_proj_gap: int = 200,
@@ -109,6 +59,8 @@ def scale_by_qgalore(
   mu_dtype: Any | None = None,
   input_axis: int | Any | Callable[[optax.Params], Any] = 0,
   moment_bits: int | None = None,
+  min_8bit_size: int = moments.MIN_QUANTIZED_SIZE,
+  projector_fn: Callable[[jax.Array, int], jax.Array] | None = None,
 ) -> optax.GradientTransformation:
   r"""Projected Adam in an adaptive, INT4-stored low-rank gradient subspace (Q-GaLore).
 
@@ -153,8 +105,15 @@ def scale_by_qgalore(
       (in, out), ``1`` for arrays stored (out, in); an int, a pytree of ints shaped like
       the params, or a callable on the params returning one.
     moment_bits: ``None`` for float32 moments, or 8 for 8-bit block-wise moments (codes
-      plus a float32 absmax per 16 x 16 tile, for low-rank moments of at least 4096
-      elements; see :func:`scale_by_adam_8bit` and ``docs/numerics.md``).
+      plus a float32 absmax per 16 x 16 tile, for low-rank moments of at least
+      ``min_8bit_size`` elements; see :func:`scale_by_adam_8bit` and ``docs/numerics.md``).
+    min_8bit_size: under ``moment_bits=8``, low-rank moments with fewer elements stay
+      float32 (bitsandbytes' name and default).
+    projector_fn: ``projector_fn(grad_MxN, rank)`` returning the float32 (r, k)
+      sign-canonical basis of the float32 (m, n) canonical gradient, called on refresh
+      steps inside ``lax.cond`` (it may use ``jax.pure_callback``); ``None`` is
+      :func:`compute_projector`. The hook for a reference SVD in parity tests or another
+      projector in research: storage, schedule and the finite check apply to its basis.
 
   Returns:
     An ``optax.GradientTransformation`` whose updates have each gradient's dtype.
@@ -187,17 +146,25 @@ def scale_by_qgalore(
   if isinstance(gamma_proj, bool) or not isinstance(gamma_proj, (int, float)):
     raise TypeError(
       f"`gamma_proj` must be a Python number, got {type(gamma_proj).__name__}"
-      f"{_static_hint(gamma_proj, 'gamma_proj')}"
+      f"{static_hint(gamma_proj, 'gamma_proj')}"
     )
   check_int(queue_size, "queue_size")
   check_number(b1, "b1", 0.0, 1.0, high_open=True)
   check_number(b2, "b2", 0.0, 1.0, high_open=True)
   check_number(eps, "eps", 0.0)
   moments.check_moment_bits(moment_bits, mu_dtype)
+  check_int(min_8bit_size, "min_8bit_size")
+  if projector_fn is None:
+    projector_fn = proj.compute_projector
+  elif not callable(projector_fn):
+    raise TypeError(
+      f"`projector_fn` must be a callable (grad_MxN, rank) -> basis or None, got"
+      f" {type(projector_fn).__name__} {projector_fn!r}"
+    )
   mu_dtype = jnp.float32 if mu_dtype is None else jnp.dtype(mu_dtype)
 
   def leaf_layout(p, axis):
-    shape = _canonical_shape(p.shape, axis)
+    shape = layout.canonical_shape(p.shape, axis)
     r, k = proj.basis_shape(shape, rank)
     side = proj.projector_side(shape)
     low_rank_shape = (shape[0], r) if side == proj.RIGHT else (r, shape[1])
@@ -206,8 +173,8 @@ def scale_by_qgalore(
   def init_leaf(p, axis):
     _, basis_shape, _, low_rank_shape = leaf_layout(p, axis)
     return (
-      moments.init_moment(low_rank_shape, True, moment_bits, mu_dtype),
-      moments.init_moment(low_rank_shape, False, moment_bits),
+      moments.init_moment(low_rank_shape, True, moment_bits, mu_dtype, min_8bit_size),
+      moments.init_moment(low_rank_shape, False, moment_bits, min_size=min_8bit_size),
       proj.store_projector(jnp.zeros(basis_shape, jnp.float32), proj_bits, proj_group_size),
       schedule.init_subspace(basis_shape[1], update_proj_gap, queue_size),
     )
@@ -218,10 +185,15 @@ def scale_by_qgalore(
     def refresh(carry):
       # The canonical gradient is formed inside the branch: a transposed operand of the
       # cond would be materialised on every step, refresh or not.
-      g_MxN = _to_canonical(g, axis).astype(jnp.float32)
+      g_MxN = layout.to_canonical(g, axis).astype(jnp.float32)
       old_subspace = carry[1]
       finite = jnp.all(jnp.isfinite(g_MxN))
-      basis_RxK = proj.compute_projector(jnp.where(finite, g_MxN, 0.0), rank)
+      basis_RxK = projector_fn(jnp.where(finite, g_MxN, 0.0), rank)
+      if basis_RxK.shape != basis_shape:
+        raise ValueError(
+          f"`projector_fn` returned a basis of shape {basis_RxK.shape} for a gradient of"
+          f" shape {g_MxN.shape} at rank {rank}; expected {basis_shape}"
+        )
       ok = finite & jnp.all(jnp.isfinite(basis_RxK))
       new = (
         proj.store_projector(basis_RxK, proj_bits, proj_group_size),
@@ -233,7 +205,7 @@ def scale_by_qgalore(
       schedule.refresh_due(subspace, count), refresh, lambda carry: carry, (stored, subspace)
     )
     basis_RxK = proj.load_projector(stored, basis_shape, proj_bits, proj_group_size)
-    r = proj.project(_to_canonical(g, axis).astype(jnp.float32), basis_RxK)
+    r = proj.project(layout.to_canonical(g, axis).astype(jnp.float32), basis_RxK)
     u, mu, nu = moments.adam_step(
       r,
       moments.load_moment(mu, True, moment_bits),
@@ -248,15 +220,15 @@ def scale_by_qgalore(
     else:
       direction = scale * proj.project_back(u, basis_RxK, side)
     direction = direction.astype(g.dtype)
-    mu = moments.store_moment(mu, True, moment_bits, mu_dtype)
-    nu = moments.store_moment(nu, False, moment_bits)
+    mu = moments.store_moment(mu, True, moment_bits, mu_dtype, min_8bit_size)
+    nu = moments.store_moment(nu, False, moment_bits, min_size=min_8bit_size)
     return direction, mu, nu, stored, subspace
 
   projector_cls = None if proj_bits is None else QuantizedArray
   moment_cls = moments.moment_cls(moment_bits)
 
   def init_fn(params):
-    axes = _resolve_input_axes(params, input_axis, "scale_by_qgalore")
+    axes = layout.resolve_input_axes(params, input_axis, "scale_by_qgalore")
     leaves, treedef = jax.tree.flatten(params)
     per_leaf = [init_leaf(p, a) for p, a in zip(leaves, axes, strict=True)]
     mu, nu, stored, subspace = ([leaf[i] for leaf in per_leaf] for i in range(4))
@@ -270,7 +242,7 @@ def scale_by_qgalore(
 
   def update_fn(updates, state, params=None):
     del params
-    axes = _resolve_input_axes(updates, input_axis, "scale_by_qgalore")
+    axes = layout.resolve_input_axes(updates, input_axis, "scale_by_qgalore")
     leaves, treedef = jax.tree.flatten(updates)
     count_inc = optax.safe_increment(state.count)
     per_leaf = [
@@ -295,145 +267,6 @@ def scale_by_qgalore(
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _resolve_mask(mask, params):
-  """Bool pytree shaped like params: which leaves are projected (validated)."""
-  if mask is None:
-    return jax.tree.map(lambda p: jnp.ndim(p) == 2, params)
-  selected = mask(params) if callable(mask) else mask
-  if jax.tree.structure(selected) != jax.tree.structure(params):
-    raise ValueError(
-      "`mask` must have the structure of the params: got "
-      f"{jax.tree.structure(selected)}, params are {jax.tree.structure(params)}"
-    )
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  for (path, p), s in zip(flat, jax.tree.leaves(selected), strict=True):
-    if not isinstance(s, bool) and getattr(s, "dtype", None) != jnp.bool_:
-      raise TypeError(f"`mask` leaf for parameter {_path_str(path)} must be a bool, got {s!r}")
-    if bool(s) and jnp.ndim(p) != 2:
-      raise ValueError(
-        f"`mask` selects parameter {_path_str(path)} of shape {jnp.shape(p)}, but only 2-D"
-        " matrices can be projected"
-      )
-  return selected
-
-
-def qgalore_adamw(
-  learning_rate: optax.ScalarOrSchedule,
-  b1: float = 0.9,
-  b2: float = 0.999,
-  eps: float = 1e-8,
-  weight_decay: float = 0.0,
-  *,
-  rank: int = 128,
-  update_proj_gap: int = 200,
-  scale: float = 0.25,
-  proj_bits: int | None = 4,
-  proj_group_size: int = 256,
-  cos_threshold: float = 0.4,
-  gamma_proj: float = 2,
-  queue_size: int = 5,
-  mask: Any | Callable[[optax.Params], Any] | None = None,
-  input_axis: int | Any | Callable[[optax.Params], Any] = 0,
-  mu_dtype: Any | None = None,
-  moment_bits: int | None = None,
-) -> optax.GradientTransformation:
-  r"""AdamW with Q-GaLore on the selected matrices: a drop-in for ``optax.adamw``.
-
-  Leaves selected by ``mask`` get :func:`scale_by_qgalore`; the others get
-  ``optax.scale_by_adam`` with the same ``b1, b2, eps``. Then, for every leaf,
-
-  .. math::
-
-    W \leftarrow W - \eta_t \, (\text{direction} + \lambda W)
-
-  (decoupled weight decay on the old weights, as ``optax.adamw``; SPEC section 5).
-
-  Args:
-    learning_rate: a float or an optax schedule.
-    b1: decay of the first moment.
-    b2: decay of the second moment.
-    eps: added to the root of the second moment.
-    weight_decay: decoupled weight decay ``lambda`` applied to every leaf.
-    rank: see :func:`scale_by_qgalore`.
-    update_proj_gap: see :func:`scale_by_qgalore`.
-    scale: see :func:`scale_by_qgalore`.
-    proj_bits: see :func:`scale_by_qgalore`; ``None`` keeps a float32 projector.
-    proj_group_size: see :func:`scale_by_qgalore`.
-    cos_threshold: see :func:`scale_by_qgalore`.
-    gamma_proj: see :func:`scale_by_qgalore`; 1 gives plain GaLore's fixed gap.
-    queue_size: see :func:`scale_by_qgalore`.
-    mask: which leaves are projected: a pytree of bools shaped like the params, or a
-      callable on the params returning one. Default: every 2-D leaf. (Unlike
-      ``optax.adamw``'s ``mask``, this selects projection, not weight decay.)
-    input_axis: input axis of each projected leaf: 0 for Flax kernels (default), 1 for
-      (out, in) arrays; an int, a pytree of ints or a callable (see
-      :func:`scale_by_qgalore`).
-    mu_dtype: dtype of the stored first moments (default float32 for projected leaves,
-      the param dtype for the others, as ``optax.scale_by_adam``).
-    moment_bits: ``None`` (default) for float moments, or 8 for 8-bit block-wise moments on
-      every leaf, projected or not (:func:`scale_by_adam_8bit` for the others): the
-      paper's 8-bit Adam. Moments under 4096 elements or not 2-D stay float32.
-
-  Returns:
-    An ``optax.GradientTransformation``. Under ``optax.inject_hyperparams`` (which turns
-    every numeric argument into an array), pass ``static_args=qgalore_jax.STATIC_ARGS``:
-    ``optax.inject_hyperparams(qgalore_adamw, static_args=STATIC_ARGS)(learning_rate=...)``.
-
-  Example:
-    >>> import jax, jax.numpy as jnp, optax
-    >>> from qgalore_jax import qgalore_adamw, projection_stats
-    >>> params = {"kernel": jnp.ones((16, 8)), "bias": jnp.zeros((8,))}
-    >>> tx = qgalore_adamw(1e-3, rank=4, weight_decay=0.01)
-    >>> state = tx.init(params)
-    >>> grads = jax.tree.map(jnp.ones_like, params)
-    >>> updates, state = tx.update(grads, state, params)
-    >>> params = optax.apply_updates(params, updates)
-    >>> int(projection_stats(state)["kernel"]["svd_count"])
-    1
-
-  References:
-    Zhang et al., `Q-GaLore: Quantized GaLore with INT4 Projection and Layer-Adaptive
-    Low-Rank Gradients <https://arxiv.org/abs/2407.08296>`_, 2024.
-    Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection
-    <https://arxiv.org/abs/2403.03507>`_, 2024.
-    Loshchilov and Hutter, `Decoupled Weight Decay Regularization
-    <https://arxiv.org/abs/1711.05101>`_, 2019.
-  """
-  if not callable(learning_rate):
-    check_number(learning_rate, "learning_rate")
-  check_number(weight_decay, "weight_decay", 0.0)
-  galore = scale_by_qgalore(
-    rank=rank,
-    update_proj_gap=update_proj_gap,
-    scale=scale,
-    proj_bits=proj_bits,
-    proj_group_size=proj_group_size,
-    cos_threshold=cos_threshold,
-    gamma_proj=gamma_proj,
-    queue_size=queue_size,
-    b1=b1,
-    b2=b2,
-    eps=eps,
-    mu_dtype=mu_dtype,
-    input_axis=input_axis,
-    moment_bits=moment_bits,
-  )
-  if moment_bits is None:
-    adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
-  else:
-    adam = moments.scale_by_adam_8bit(b1=b1, b2=b2, eps=eps)
-
-  def labels(params):
-    selected = _resolve_mask(mask, params)
-    return jax.tree.map(lambda s: "qgalore" if s else "adam", selected)
-
-  return optax.chain(
-    optax.partition({"qgalore": galore, "adam": adam}, labels),
-    optax.add_decayed_weights(weight_decay),
-    optax.scale_by_learning_rate(learning_rate),
-  )
 
 
 def _unwrap(x):

@@ -361,3 +361,66 @@ def test_bad_masks_and_axes_name_the_parameter():
     qgalore_adamw(1e-3, input_axis=axes).init(params)
   with pytest.raises(ValueError, match=r"\['dense'\]\['bias'\]"):
     scale_by_qgalore().init(params)
+
+
+# ---------------------------------------------------------------------------------------
+# Seams: an injected projector and the size of 8-bit moments.
+
+
+def test_projector_fn_fixed_basis_gives_predicted_update():
+  rng = np.random.default_rng(3)
+  basis = np.linalg.qr(rng.normal(size=(4, 4)))[0][:2].astype(np.float32)  # (r, n) = (2, 4)
+  calls = []
+
+  def fixed_basis(grad_MxN, rank):
+    calls.append((grad_MxN.shape, grad_MxN.dtype, rank))
+    shape = jax.ShapeDtypeStruct(basis.shape, jnp.float32)
+    return jax.pure_callback(lambda g: basis, shape, grad_MxN)
+
+  b1, b2, eps, scale = 0.9, 0.999, 1e-8, 0.25
+  tx = scale_by_qgalore(
+    rank=2, update_proj_gap=100, scale=scale, proj_bits=None, input_axis=1,
+    b1=b1, b2=b2, eps=eps, projector_fn=fixed_basis,
+  )  # fmt: skip
+  params = {"w": jnp.zeros((8, 4))}  # (out, in) = (8, 4): "right", R = G P^T
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  mu = nu = np.zeros((8, 2), np.float64)
+  for t in (1, 2):
+    g = rng.normal(size=(8, 4)).astype(np.float32)
+    got, state = update({"w": jnp.asarray(g)}, state)
+    r = g.astype(np.float64) @ basis.T
+    mu = b1 * mu + (1 - b1) * r
+    nu = b2 * nu + (1 - b2) * r * r
+    u = (mu / (1 - b1**t)) / (np.sqrt(nu / (1 - b2**t)) + eps)
+    np.testing.assert_allclose(np.asarray(got["w"]), scale * u @ basis, rtol=1e-4, atol=1e-6)
+  assert calls == [((8, 4), jnp.float32, 2)]  # traced once, in the refresh branch
+  np.testing.assert_array_equal(np.asarray(state.projector["w"]), basis)
+
+
+def test_projector_fn_is_validated():
+  with pytest.raises(TypeError, match="projector_fn"):
+    scale_by_qgalore(projector_fn="svd")
+  with pytest.raises(TypeError, match="projector_fn"):
+    qgalore_adamw(1e-3, projector_fn=np.eye(2))
+  wrong = scale_by_qgalore(rank=2, projector_fn=lambda g, rank: jnp.ones((3, 3)))
+  params = {"w": jnp.ones((8, 4))}
+  with pytest.raises(ValueError, match=r"projector_fn.*\(3, 3\).*\(2, 4\)"):
+    wrong.update(params, wrong.init(params))
+
+
+def test_min_8bit_size_of_low_rank_moments():
+  params = {"w": jnp.ones((16, 16))}  # rank 16: 16 x 16 low-rank moments, one tile
+  grads = {"w": jnp.arange(256.0).reshape(16, 16)}
+  small = scale_by_qgalore(rank=16, moment_bits=8, min_8bit_size=256)
+  _, state = jax.jit(small.update)(grads, small.init(params))
+  assert state.mu.codes["w"].dtype == jnp.uint8 and state.mu.absmax["w"].shape == (1, 1)
+  assert state.nu.codes["w"].dtype == jnp.uint8
+  default = scale_by_qgalore(rank=16, moment_bits=8)
+  _, state = jax.jit(default.update)(grads, default.init(params))
+  assert state.mu.codes["w"].dtype == jnp.float32
+  assert isinstance(state.mu.absmax["w"], optax.MaskedNode)
+  with pytest.raises(ValueError, match="min_8bit_size"):
+    scale_by_qgalore(min_8bit_size=0)
+  with pytest.raises(TypeError, match="min_8bit_size"):
+    scale_by_qgalore(min_8bit_size=256.0)

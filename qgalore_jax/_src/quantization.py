@@ -6,8 +6,12 @@ elements. With ``b`` bits and ``Q = 2**b - 1``, per group::
 
   s = max(max - min, 1e-5) / Q
   z = round(-min / s)                       # round half to even; NOT clamped (see below)
-  q = clamp(round(w / s) + z, 0, Q)
+  q = clamp(round(w / s) + z, 0, Q)         # or clamp(floor(w / s + u) + z, 0, Q), see below
   w_hat = s * (q - z)
+
+Given ``noise`` (uniforms ``u`` in [0, 1), one per element), the codes are rounded
+stochastically instead, ``E[s * (q - z)] = w`` wherever the clamp is inactive: the rounding
+of INT8 weights (SPEC section 6), with ``u`` from ``generator.uniforms``.
 
 SPEC section 3 (after the authors' code, itself after AWQ) clamps ``z`` to [0, Q], which
 only matters when ``z`` is stored as a Q-bit integer. Here ``z`` is float32, and the clamp
@@ -48,8 +52,11 @@ def num_groups(size: int, group_size: int) -> int:
   return -(-size // group_size)
 
 
-def _grouped(flat: jax.Array, group_size: int) -> jax.Array:
+def grouped(flat: jax.Array, group_size: int) -> jax.Array:
   """Reshapes a flat vector to [num_groups, group_size], padding the last group.
+
+  Shared by every group-wise computation (the quantiser, INT8 updates) so that all of them
+  cut and pad groups alike.
 
   The padding repeats the last element, which belongs to the last group, so it changes
   neither that group's min nor its max.
@@ -128,16 +135,22 @@ def group_scale_zero(groups: jax.Array, bits: int) -> tuple[jax.Array, jax.Array
   return scale, jnp.round(exact_divide(-lo, scale))
 
 
-def quantize(x: jax.Array, bits: int = 4, group_size: int = 256) -> QuantizedArray:
-  """Quantises ``x`` group-wise with round-to-nearest (SPEC section 3).
+def quantize(
+  x: jax.Array, bits: int = 4, group_size: int = 256, *, noise: jax.Array | None = None
+) -> QuantizedArray:
+  """Quantises ``x`` group-wise, rounding to nearest or stochastically (SPEC sections 3, 6).
 
   ``x`` is flattened row-major (pass the canonical matrix: projector rows, or weights in
-  (out, in) layout) and computed in float32.
+  (out, in) layout) and computed in float32. The codes are ``clamp(round(x / s) + z, 0, Q)``
+  without ``noise``, ``clamp(floor(x / s + u) + z, 0, Q)`` with ``noise = u``; the scale
+  and zero are the same either way.
 
   Args:
     x: array of any shape and float dtype.
     bits: code width, 1..8. Codes of 4 bits or fewer are packed two per byte.
     group_size: number of consecutive elements sharing one scale and zero.
+    noise: ``None`` for round-to-nearest, or float32 uniforms in [0, 1), one per element
+      of ``x`` in row-major order (any shape of ``x``'s size), for stochastic rounding.
 
   Returns:
     A :class:`QuantizedArray`.
@@ -151,15 +164,28 @@ def quantize(x: jax.Array, bits: int = 4, group_size: int = 256) -> QuantizedArr
     >>> dequantize(q, (2, 2), bits=4, group_size=4)
     Array([[ 0.        ,  0.53333336],
            [ 0.9333334 , -0.9333334 ]], dtype=float32)
+    >>> x = jnp.array([0.0, 0.3, 1.0])  # 0.3 * 255 = 76.5: rounded up if the noise is > 0.5
+    >>> quantize(x, bits=8, noise=jnp.array([0.5, 0.49, 0.5])).codes.tolist()
+    [0, 76, 255]
+    >>> quantize(x, bits=8, noise=jnp.array([0.5, 0.51, 0.5])).codes.tolist()
+    [0, 77, 255]
   """
   check_bits(bits)
   check_int(group_size, "group_size")
   levels = 2**bits - 1
   flat = jnp.asarray(x, jnp.float32).reshape(-1)
-  groups = _grouped(flat, group_size)
+  groups = grouped(flat, group_size)
   scale, zero = group_scale_zero(groups, bits)
-  codes = jnp.clip(jnp.round(exact_divide(groups, scale[:, None])) + zero[:, None], 0, levels)
-  codes = codes.astype(jnp.uint8).reshape(-1)[: flat.size]
+  scaled = exact_divide(groups, scale[:, None])
+  if noise is None:
+    codes = jnp.round(scaled)
+  else:
+    if jnp.size(noise) != flat.size:
+      raise ValueError(
+        f"`noise` must have one value per element of x ({flat.size}), got shape {jnp.shape(noise)}"
+      )
+    codes = jnp.floor(scaled + grouped(jnp.asarray(noise, jnp.float32).reshape(-1), group_size))
+  codes = jnp.clip(codes + zero[:, None], 0, levels).astype(jnp.uint8).reshape(-1)[: flat.size]
   if bits <= 4:
     codes = pack_int4(codes)
   return QuantizedArray(codes=codes, scale=scale, zero=zero)
@@ -183,7 +209,7 @@ def dequantize(
   for d in shape:
     size *= d
   codes = unpack_int4(q.codes, size) if bits <= 4 else q.codes
-  groups = _grouped(codes.astype(jnp.float32), group_size)
+  groups = grouped(codes.astype(jnp.float32), group_size)
   values = q.scale[:, None] * (groups - q.zero[:, None])
   return values.reshape(-1)[:size].reshape(shape)
 

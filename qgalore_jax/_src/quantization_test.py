@@ -140,3 +140,41 @@ def test_packed_bytes():
 def test_bad_arguments(kwargs, err):
   with pytest.raises(err, match=r"bits|group_size"):
     quantize(jnp.ones(4), **{"bits": 4, "group_size": 4, **kwargs})
+
+
+def brute_force_stochastic_codes(x, u, bits, group_size):
+  """SPEC section 6's rounding, one group at a time: clamp(floor(w / s + u) + z, 0, Q)."""
+  flat = np.asarray(x, np.float32).reshape(-1)
+  levels = np.float32(2**bits - 1)
+  codes = []
+  for start in range(0, flat.size, group_size):
+    g = flat[start : start + group_size]
+    s = np.float32(max(np.float32(g.max() - g.min()), np.float32(1e-5))) / levels
+    z = np.round(-g.min() / s)
+    codes += list(np.clip(np.floor(g / s + u[start : start + group_size]) + z, 0, levels))
+  return np.array(codes, np.uint8)
+
+
+@pytest.mark.parametrize("case", ["random", "single_sign_positive", "odd_count", "halfway_ties"])
+@pytest.mark.parametrize("bits,group_size", [(4, 16), (8, 32), (2, 5)])
+def test_quantize_with_noise_matches_brute_force(case, bits, group_size):
+  x = EDGE_CASES[case].astype(np.float32)
+  u = np.random.default_rng(6).uniform(size=x.size).astype(np.float32)
+  # The noise may have any shape of x's size: it is read in row-major order.
+  q = quantize(jnp.asarray(x), bits, group_size, noise=jnp.asarray(u))
+  nearest = quantize(jnp.asarray(x), bits, group_size)
+  np.testing.assert_array_equal(np.asarray(q.scale), np.asarray(nearest.scale))
+  np.testing.assert_array_equal(np.asarray(q.zero), np.asarray(nearest.zero))
+  codes = np.asarray(unpack_int4(q.codes, x.size) if bits <= 4 else q.codes)
+  np.testing.assert_array_equal(codes, brute_force_stochastic_codes(x, u, bits, group_size))
+
+
+def test_quantize_with_noise_is_unbiased_and_checks_its_size():
+  x = jnp.full((1, 256), 0.3).at[0, 0].set(0.0).at[0, 1].set(1.0)  # 0.3 * 255 = 76.5
+  draws = [
+    quantize(x, 8, 256, noise=jax.random.uniform(jax.random.key(i), (256,))) for i in range(8)
+  ]
+  mean_code = np.mean([np.asarray(q.codes[2:], np.float64) for q in draws])
+  assert abs(mean_code - 76.5) < 0.05
+  with pytest.raises(ValueError, match="noise"):
+    quantize(x, 8, 256, noise=jnp.zeros(255))

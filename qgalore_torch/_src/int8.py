@@ -1,21 +1,13 @@
-"""INT8 weights updated by stochastic rounding, and their uniform generator (SPEC section 6).
+"""INT8 weights updated by stochastic rounding (SPEC section 6).
 
-The twin of ``qgalore_jax._src.int8``: the same generator, bit for bit, and the same update::
+The twin of ``qgalore_jax._src.int8``: the same update, bit for bit::
 
   w_new = s * ((q - z) + update / s)     # = s * (q - z) + update, see add_update
   s, z = groupwise(w_new)                # quantization.quantize's scale and zero
   q = clamp(floor(w_new / s + u) + z, 0, 255)
 
-with ``u`` from the counter-based generator keyed by (seed, step, tensor id, element index of
-the (out, in) weight in row-major order)::
-
-  lowbias32(x) = x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16
-  key = lowbias32(lowbias32(lowbias32(seed ^ 0x9e3779b9) ^ step) ^ tensor_id)
-  h_i = lowbias32(lowbias32(i ^ key) + key);  u_i = (h_i >> 8) * 2**-24
-
-torch has few uint32 kernels, so the hash runs on int64 tensors holding values in
-[0, 2**32); each 32-bit product is split into 16-bit halves so that no intermediate reaches
-2**63 (signed overflow is undefined in C++), on CPU and CUDA alike.
+with ``u`` from the counter-based generator of ``generator.py``, keyed by (seed, step, tensor
+id, element index of the (out, in) weight in row-major order).
 
 Design of the INT8 layer. :class:`Int8Weight` is a tensor subclass that looks like a float32
 (out, in) tensor but stores only the codes (1 byte per weight) and per-group float32 scale and
@@ -28,7 +20,6 @@ forward and backward dequantise on the fly, and any other operation on the weigh
 not be expressed on the codes.
 """
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -36,145 +27,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from qgalore_torch._src.checks import check_int
+from qgalore_torch._src.generator import uniforms
+from qgalore_torch._src.layout import canonical_shape
 from qgalore_torch._src.quantization import QuantizedTensor
-from qgalore_torch._src.quantization import _grouped
 from qgalore_torch._src.quantization import dequantize
-from qgalore_torch._src.quantization import group_scale_zero
-from qgalore_torch._src.quantization import pack_int4
+from qgalore_torch._src.quantization import grouped
 from qgalore_torch._src.quantization import quantize
 
-GOLDEN = 0x9E3779B9  # absorbed with the seed, so that seed 0 does not hash to the fixed point 0
-MULTIPLIER_1 = 0x7FEB352D  # lowbias32 constants (C. Wellons, "hash-prospector")
-MULTIPLIER_2 = 0x846CA68B
-MAX_ELEMENTS = 2**32  # element indices are uint32
 BITS = 8
-_MASK32 = 0xFFFFFFFF
-_CHUNK = 1 << 22  # elements hashed at once by `uniforms`
 _ATEN = torch.ops.aten
-
-# Names of the linear layers of a Hugging Face LLaMA block (attention and MLP projections).
-LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
-  """``x * constant mod 2**32`` for int64 ``x`` in [0, 2**32), every product below 2**49."""
-  low, high = constant & 0xFFFF, constant >> 16
-  return (x * low + (((x * high) & 0xFFFF) << 16)) & _MASK32
-
-
-def lowbias32(x: torch.Tensor) -> torch.Tensor:
-  """The 32-bit integer hash ``lowbias32``, a bijection of [0, 2**32) (SPEC section 6).
-
-  Args:
-    x: int64 tensor with values in [0, 2**32).
-
-  Returns:
-    int64 tensor of the same shape, values in [0, 2**32).
-
-  Example:
-    >>> import torch
-    >>> from qgalore_torch import lowbias32
-    >>> [hex(h) for h in lowbias32(torch.tensor([1, 0xDEADBEEF])).tolist()]
-    ['0x688990c0', '0xe628c683']
-
-  References:
-    C. Wellons, `Prospecting for hash functions
-    <https://nullprogram.com/blog/2018/07/31/>`_, 2018.
-  """
-  x = x ^ (x >> 16)
-  x = _mul32(x, MULTIPLIER_1)
-  x = x ^ (x >> 15)
-  x = _mul32(x, MULTIPLIER_2)
-  return x ^ (x >> 16)
-
-
-def _as_uint32(value, name: str) -> torch.Tensor:
-  """A Python int or integer 0-dim tensor as an int64 CPU-or-device scalar mod 2**32."""
-  if isinstance(value, bool):
-    raise TypeError(f"`{name}` must be an integer, got bool {value!r}")
-  if isinstance(value, int):
-    return torch.tensor(value % 2**32, dtype=torch.int64)
-  if (
-    not isinstance(value, torch.Tensor)
-    or value.is_floating_point()
-    or value.is_complex()
-    or value.dim() != 0
-  ):
-    raise TypeError(f"`{name}` must be an integer scalar (Python int or int tensor), got {value!r}")
-  return value.to(torch.int64) & _MASK32
-
-
-def stream_key(seed, step, tensor_id) -> torch.Tensor:
-  """The key of one tensor's uniforms at one step (SPEC section 6).
-
-  Args:
-    seed: integer (Python int or 0-dim integer tensor), taken modulo 2**32.
-    step: integer, taken modulo 2**32: the 0-based update count.
-    tensor_id: integer, taken modulo 2**32.
-
-  Returns:
-    int64 0-dim tensor ``lowbias32(lowbias32(lowbias32(seed ^ GOLDEN) ^ step) ^ tensor_id)``.
-
-  Example:
-    >>> from qgalore_torch import stream_key
-    >>> hex(int(stream_key(1234, 5678, 7)))
-    '0x76df4541'
-  """
-  key = lowbias32(_as_uint32(seed, "seed") ^ GOLDEN)
-  key = lowbias32(key ^ _as_uint32(step, "step").to(key.device))
-  return lowbias32(key ^ _as_uint32(tensor_id, "tensor_id").to(key.device))
-
-
-def uniforms(seed, step, tensor_id, shape, device=None) -> torch.Tensor:
-  r"""Counter-based uniforms in [0, 1), one per element of a tensor (SPEC section 6).
-
-  .. math::
-
-    h_i = \text{lowbias32}(\text{lowbias32}(i \oplus k) + k), \qquad u_i = \lfloor h_i / 2^8
-    \rfloor \cdot 2^{-24}
-
-  with ``k`` = :func:`stream_key` and ``i`` the row-major element index: bit-identical to
-  ``qgalore_jax.uniforms`` on any device.
-
-  Args:
-    seed: integer (Python int or 0-dim integer tensor).
-    step: integer (Python int or 0-dim integer tensor).
-    tensor_id: integer (Python int or 0-dim integer tensor).
-    shape: shape of the result; at most ``2**32`` elements.
-    device: device of the result.
-
-  Returns:
-    float32 tensor of ``shape``.
-
-  Example:
-    >>> from qgalore_torch import uniforms
-    >>> u = uniforms(0, 0, 0, (2, 3))
-    >>> u.shape, u.dtype, bool(((0 <= u) & (u < 1)).all())
-    (torch.Size([2, 3]), torch.float32, True)
-
-  References:
-    Zhang et al., `Q-GaLore <https://arxiv.org/abs/2407.08296>`_, 2024.
-  """
-  size = math.prod(shape)
-  if size > MAX_ELEMENTS:
-    raise ValueError(f"uniforms are indexed by uint32: at most 2**32 elements, got {size}")
-  key = stream_key(seed, step, tensor_id)
-  out = torch.empty(size, dtype=torch.float32, device=device)
-  # Chunks bound the int64 temporaries of eager torch (about 40 bytes per element at once).
-  for start in range(0, size, _CHUNK):
-    index = torch.arange(start, min(start + _CHUNK, size), dtype=torch.int64, device=device)
-    # The key is a 0-dim CPU tensor: used as a scalar operand, it costs no device sync.
-    hashed = lowbias32((lowbias32(index ^ key) + key) & _MASK32)
-    out[start : start + _CHUNK] = (hashed >> 8).to(torch.float32) * 2.0**-24
-  return out.reshape(shape)
 
 
 def stochastic_round(w, *, seed, step, tensor_id, bits=BITS, group_size=256) -> QuantizedTensor:
   """Quantises ``w`` group-wise with stochastic rounding (SPEC sections 3 and 6).
 
-  The scale and zero are those of :func:`~qgalore_torch.quantize` on the same input (its
-  round-to-nearest codes are discarded); the codes are ``clamp(floor(w / s + u) + z, 0,
-  2**bits - 1)`` with ``u`` from :func:`uniforms`.
+  :func:`~qgalore_torch.quantize` with ``noise`` from :func:`~qgalore_torch.uniforms`: the
+  scale and zero of round-to-nearest, and the codes ``clamp(floor(w / s + u) + z, 0,
+  2**bits - 1)``.
 
   Args:
     w: the canonical (out, in) matrix (any float dtype; computed in float32).
@@ -197,16 +66,8 @@ def stochastic_round(w, *, seed, step, tensor_id, bits=BITS, group_size=256) -> 
   References:
     Zhang et al., `Q-GaLore <https://arxiv.org/abs/2407.08296>`_, 2024.
   """
-  levels = 2**bits - 1
-  flat = w.detach().to(torch.float32).reshape(-1)
-  groups = _grouped(flat, group_size)
-  scale, zero = group_scale_zero(groups, bits)
-  noise = _grouped(uniforms(seed, step, tensor_id, (flat.numel(),), flat.device), group_size)
-  codes = torch.floor(groups / scale[:, None] + noise) + zero[:, None]
-  codes = codes.clamp(0, levels).to(torch.uint8).reshape(-1)[: flat.numel()]
-  if bits <= 4:
-    codes = pack_int4(codes)
-  return QuantizedTensor(codes=codes, scale=scale, zero=zero)
+  noise = uniforms(seed, step, tensor_id, tuple(w.shape), device=w.device)
+  return quantize(w, bits, group_size, noise=noise)
 
 
 class Int8Weight(torch.Tensor):
@@ -255,7 +116,7 @@ class Int8Weight(torch.Tensor):
         f"an INT8 weight is a 2-D float (out, in) matrix, got {weight.dtype} {tuple(weight.shape)}"
       )
     q = quantize(weight, BITS, group_size)
-    return cls(q.codes, q.scale, q.zero, tuple(weight.shape), group_size)
+    return cls(q.codes, q.scale, q.zero, canonical_shape(weight.shape), group_size)
 
   def quantized(self) -> QuantizedTensor:
     """The stored codes, scale and zero."""
@@ -318,8 +179,8 @@ def add_update(weight: Int8Weight, update: torch.Tensor) -> torch.Tensor:
   operation here is a single IEEE-rounded one on both backends, so they agree bit for bit.
   """
   size = weight.codes.numel()
-  codes = _grouped(weight.codes.to(torch.float32), weight.group_size)
-  update = _grouped(update.detach().to(torch.float32).reshape(-1), weight.group_size)
+  codes = grouped(weight.codes.to(torch.float32), weight.group_size)
+  update = grouped(update.detach().to(torch.float32).reshape(-1), weight.group_size)
   scale = weight.scale[:, None]
   w_new = scale * ((codes - weight.zero[:, None]) + update / scale)
   return w_new.reshape(-1)[:size].reshape(weight.shape)
@@ -507,11 +368,6 @@ class Int8Linear(nn.Module):
           unexpected_keys.append(key)
 
 
-def is_llama_projection(name: str) -> bool:
-  """Whether a module name ends in one of :data:`LLAMA_PROJECTIONS` (q/k/v/o/gate/up/down)."""
-  return name.rsplit(".", 1)[-1] in LLAMA_PROJECTIONS
-
-
 def quantize_linears(
   model: nn.Module, predicate: Callable[[str], bool] | None = None, *, group_size: int = 256
 ) -> list[str]:
@@ -522,9 +378,9 @@ def quantize_linears(
   Args:
     model: the model to convert.
     predicate: called with each ``nn.Linear``'s qualified name; the layer is replaced when
-      it returns True. Default: every ``nn.Linear``. Use :func:`is_llama_projection` for the
-      7 projections of each LLaMA block, as the paper does (embeddings, norms and the head
-      stay float).
+      it returns True. Default: every ``nn.Linear``. The paper quantises the 7 projections
+      of each LLaMA block (``q_proj`` ... ``down_proj``); embeddings, norms and the head
+      stay float.
     group_size: weights per quantisation group.
 
   Returns:

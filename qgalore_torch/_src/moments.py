@@ -1,10 +1,10 @@
 """8-bit block-wise Adam moments (docs/numerics.md, "8-bit moments").
 
 With ``moment_bits=8``, :class:`~qgalore_torch.QGaLoreAdamW` stores a moment that is 2-D and
-has at least :data:`MIN_QUANTIZED_SIZE` elements as one uint8 code per element plus one
-float32 absmax per 16 x 16 tile. A code indexes a 256-value map: the dynamic (tree) map of
-Dettmers et al. (arXiv 2110.02861), signed for the first moment and unsigned for the second.
-Every other moment stays float32.
+has at least ``min_8bit_size`` (default :data:`MIN_QUANTIZED_SIZE`) elements as one uint8
+code per element plus one float32 absmax per 16 x 16 tile. A code indexes a 256-value map:
+the dynamic (tree) map of Dettmers et al. (arXiv 2110.02861), signed for the first moment
+and unsigned for the second. Every other moment stays float32.
 
 Per tile, with ``a = max |x|`` over the tile::
 
@@ -89,9 +89,9 @@ class QuantizedMoment(NamedTuple):
   absmax: torch.Tensor  # float32 [ceil(a / 16), ceil(b / 16)]
 
 
-def is_quantized_shape(shape) -> bool:
-  """Whether a moment of this shape is stored in 8 bits: 2-D with >= 4096 elements."""
-  return len(shape) == 2 and math.prod(shape) >= MIN_QUANTIZED_SIZE
+def is_quantized_shape(shape, min_size: int = MIN_QUANTIZED_SIZE) -> bool:
+  """Whether a moment of this shape is stored in 8 bits: 2-D, ``min_size`` elements or more."""
+  return len(shape) == 2 and math.prod(shape) >= min_size
 
 
 def tile_shape(shape) -> tuple[int, int]:
@@ -212,6 +212,41 @@ def zero_moment(shape, signed: bool, device=None) -> QuantizedMoment:
     torch.full(tuple(shape), zero_code, dtype=torch.uint8, device=device),
     torch.zeros(tile_shape(shape), dtype=torch.float32, device=device),
   )
+
+
+def init_moment(
+  shape, signed: bool, moment_bits, device=None, min_size=MIN_QUANTIZED_SIZE, like=None
+):
+  """Zero moment of ``shape``: a :class:`QuantizedMoment` or float32 zeros.
+
+  With ``moment_bits=8`` and a shape that :func:`is_quantized_shape` with ``min_size``, the
+  stored form of zeros (:func:`zero_moment`); otherwise float32 zeros, shaped and strided
+  like the tensor ``like`` when given.
+  """
+  if moment_bits is not None and is_quantized_shape(shape, min_size):
+    return zero_moment(shape, signed, device)
+  if like is not None:
+    return torch.zeros_like(like, dtype=torch.float32, memory_format=torch.preserve_format)
+  return torch.zeros(tuple(shape), dtype=torch.float32, device=device)
+
+
+def load_moment(stored, signed: bool) -> torch.Tensor:
+  """The float32 moment held by ``stored``: a float32 tensor itself, or a dequantised
+  :class:`QuantizedMoment` (a new tensor)."""
+  if isinstance(stored, QuantizedMoment):
+    return dequantize_moment(stored, signed)
+  return stored
+
+
+def store_moment(x: torch.Tensor, signed: bool, moment_bits, min_size=MIN_QUANTIZED_SIZE):
+  """Inverse of :func:`load_moment`: what the state holds for the float32 moment ``x``.
+
+  A :class:`QuantizedMoment` with ``moment_bits=8`` and a shape that
+  :func:`is_quantized_shape` with ``min_size``; otherwise ``x`` itself.
+  """
+  if moment_bits is not None and is_quantized_shape(tuple(x.shape), min_size):
+    return quantize_moment(x, signed)
+  return x
 
 
 def moment_nbytes(q: QuantizedMoment) -> int:

@@ -353,6 +353,32 @@ def test_which_shapes_are_quantised(shape, expected):
   assert moments.is_quantized_shape(shape) is expected
 
 
+@pytest.mark.parametrize(
+  "shape, min_size, expected",
+  [((16, 16), 256, True), ((16, 15), 256, False), ((16, 16), 257, False), ((256,), 1, False)],
+)
+def test_min_size_sets_the_threshold(shape, min_size, expected):
+  assert moments.is_quantized_shape(shape, min_size) is expected
+
+
+def test_load_and_store_moment_round_trip():
+  """``store_moment`` quantises a qualifying shape (``load_moment`` then dequantises it) and
+  hands any other float32 moment back as it is."""
+  x = torch.randn(16, 16)
+  stored = moments.store_moment(x, signed=True, moment_bits=8, min_size=256)
+  assert isinstance(stored, moments.QuantizedMoment)
+  want = moments.dequantize_moment(moments.quantize_moment(x, signed=True), signed=True)
+  assert torch.equal(moments.load_moment(stored, signed=True), want)
+  for bits, min_size in ((None, 256), (8, 257)):
+    assert moments.store_moment(x, True, bits, min_size) is x
+    assert moments.load_moment(x, signed=True) is x
+  zero = moments.init_moment((16, 16), False, 8, min_size=256)
+  assert torch.equal(moments.load_moment(zero, signed=False), torch.zeros(16, 16))
+  like = torch.ones(16, 16).T
+  kept = moments.init_moment((16, 16), False, 8, like=like)
+  assert kept.dtype == torch.float32 and kept.stride() == like.stride() and not kept.any()
+
+
 def test_rejects_non_matrices():
   with pytest.raises(ValueError, match="2-D"):
     moments.quantize_moment(torch.ones(4096), signed=True)

@@ -1,15 +1,9 @@
 """Q-GaLore AdamW as a ``torch.optim.Optimizer`` (SPEC sections 1, 2 and 4-7).
 
-The twin of ``qgalore_jax.qgalore_adamw``: the same arithmetic, written once in float32 as
-pure functions (:func:`adam_direction`, :func:`refresh_projector`, :func:`apply_update`);
-:class:`QGaLoreAdamW` only validates, groups and holds tensor state.
-
-What a step costs. A float32 weight with float32 moments is updated in place, with the
-roundings of those functions: a plain one by :func:`adamw_step_` (on a single-threaded CPU
-slice by slice, without a full-size temporary), a projected one by one ``addmm_`` that adds
-the back-projected update into the weight (with weight decay, one (m, n) temporary). Other
-weights (bf16, INT8, 8-bit moments) go through :func:`adam_direction` and
-:func:`apply_update`.
+The twin of ``qgalore_jax.qgalore_adamw``. The arithmetic lives in
+:mod:`qgalore_torch._src.functional`; :class:`QGaLoreAdamW`, shaped like torch's own
+optimizers, validates the groups, holds each parameter's tensor state, (de)quantises 8-bit
+moments around the step (docs/numerics.md, "8-bit moments") and calls the functional step.
 
 Where the state lives. ``step`` and the refresh schedule (``gap``, ``cosines``,
 ``num_cosines``, ``top_vector``, ``svd_count``) are small CPU tensors, like ``state["step"]``
@@ -18,240 +12,34 @@ parameter's device. Deciding whether a matrix refreshes therefore reads CPU memo
 a step without a refresh never waits for the accelerator. A refresh step copies the new top
 singular vector and a finiteness flag back to the CPU; on CUDA that step already
 synchronises, since ``torch.linalg.svd`` does.
-
-With ``moment_bits=8`` each step of a parameter whose moments are stored in 8 bits
-dequantises them to float32, runs the same :func:`adam_direction`, takes the direction from
-those float32 moments and requantises them (docs/numerics.md, "8-bit moments"); the float
-path is untouched.
 """
-
-import functools
 
 import torch
 
+from qgalore_torch._src import functional
 from qgalore_torch._src import moments
 from qgalore_torch._src import projector as proj
 from qgalore_torch._src import schedule
 from qgalore_torch._src.checks import check_bits
 from qgalore_torch._src.checks import check_int
 from qgalore_torch._src.checks import check_number
-from qgalore_torch._src.int8 import Int8Weight
-from qgalore_torch._src.int8 import apply_int8_update
 from qgalore_torch._src.quantization import QuantizedTensor
 
 _HOST = torch.device("cpu")
 _SCHEDULE_KEYS = schedule.SubspaceState._fields
 _HOST_KEYS = ("step", *_SCHEDULE_KEYS)
-_MOMENT_KEYS = (("exp_avg", True), ("exp_avg_sq", False))  # (state key, signed map)
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+_SIGNED = (True, False)  # the map of each moment: signed for exp_avg, unsigned for exp_avg_sq
 
 
-# Elements per slice of a single-threaded CPU elementwise update (a multiple of every SIMD
-# width). The slices of the parameter, gradient and moments and two scratch slices (1 MiB
-# each) stay in the cache through the update's eleven or twelve passes, so each tensor
-# crosses the memory bus about once; and the scratch is allocated once per parameter at
-# slice size, not full size (first writes into a freshly mapped buffer cost ~10x writes into
-# a reused one). Measured on a 32000 x 512 embedding, one thread: 33-35 ms at 2**18, 45-48
-# ms at 2**16 (per-slice Python overhead), 118 ms with whole-tensor operations and full-size
-# temporaries. With several intra-op threads every operation is a parallel region, and on a
-# CPU shared with other jobs each region can wait for a descheduled thread: 64 slices of
-# eleven regions then took from 34 ms to 3 s on 2 busy cores. Several threads therefore get
-# whole-tensor operations, as accelerators do.
-_CPU_SLICE = 1 << 18
+def _number(value):
+  """A hyperparameter as a Python number, which the fused in-place operations take.
 
-
-def _bias_corrections(step, b1, b2):
-  """Float32 reciprocals ``1 / (1 - b1^t)`` and ``1 / (1 - b2^t)`` of a 0-dim CPU ``step``.
-
-  Multiplying by them is how XLA computes a division by a broadcast scalar (and torch's CUDA
-  kernel a division by a CPU scalar): written out, the same expression runs on JAX, torch
-  CPU and torch CUDA. Returned as Python floats holding the float32 values (no device read:
-  ``step`` is on the CPU), which ATen applies in float32 again.
+  A tensor (torch's optimizers accept e.g. a tensor ``lr``, which a schedule may update in
+  place) is read at every step with ``item()``: free for a CPU tensor; on an accelerator
+  it synchronises, as torch's own optimizers do without ``capturable``.
   """
-  return _bias_corrections_at(float(step), b1, b2)
-
-
-@functools.lru_cache(maxsize=256)
-def _bias_corrections_at(t, b1, b2):
-  """:func:`_bias_corrections` of step ``t``, computed once per step for all parameters."""
-  step = torch.tensor(t, dtype=torch.float32)
-  return float(1 / (1 - b1**step)), float(1 / (1 - b2**step))
-
-
-def _update_moments(grad, exp_avg, exp_avg_sq, b1, b2, scratch):
-  """``m = b1 m + (1 - b1) g`` and ``v = b2 v + (1 - b2) g^2`` in place; ``scratch`` gets g^2.
-
-  ``add_(x, alpha=a)`` rounds ``y + a x`` as one fused multiply-add, as XLA's CPU fusion of
-  the same expressions does: the new moments equal ``qgalore_jax``'s bit for bit on CPU.
-  """
-  exp_avg.mul_(b1).add_(grad, alpha=1 - b1)
-  torch.mul(grad, grad, out=scratch)
-  exp_avg_sq.mul_(b2).add_(scratch, alpha=1 - b2)
-
-
-def _direction(exp_avg, exp_avg_sq, c1, c2, eps, out, scratch):
-  """``u = (m c1) / (sqrt(v c2) + eps)`` into ``out`` (``scratch`` is overwritten)."""
-  denom = torch.mul(exp_avg_sq, c2, out=scratch).sqrt_().add_(eps)
-  return torch.mul(exp_avg, c1, out=out).div_(denom)
-
-
-def adam_direction(grad, exp_avg, exp_avg_sq, step, b1, b2, eps, *, scratch=None):
-  r"""One Adam step on float32 tensors (SPEC section 5; optax ``scale_by_adam``, eps_root 0).
-
-  .. math::
-
-    m_t = (1 - \beta_1) g + \beta_1 m_{t-1}, \quad
-    v_t = (1 - \beta_2) g^2 + \beta_2 v_{t-1}, \quad
-    u_t = \frac{m_t / (1 - \beta_1^t)}{\sqrt{v_t / (1 - \beta_2^t)} + \epsilon}
-
-  Both divisions by a bias correction are computed as multiplies by its float32
-  reciprocal, as XLA computes them.
-
-  Args:
-    grad: float32 gradient (the low-rank ``R`` for a projected matrix).
-    exp_avg: float32 first moment ``m_{t-1}``, same shape.
-    exp_avg_sq: float32 second moment ``v_{t-1}``, same shape.
-    step: float32 0-dim CPU tensor, the 1-based step ``t`` of the new moments.
-    b1: decay of the first moment.
-    b2: decay of the second moment.
-    eps: added to the root of the second moment.
-    scratch: optional float32 tensor of ``grad``'s shape for the temporaries; it may be
-      ``grad`` itself, which is then overwritten.
-
-  Returns:
-    The float32 Adam direction ``u``. ``exp_avg`` and ``exp_avg_sq`` are updated in place
-    (like torch's functional Adam). ``add_(x, alpha=a)`` rounds ``m + a x`` as one fused
-    multiply-add, and so does XLA's CPU fusion of ``(1 - b1) g + b1 m``: the new moments
-    equal ``qgalore_jax``'s bit for bit on CPU (tested). The direction agrees to rounding
-    only: torch 2.13's CPU float32 ``sqrt`` is not correctly rounded (about one result in
-    five is 1 ulp off; XLA's and NumPy's are exact).
-  """
-  c1, c2 = _bias_corrections(step, b1, b2)
-  if scratch is None:
-    scratch = torch.empty_like(exp_avg_sq)
-  _update_moments(grad, exp_avg, exp_avg_sq, b1, b2, scratch)
-  return _direction(exp_avg, exp_avg_sq, c1, c2, eps, torch.empty_like(exp_avg), scratch)
-
-
-def adamw_step_(param, grad, exp_avg, exp_avg_sq, step, b1, b2, eps, lr, weight_decay):
-  """:func:`adam_direction` and :func:`apply_update` of a float32 parameter, in place.
-
-  The same roundings as the two functions. On a CPU with one intra-op thread the tensors
-  are updated slice by slice (``_CPU_SLICE`` elements, no full-size temporary), which gives
-  the same elementwise results as the whole-tensor operations used otherwise.
-
-  Args:
-    param: float32 parameter (not an :class:`~qgalore_torch.Int8Weight`).
-    grad: its float32 gradient.
-    exp_avg: float32 first moment, updated in place.
-    exp_avg_sq: float32 second moment, updated in place.
-    step: float32 0-dim CPU tensor, the 1-based step of the new moments.
-    b1: decay of the first moment.
-    b2: decay of the second moment.
-    eps: added to the root of the second moment.
-    lr: learning rate.
-    weight_decay: decoupled weight decay.
-  """
-  c1, c2 = _bias_corrections(step, b1, b2)
-  tensors = (param, grad, exp_avg, exp_avg_sq)
-  size = param.numel()
-  sliced = param.device.type == "cpu" and torch.get_num_threads() == 1
-  if not sliced or not all(t.is_contiguous() for t in tensors):
-    scratch, out = torch.empty_like(exp_avg_sq), torch.empty_like(exp_avg)
-    _adamw_slice(*tensors, c1, c2, b1, b2, eps, lr, weight_decay, scratch, out)
-    return
-  scratch, out = torch.empty(2, min(size, _CPU_SLICE), dtype=torch.float32)
-  for p, g, m, v in zip(*(t.view(-1).split(_CPU_SLICE) for t in tensors), strict=True):
-    n = p.numel()
-    _adamw_slice(p, g, m, v, c1, c2, b1, b2, eps, lr, weight_decay, scratch[:n], out[:n])
-
-
-def _adamw_slice(
-  param, grad, exp_avg, exp_avg_sq, c1, c2, b1, b2, eps, lr, weight_decay, scratch, out
-):
-  """One AdamW step on matching slices; ``scratch`` and ``out`` are float32 temporaries."""
-  _update_moments(grad, exp_avg, exp_avg_sq, b1, b2, scratch)
-  direction = _direction(exp_avg, exp_avg_sq, c1, c2, eps, out, scratch)
-  _apply_float32(param, direction, lr, weight_decay)
-
-
-def _apply_float32(param, direction, lr, weight_decay):
-  """``W + (-lr) (direction + weight_decay W)`` into the float32 ``param``, two fused
-  multiply-adds: bit for bit what XLA computes for optax's ``adamw`` tail on CPU."""
-  if weight_decay:
-    direction.add_(param, alpha=weight_decay)
-  param.add_(direction, alpha=-lr)
-
-
-def refresh_projector(
-  grad_MxN, stored, subspace, rank, bits, group_size, cos_threshold, gamma_proj
-):
-  """New stored projector and schedule after an SVD of ``grad_MxN`` (SPEC sections 2-4).
-
-  A refresh whose gradient or SVD is not finite is skipped: the old projector and schedule
-  come back unchanged, so the matrix tries again at its next refresh step (every step while
-  it has no projector yet).
-
-  Args:
-    grad_MxN: float32 canonical (out, in) gradient.
-    stored: the current stored projector (a :class:`QuantizedTensor`, or float32 [r, k]).
-    subspace: the current :class:`~qgalore_torch._src.schedule.SubspaceState`.
-    rank: requested rank; clamped to ``min(m, n)``.
-    bits: projector bits, or ``None`` for a float32 projector.
-    group_size: projector quantisation group size.
-    cos_threshold: see :func:`~qgalore_torch._src.schedule.record_refresh`.
-    gamma_proj: see :func:`~qgalore_torch._src.schedule.record_refresh`.
-
-  Returns:
-    ``(stored, subspace)``, each on the device the old one was on.
-  """
-  finite = torch.isfinite(grad_MxN).all()
-  basis_RxK = proj.compute_projector(torch.where(finite, grad_MxN, 0.0), rank)
-  ok = finite & torch.isfinite(basis_RxK).all()
-  new_stored = proj.store_projector(basis_RxK, bits, group_size)
-  stored = _where(ok, new_stored, stored)
-  host = subspace.gap.device
-  new_subspace = schedule.record_refresh(subspace, basis_RxK[0].to(host), cos_threshold, gamma_proj)
-  subspace = _where(ok.to(host), new_subspace, subspace)
-  return stored, subspace
-
-
-def _where(ok, new, old):
-  """``new`` where ``ok`` else ``old``; field by field for a NamedTuple of tensors."""
-  if isinstance(new, tuple):
-    return type(new)(*(torch.where(ok, a, b) for a, b in zip(new, old, strict=True)))
-  return torch.where(ok, new, old)
-
-
-def apply_update(param, direction, lr, weight_decay, *, seed=0, count=None, tensor_id=0):
-  """``W <- W - lr * (direction + weight_decay * W)`` on the old ``W`` (SPEC sections 5, 6).
-
-  Computed in float32 and written back once, rounded to the parameter's dtype. An
-  :class:`~qgalore_torch.Int8Weight` is dequantised, gets the update
-  ``-lr * (direction + weight_decay * W)`` (the arithmetic of ``optax.adamw``) and is
-  written back by stochastic rounding keyed by ``(seed, count - 1, tensor_id)``.
-
-  Args:
-    param: the parameter to update in place.
-    direction: float32 update direction, the parameter's shape (overwritten: a temporary).
-    lr: learning rate.
-    weight_decay: decoupled weight decay.
-    seed: seed of the stochastic rounding (INT8 weights only).
-    count: float32 0-dim CPU tensor, the parameter's 1-based update count (INT8 weights
-      only; the rounding uses the 0-based ``count - 1``).
-    tensor_id: the parameter's position across the param groups (INT8 weights only).
-  """
-  if isinstance(param, Int8Weight):
-    if weight_decay:
-      direction.add_(param.dequantize(), alpha=weight_decay)
-    step = count.to(torch.int64) - 1
-    apply_int8_update(param, direction.mul_(-lr), seed=seed, step=step, tensor_id=tensor_id)
-    return
-  if param.dtype == torch.float32:
-    _apply_float32(param, direction, lr, weight_decay)
-    return
-  w = param.to(torch.float32)
-  _apply_float32(w, direction, lr, weight_decay)
-  param.copy_(w)
+  return value.item() if isinstance(value, torch.Tensor) else value
 
 
 def _stored_from_state(state, bits):
@@ -266,91 +54,25 @@ def _stored_to_state(stored):
   return {"proj_basis": stored}
 
 
-def _init_moments(state, shape, device, moment_bits, like=None):
-  """Zero moments of ``shape`` into ``state``: 8-bit codes and tile maxima or float32.
-
-  With ``moment_bits=8`` and a 2-D shape of at least 4096 elements, ``exp_avg`` and
-  ``exp_avg_sq`` hold the zero codes (uint8) and ``exp_avg_absmax``, ``exp_avg_sq_absmax``
-  zero tile maxima; otherwise the two moments are float32 (shaped and strided like ``like``
-  when given) and there are no absmax entries.
-  """
-  if moment_bits is not None and moments.is_quantized_shape(shape):
-    for key, signed in _MOMENT_KEYS:
-      state[key], state[f"{key}_absmax"] = moments.zero_moment(shape, signed, device)
-    return
-  if like is None:
-    state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=device)
-  else:
-    state["exp_avg"] = torch.zeros_like(
-      like, dtype=torch.float32, memory_format=torch.preserve_format
-    )
-  state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-
-
-def _adam_step(state, grad, group, scratch=None):
-  """:func:`adam_direction` on the moments of ``state``, stored back as the group asks.
-
-  Float32 moments of a float group are updated in place, as always. Otherwise each moment
-  is loaded (dequantised if its state holds uint8 codes), updated in float32, and stored in
-  8 bits where the group's ``moment_bits`` is 8 and its shape qualifies, else as float32:
-  the stored form follows the group, so a state saved with other settings loads and carries
-  on. ``scratch`` is passed on to :func:`adam_direction` (``grad`` itself when the caller
-  owns it).
-  """
-  b1, b2 = (_number(b) for b in group["betas"])
-  bits = group.get("moment_bits")
-  state["step"] += 1
-  args = (state["step"], b1, b2, _number(group["eps"]))
-  kwargs = {"scratch": scratch}
-  if bits is None and state["exp_avg"].dtype != torch.uint8:
-    return adam_direction(grad, state["exp_avg"], state["exp_avg_sq"], *args, **kwargs)
-  exp_avg, exp_avg_sq = (_load_moment(state, key, signed) for key, signed in _MOMENT_KEYS)
-  u = adam_direction(grad, exp_avg, exp_avg_sq, *args, **kwargs)
-  for (key, signed), value in zip(_MOMENT_KEYS, (exp_avg, exp_avg_sq), strict=True):
-    _store_moment(state, key, value, signed, bits)
-  return u
-
-
-def _load_moment(state, key, signed):
-  """The float32 moment ``state[key]``: dequantised when the state holds uint8 codes."""
-  stored = state[key]
-  if stored.dtype != torch.uint8:
-    return stored
-  return moments.dequantize_moment(moments.QuantizedMoment(stored, state[f"{key}_absmax"]), signed)
-
-
-def _store_moment(state, key, value, signed, moment_bits):
-  """Stores the float32 moment ``value`` as ``state[key]`` (and its tile maxima)."""
-  if moment_bits is not None and moments.is_quantized_shape(value.shape):
-    state[key], state[f"{key}_absmax"] = moments.quantize_moment(value, signed)
-    return
-  state[key] = value
-  state.pop(f"{key}_absmax", None)
-
-
-def _number(value):
-  """A hyperparameter as a Python number, which the fused in-place operations take.
-
-  A tensor (torch's optimizers accept e.g. a tensor ``lr``, which a schedule may update in
-  place) is read at every step with ``item()``: free for a CPU tensor; on an accelerator
-  it synchronises, as torch's own optimizers do without ``capturable``.
-  """
-  return value.item() if isinstance(value, torch.Tensor) else value
-
-
-def _float32_in_place(param, state, moment_bits):
-  """True when :func:`adamw_step_` can update ``param`` and its moments in place.
-
-  That is a float32 parameter (not INT8) whose moments are float32 and stay float32: no
-  8-bit storage is asked for their shape, and none is held from a state saved with it.
-  """
-  return (
-    param.dtype == torch.float32
-    and not isinstance(param, Int8Weight)
-    and state["exp_avg"].dtype == torch.float32
-    and state["exp_avg_sq"].dtype == torch.float32
-    and (moment_bits is None or not moments.is_quantized_shape(tuple(param.shape)))
+def _moments_from_state(state):
+  """The two stored moments of ``state``: float32 tensors, or :class:`QuantizedMoment` of uint8
+  codes and tile maxima."""
+  return tuple(
+    moments.QuantizedMoment(state[key], state[f"{key}_absmax"])
+    if state[key].dtype == torch.uint8
+    else state[key]
+    for key in _MOMENT_KEYS
   )
+
+
+def _moments_to_state(state, stored):
+  """Puts the two stored moments into ``state``; a float32 one has no absmax entry."""
+  for key, moment in zip(_MOMENT_KEYS, stored, strict=True):
+    if isinstance(moment, moments.QuantizedMoment):
+      state[key], state[f"{key}_absmax"] = moment
+    else:
+      state[key] = moment
+      state.pop(f"{key}_absmax", None)
 
 
 def _check_group(group, index):
@@ -363,7 +85,8 @@ def _check_group(group, index):
   check_number(betas[1], "betas[1]", 0.0, 1.0, high_open=True)
   check_number(group["eps"], "eps", 0.0)
   check_number(group["weight_decay"], "weight_decay", 0.0)
-  moments.check_moment_bits(group.get("moment_bits"))
+  moments.check_moment_bits(group["moment_bits"])
+  check_int(group["min_8bit_size"], "min_8bit_size")
   for i, p in enumerate(group["params"]):
     if not isinstance(p, torch.Tensor) or not p.is_floating_point():
       raise TypeError(
@@ -422,12 +145,13 @@ class QGaLoreAdamW(torch.optim.Optimizer):
   Group keys (defaults from the constructor): ``rank`` (selects projection; no default),
   ``update_proj_gap``, ``scale``, ``proj_bits`` (``None``: float32 projector),
   ``proj_group_size``, ``cos_threshold``, ``gamma_proj``, ``queue_size``, ``moment_bits``,
-  and torch's ``lr``, ``betas``, ``eps``, ``weight_decay``.
+  ``min_8bit_size``, and torch's ``lr``, ``betas``, ``eps``, ``weight_decay``.
 
   8-bit moments (``moment_bits=8``; docs/numerics.md): a moment that is 2-D with at least
-  4096 elements (a projected matrix's low-rank (m, r) or (r, n) moment, or the parameter's
-  own shape for plain AdamW) is stored as uint8 codes plus one float32 absmax per 16 x 16
-  tile, 1.016 bytes per element instead of 4; smaller and non-2-D moments stay float32.
+  ``min_8bit_size`` elements (a projected matrix's low-rank (m, r) or (r, n) moment, or the
+  parameter's own shape for plain AdamW) is stored as uint8 codes plus one float32 absmax
+  per 16 x 16 tile, 1.016 bytes per element instead of 4; smaller and non-2-D moments stay
+  float32.
   Each step dequantises, runs the float32 Adam arithmetic above, takes the direction from
   those float32 moments and requantises, so the first step equals the float32 one. The
   quantiser is ``qgalore_jax``'s bit for bit (:func:`~qgalore_torch.quantize_moment`).
@@ -459,6 +183,14 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     queue_size: number of recent cosines averaged (>= 1).
     moment_bits: ``None`` for float32 moments, or 8 for 8-bit block-wise moments (see
       above; Dettmers et al.'s 8-bit Adam, which the paper's memory figures assume).
+    min_8bit_size: with ``moment_bits=8``, moments with fewer elements stay float32
+      (bitsandbytes' name for the same rule; >= 1).
+    projector_fn: ``projector_fn(grad_MxN, rank) -> basis_RxK``, called on refresh steps
+      with the float32 (m, n) gradient; returns the float32 (r, k) sign-canonical basis, the
+      contract of :func:`~qgalore_torch.compute_projector` (the default, ``None``). The hook
+      for a reference SVD in parity tests or an alternative projector in research. Kept as
+      the attribute ``projector_fn``, not in the param groups, so ``state_dict`` stays
+      tensors and plain values.
 
   Example:
     >>> import torch
@@ -500,8 +232,15 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     gamma_proj=2,
     queue_size=5,
     moment_bits=None,
+    min_8bit_size=moments.MIN_QUANTIZED_SIZE,
+    projector_fn=None,
   ):
     check_int(seed, "seed", minimum=0)
+    if projector_fn is not None and not callable(projector_fn):
+      raise TypeError(
+        f"`projector_fn` must be a callable or None, got {type(projector_fn).__name__}"
+      )
+    self.projector_fn = proj.compute_projector if projector_fn is None else projector_fn
     defaults = dict(
       lr=lr,
       betas=betas,
@@ -516,6 +255,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
       gamma_proj=gamma_proj,
       queue_size=queue_size,
       moment_bits=moment_bits,
+      min_8bit_size=min_8bit_size,
     )
     super().__init__(params, defaults)
 
@@ -607,49 +347,75 @@ class QGaLoreAdamW(torch.optim.Optimizer):
 
     return hook
 
+  def _init_state(self, p, group):
+    """Zero state for ``p``: step, moments and, for a projected matrix, projector and schedule.
+
+    A plain parameter's float32 moments are shaped and strided like it; a projected
+    matrix's are the low-rank (m, r) or (r, n) and its projector is all zeros until the
+    first refresh (its step 0) replaces it.
+    """
+    state = self.state[p]
+    state["step"] = torch.zeros([], dtype=torch.float32, device=_HOST)
+    moment_bits, min_size = group["moment_bits"], group["min_8bit_size"]
+    shape = tuple(p.shape)
+    if "rank" not in group:
+      zeros = [
+        moments.init_moment(shape, s, moment_bits, p.device, min_size, like=p) for s in _SIGNED
+      ]
+      _moments_to_state(state, zeros)
+      return
+    r, k = basis_shape = proj.basis_shape(shape, group["rank"])
+    low_rank_shape = (shape[0], r) if proj.projector_side(shape) == proj.RIGHT else (r, shape[1])
+    zeros = [
+      moments.init_moment(low_rank_shape, s, moment_bits, p.device, min_size) for s in _SIGNED
+    ]
+    _moments_to_state(state, zeros)
+    bits, group_size = group["proj_bits"], group["proj_group_size"]
+    empty = torch.zeros(basis_shape, dtype=torch.float32, device=p.device)
+    state.update(_stored_to_state(proj.store_projector(empty, bits, group_size)))
+    subspace = schedule.init_subspace(k, group["update_proj_gap"], group["queue_size"], _HOST)
+    state.update(subspace._asdict())
+
   def _update(self, p, group, tensor_id):
     if p.grad.is_sparse:
       raise RuntimeError("QGaLoreAdamW does not support sparse gradients")
-    if "rank" in group:
-      self._update_projected(p, group, tensor_id)
-      return
+    if not self.state[p]:
+      self._init_state(p, group)
     state = self.state[p]
-    if not state:
-      state["step"] = torch.zeros([], dtype=torch.float32, device=_HOST)
-      _init_moments(state, tuple(p.shape), p.device, group.get("moment_bits"), like=p)
     grad = p.grad.to(torch.float32)
-    if _float32_in_place(p, state, group.get("moment_bits")):
-      b1, b2 = (_number(b) for b in group["betas"])
-      state["step"] += 1
-      exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-      hyper = (_number(group[key]) for key in ("eps", "lr", "weight_decay"))
-      args = (state["step"], b1, b2, *hyper)
-      adamw_step_(p, grad, exp_avg, exp_avg_sq, *args)
-      return
-    scratch = None if grad is p.grad else grad  # a float32 copy of the gradient is ours
-    self._write(p, _adam_step(state, grad, group, scratch), group, tensor_id)
+    basis_RxK = self._projector(state, grad, group) if "rank" in group else None
+    state["step"] += 1
+    b1, b2 = (_number(b) for b in group["betas"])
+    hyper = (b1, b2, *(_number(group[key]) for key in ("eps", "lr", "weight_decay")))
+    exp_avg, exp_avg_sq = map(moments.load_moment, _moments_from_state(state), _SIGNED)
+    rounding = {"seed": group["seed"], "tensor_id": tensor_id}
+    if basis_RxK is None:
+      scratch = None if grad is p.grad else grad  # a float32 copy of the gradient is ours
+      functional.adamw_step_(
+        p, grad, exp_avg, exp_avg_sq, state["step"], *hyper, scratch=scratch, **rounding
+      )
+    else:
+      scale = _number(group["scale"])
+      functional.projected_step_(
+        p, grad, basis_RxK, exp_avg, exp_avg_sq, state["step"], *hyper, scale, **rounding
+      )
+    bits, min_size = group["moment_bits"], group["min_8bit_size"]
+    stored = (
+      moments.store_moment(x, s, bits, min_size) for x, s in zip((exp_avg, exp_avg_sq), _SIGNED)
+    )
+    _moments_to_state(state, stored)
 
-  def _update_projected(self, p, group, tensor_id):
-    shape = tuple(p.shape)
+  def _projector(self, state, grad_MxN, group):
+    """The float32 ``basis_RxK`` of this step, after a refresh if one is due (SPEC section 4).
+
+    Called before ``step`` is incremented: the schedule reads the 0-based step.
+    """
     rank, bits, group_size = group["rank"], group["proj_bits"], group["proj_group_size"]
-    basis_shape = proj.basis_shape(shape, rank)
-    side = proj.projector_side(shape)
-    state = self.state[p]
-    if not state:
-      r, k = basis_shape
-      low_rank_shape = (shape[0], r) if side == proj.RIGHT else (r, shape[1])
-      empty = torch.zeros(basis_shape, dtype=torch.float32, device=p.device)
-      subspace = schedule.init_subspace(k, group["update_proj_gap"], group["queue_size"], _HOST)
-      state["step"] = torch.zeros([], dtype=torch.float32, device=_HOST)
-      _init_moments(state, low_rank_shape, p.device, group.get("moment_bits"))
-      state.update(_stored_to_state(proj.store_projector(empty, bits, group_size)))
-      state.update(subspace._asdict())
-    grad_MxN = p.grad.to(torch.float32)
     stored = _stored_from_state(state, bits)
     subspace = schedule.SubspaceState(*(state[key] for key in _SCHEDULE_KEYS))
     # CPU tensors only: deciding costs no device synchronisation.
     if bool(schedule.refresh_due(subspace, state["step"])):
-      stored, subspace = refresh_projector(
+      stored, subspace = functional.refresh_projector(
         grad_MxN,
         stored,
         subspace,
@@ -658,38 +424,12 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         group_size,
         group["cos_threshold"],
         group["gamma_proj"],
+        projector_fn=self.projector_fn,
       )
       state.update(_stored_to_state(stored))
       state.update(subspace._asdict())
-    basis_RxK = proj.load_projector(stored, basis_shape, bits, group_size)
-    low_rank = proj.project(grad_MxN, basis_RxK)
-    u = _adam_step(state, low_rank, group, scratch=low_rank)
-    lr, scale, wd = (_number(group[key]) for key in ("lr", "scale", "weight_decay"))
-    if p.dtype == torch.float32 and not isinstance(p, Int8Weight):
-      # W + (-lr) (scale back-project(u) + wd W), with W rounded once, as XLA does. Without
-      # decay one matmul call adds the update into W and there is no (m, n) temporary; with
-      # it one matmul call forms the parenthesis. (Not addmm_'s beta = 1 - lr wd: its float32
-      # rounding is the same every step, a bias of up to 2**-25 / (lr wd) in the decay rate.)
-      if not wd:
-        proj.project_back_add(p, u, basis_RxK, side, alpha=-lr * scale, out=p)
-      else:
-        direction = proj.project_back_add(p, u, basis_RxK, side, alpha=scale, beta=wd)
-        p.add_(direction, alpha=-lr)
-      return
-    direction = proj.project_back(u, basis_RxK, side).mul_(scale)
-    self._write(p, direction, group, tensor_id)
-
-  def _write(self, p, direction, group, tensor_id):
-    state = self.state[p]
-    apply_update(
-      p,
-      direction,
-      _number(group["lr"]),
-      _number(group["weight_decay"]),
-      seed=group["seed"],
-      count=state["step"],
-      tensor_id=tensor_id,
-    )
+    basis_shape = proj.basis_shape(tuple(grad_MxN.shape), rank)
+    return proj.load_projector(stored, basis_shape, bits, group_size)
 
   def load_state_dict(self, state_dict):
     """Loads a state from :meth:`state_dict`, keeping each state tensor's saved dtype.
@@ -697,9 +437,13 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter's dtype
     (which would turn bf16 params' float32 moments and the uint8 projector codes into
     bf16); here every tensor keeps its saved dtype, the schedule and ``step`` stay on the
-    CPU and the rest moves to the parameter's device.
+    CPU and the rest moves to the parameter's device. A key that a saved param group lacks
+    takes the constructor's value.
     """
     super().load_state_dict(state_dict)
+    for group in self.param_groups:  # keys a group saved by an older version lacks
+      for key, value in self.defaults.items():
+        group.setdefault(key, value)
     saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
     params = [p for g in self.param_groups for p in g["params"]]
     for i, p in zip(saved_ids, params, strict=True):

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+import qgalore_torch
+from qgalore_torch._src import functional
 from qgalore_torch._src import moments_test
-from qgalore_torch._src import optimizer
 from qgalore_torch._src.optimizer import QGaLoreAdamW
 from qgalore_torch._src.projector_test import naive_sign_rule
 from qgalore_torch._src.quantization_test import brute_force_quantize
@@ -781,7 +782,7 @@ def test_cuda_8bit_moments_match_cpu_and_do_not_synchronise():
   )
 
 
-# --- The in-place float32 step (optimizer.adamw_step_, project_back_add) --------------------
+# --- The in-place float32 step (functional.adamw_step_, project_back_add) --------------------
 
 
 def fused_moments(grads):
@@ -800,8 +801,8 @@ def fused_moments(grads):
 def test_plain_adamw_in_slices_matches_reference(monkeypatch, weight_decay):
   """A (40, 25) matrix updated in slices of 64 elements (the last one partial): the moments
   equal the fused-multiply-add reference bit for bit, the weights the float64 reference to
-  rounding; and slicing changes no bit (one slice, a transposed parameter and two threads,
-  which take the whole-tensor path, give the same weights and moments)."""
+  rounding; and slicing changes no bit (one slice, two threads and a transposed parameter,
+  which takes the whole-tensor path, give the same weights and moments)."""
   steps, shape = 5, (40, 25)
   hyper = {**HYPER, "weight_decay": weight_decay}
   w0 = np.random.default_rng(50).standard_normal(shape).astype(np.float32)
@@ -809,7 +810,7 @@ def test_plain_adamw_in_slices_matches_reference(monkeypatch, weight_decay):
   runs = []
   cases = ((64, False, 1), (1 << 20, False, 1), (64, True, 1), (64, False, 2))
   for slice_size, transposed, threads in cases:
-    monkeypatch.setattr(optimizer, "_CPU_SLICE", slice_size)
+    monkeypatch.setattr(functional, "_CPU_SLICE", slice_size)
     torch.set_num_threads(threads)
     if transposed:  # (25, 40) storage seen as (40, 25): not contiguous
       w = torch.nn.Parameter(torch.from_numpy(w0.T.copy()).T)
@@ -864,7 +865,7 @@ def test_moments_equal_qgalore_jax_bit_for_bit():
     for t in range(1, 6):
       g = (rng.standard_normal(shape) * 10.0 ** rng.uniform(-6, 0, shape)).astype(np.float32)
       _, mu, nu = (np.asarray(x) for x in jax_step(g, mu, nu, np.int32(t), b1, b2, eps))
-      optimizer.adam_direction(
+      functional.adam_direction(
         torch.from_numpy(g), exp_avg, exp_avg_sq, torch.tensor(float(t)), b1, b2, eps
       )
       np.testing.assert_array_equal(exp_avg.numpy(), mu)
@@ -900,3 +901,118 @@ def test_tensor_hyperparameters_step_like_numbers():
     results.append([p.detach().clone() for p in params])
   for a, b in zip(*results, strict=True):
     assert torch.equal(a, b)
+
+
+# --- The two seams: projector_fn and min_8bit_size ------------------------------------------
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_projector_fn_supplies_the_basis(weight_decay):
+  """A ``projector_fn`` returning a fixed basis (unit rows selecting columns 1 and 3 of a
+  (6, 4) matrix) is called with the float32 gradient and the rank on refresh steps only, and
+  the weights follow the NumPy computation with that basis: columns 0 and 2 only decay."""
+  shape, rank, steps, gap, scale = (6, 4), 2, 4, 3, 0.5
+  basis = np.zeros((rank, shape[1]), np.float32)
+  basis[0, 1] = basis[1, 3] = 1.0  # sign-canonical: the largest entry of each row is positive
+  calls = []
+
+  def fixed_projector(grad_MxN, r):
+    calls.append((grad_MxN.dtype, tuple(grad_MxN.shape), r))
+    return torch.from_numpy(basis)
+
+  w0 = np.random.default_rng(70).standard_normal(shape).astype(np.float32)
+  w = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+  group = {"params": [w], "rank": rank, "scale": scale, "update_proj_gap": gap, "proj_bits": None}
+  hyper = {**HYPER, "weight_decay": weight_decay}
+  opt = QGaLoreAdamW([group], **hyper, projector_fn=fixed_projector)
+  grads = _gradients(shape, steps, seed=71)
+  _run([w], [grads], opt, steps)
+
+  assert calls == [(torch.float32, shape, rank)] * 2  # steps 0 and 3
+  lr, (b1, b2), eps = HYPER["lr"], HYPER["betas"], HYPER["eps"]
+  p = basis.astype(np.float64)
+  want, m, v = w0.astype(np.float64), 0.0, 0.0
+  for t, g in enumerate(grads, start=1):
+    low_rank = g @ p.T
+    m = b1 * m + (1 - b1) * low_rank
+    v = b2 * v + (1 - b2) * low_rank**2
+    u = (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+    want = want - lr * (scale * (u @ p) + weight_decay * want)
+  np.testing.assert_allclose(w.detach().numpy(), want, rtol=1e-6, atol=1e-7)
+  decay = (1 - lr * weight_decay) ** steps
+  np.testing.assert_allclose(w.detach().numpy()[:, [0, 2]], w0[:, [0, 2]] * decay, rtol=1e-6)
+
+
+def test_projector_fn_stays_out_of_the_state_dict():
+  w = torch.nn.Parameter(torch.ones(6, 4))
+  opt = QGaLoreAdamW([{"params": [w], "rank": 2}], projector_fn=lambda g, r: g[:r])
+  assert callable(opt.projector_fn)
+  assert "projector_fn" not in opt.defaults
+  assert all("projector_fn" not in group for group in opt.state_dict()["param_groups"])
+  default = QGaLoreAdamW([{"params": [w], "rank": 2}])
+  assert default.projector_fn is qgalore_torch.compute_projector
+
+
+@pytest.mark.parametrize("projected", [False, True], ids=["adamw", "projected"])
+def test_min_8bit_size_decides_which_moments_are_8bit(projected):
+  """A moment of 256 elements (a plain 16 x 16 matrix's, or the (64, 4) low-rank moment of a
+  (64, 16) matrix at rank 4) is uint8 codes with ``min_8bit_size=256`` and float32 with the
+  default 4096."""
+  shape, moment_shape = ((64, 16), (64, 4)) if projected else ((16, 16), (16, 16))
+  dtypes = {}
+  for min_size in (None, 256):
+    w = torch.nn.Parameter(torch.ones(shape))
+    group = {"params": [w], "rank": 4} if projected else {"params": [w]}
+    kwargs = {} if min_size is None else {"min_8bit_size": min_size}
+    opt = QGaLoreAdamW([group], moment_bits=8, **kwargs)
+    w.grad = torch.from_numpy(_gradients(shape, 1, seed=72)[0])
+    opt.step()
+    state = opt.state[w]
+    assert tuple(state["exp_avg"].shape) == moment_shape
+    dtypes[min_size] = (state["exp_avg"].dtype, state["exp_avg_sq"].dtype)
+    assert ("exp_avg_absmax" in state) is (min_size == 256)
+  assert dtypes == {None: (torch.float32,) * 2, 256: (torch.uint8,) * 2}
+
+
+def test_min_8bit_size_is_a_param_group_key():
+  small, large = (torch.nn.Parameter(torch.ones(16, 16)) for _ in range(2))
+  opt = QGaLoreAdamW(
+    [{"params": [small]}, {"params": [large], "min_8bit_size": 256}], moment_bits=8
+  )
+  for p in (small, large):
+    p.grad = torch.ones_like(p)
+  opt.step()
+  assert opt.state[small]["exp_avg"].dtype == torch.float32
+  assert opt.state[large]["exp_avg"].dtype == torch.uint8
+  assert [g["min_8bit_size"] for g in opt.state_dict()["param_groups"]] == [4096, 256]
+
+
+def test_group_saved_without_min_8bit_size_takes_the_constructors():
+  w = torch.nn.Parameter(torch.ones(16, 16))
+  saved = QGaLoreAdamW([w], moment_bits=8).state_dict()
+  del saved["param_groups"][0]["min_8bit_size"]
+  opt = QGaLoreAdamW([w], moment_bits=8, min_8bit_size=256)
+  opt.load_state_dict(saved)
+  w.grad = torch.ones_like(w)
+  opt.step()
+  assert opt.state[w]["exp_avg"].dtype == torch.uint8
+
+
+@pytest.mark.parametrize(
+  "group, kwargs, error",
+  [
+    ({}, {"min_8bit_size": 0}, ValueError),
+    ({}, {"min_8bit_size": 256.0}, TypeError),
+    ({}, {"min_8bit_size": True}, TypeError),
+    ({"rank": 2, "min_8bit_size": "256"}, {}, TypeError),
+  ],
+)
+def test_bad_min_8bit_size_raises_naming_it(group, kwargs, error):
+  with pytest.raises(error, match="`min_8bit_size`"):
+    QGaLoreAdamW([{"params": [torch.nn.Parameter(torch.ones(4, 3))], **group}], **kwargs)
+
+
+@pytest.mark.parametrize("projector_fn", [3, "svd", torch.ones(2)])
+def test_bad_projector_fn_raises_naming_it(projector_fn):
+  with pytest.raises(TypeError, match="`projector_fn`"):
+    QGaLoreAdamW([torch.nn.Parameter(torch.ones(4, 3))], projector_fn=projector_fn)

@@ -6,8 +6,12 @@ elements. With ``b`` bits and ``Q = 2**b - 1``, per group::
 
   s = max(max - min, 1e-5) / Q
   z = round(-min / s)                       # round half to even; NOT clamped (see below)
-  q = clamp(round(w / s) + z, 0, Q)
+  q = clamp(round(w / s) + z, 0, Q)         # or clamp(floor(w / s + u) + z, 0, Q), see below
   w_hat = s * (q - z)
+
+Given ``noise`` (uniforms ``u`` in [0, 1), one per element), the codes are rounded
+stochastically instead, ``E[s * (q - z)] = w`` wherever the clamp is inactive: the rounding
+of INT8 weights (SPEC section 6), with ``u`` from ``generator.uniforms``.
 
 SPEC section 3 (after the authors' code) clamps ``z`` to [0, Q], which only matters when
 ``z`` is stored as a Q-bit integer. Here ``z`` is float32, and the clamp would clip every
@@ -48,8 +52,11 @@ def num_groups(size: int, group_size: int) -> int:
   return -(-size // group_size)
 
 
-def _grouped(flat: torch.Tensor, group_size: int) -> torch.Tensor:
+def grouped(flat: torch.Tensor, group_size: int) -> torch.Tensor:
   """Reshapes a flat vector to [num_groups, group_size], padding the last group.
+
+  Shared by every group-wise computation (the quantiser, INT8 updates) so that all of them
+  cut and pad groups alike.
 
   The padding repeats the last element, which belongs to the last group, so it changes
   neither that group's min nor its max.
@@ -102,16 +109,23 @@ def group_scale_zero(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, tor
   return scale, torch.round(-lo / scale)
 
 
-def quantize(x: torch.Tensor, bits: int = 4, group_size: int = 256) -> QuantizedTensor:
-  """Quantises ``x`` group-wise with round-to-nearest (SPEC section 3).
+def quantize(
+  x: torch.Tensor, bits: int = 4, group_size: int = 256, *, noise: torch.Tensor | None = None
+) -> QuantizedTensor:
+  """Quantises ``x`` group-wise, rounding to nearest or stochastically (SPEC sections 3, 6).
 
   ``x`` is flattened row-major (pass the canonical matrix: projector rows, or weights in
-  (out, in) layout) and computed in float32.
+  (out, in) layout) and computed in float32. The codes are ``clamp(round(x / s) + z, 0, Q)``
+  without ``noise``, ``clamp(floor(x / s + u) + z, 0, Q)`` with ``noise = u``; the scale
+  and zero are the same either way.
 
   Args:
     x: tensor of any shape and float dtype.
     bits: code width, 1..8. Codes of 4 bits or fewer are packed two per byte.
     group_size: number of consecutive elements sharing one scale and zero.
+    noise: ``None`` for round-to-nearest, or float32 uniforms in [0, 1) on the device of
+      ``x``, one per element of ``x`` in row-major order (any shape of ``x``'s size), for
+      stochastic rounding.
 
   Returns:
     A :class:`QuantizedTensor` on the device of ``x``.
@@ -125,6 +139,11 @@ def quantize(x: torch.Tensor, bits: int = 4, group_size: int = 256) -> Quantized
     >>> dequantize(q, (2, 2), bits=4, group_size=4)
     tensor([[ 0.0000,  0.5333],
             [ 0.9333, -0.9333]])
+    >>> x = torch.tensor([0.0, 0.3, 1.0])  # 0.3 * 255 = 76.5: rounded up if the noise is > 0.5
+    >>> quantize(x, bits=8, noise=torch.tensor([0.5, 0.49, 0.5])).codes.tolist()
+    [0, 76, 255]
+    >>> quantize(x, bits=8, noise=torch.tensor([0.5, 0.51, 0.5])).codes.tolist()
+    [0, 77, 255]
 
   References:
     Zhang et al., `Q-GaLore <https://arxiv.org/abs/2407.08296>`_, section 3.2, 2024.
@@ -133,10 +152,20 @@ def quantize(x: torch.Tensor, bits: int = 4, group_size: int = 256) -> Quantized
   check_int(group_size, "group_size")
   levels = 2**bits - 1
   flat = x.detach().to(torch.float32).reshape(-1)
-  groups = _grouped(flat, group_size)
+  groups = grouped(flat, group_size)
   scale, zero = group_scale_zero(groups, bits)
-  codes = torch.clamp(torch.round(groups / scale[:, None]) + zero[:, None], 0, levels)
-  codes = codes.to(torch.uint8).reshape(-1)[: flat.numel()]
+  scaled = groups / scale[:, None]
+  if noise is None:
+    codes = torch.round(scaled)
+  else:
+    if noise.numel() != flat.numel():
+      raise ValueError(
+        f"`noise` must have one value per element of x ({flat.numel()}), got shape"
+        f" {tuple(noise.shape)}"
+      )
+    codes = torch.floor(scaled + grouped(noise.to(torch.float32).reshape(-1), group_size))
+  codes = torch.clamp(codes + zero[:, None], 0, levels).to(torch.uint8).reshape(-1)
+  codes = codes[: flat.numel()]
   if bits <= 4:
     codes = pack_int4(codes)
   return QuantizedTensor(codes=codes, scale=scale, zero=zero)
@@ -160,7 +189,7 @@ def dequantize(
   for d in shape:
     size *= d
   codes = unpack_int4(q.codes, size) if bits <= 4 else q.codes
-  groups = _grouped(codes.to(torch.float32), group_size)
+  groups = grouped(codes.to(torch.float32), group_size)
   values = q.scale[:, None] * (groups - q.zero[:, None])
   return values.reshape(-1)[:size].reshape(shape)
 

@@ -167,3 +167,34 @@ def test_codes_scales_zeros_match_jax_bit_for_bit(size, bits, group_size):
     theirs = jax_quantization.quantize(jax.numpy.asarray(x), bits, group_size)
     for name, a, b in zip(ours._fields, ours, theirs, strict=True):
       np.testing.assert_array_equal(a.numpy(), np.asarray(b), err_msg=name)
+
+
+def test_noise_gives_stochastic_codes_with_round_to_nearest_scale_and_zero():
+  rng = np.random.default_rng(7)
+  x = rng.standard_normal((5, 37)).astype(np.float32)
+  u = rng.uniform(size=(185,)).astype(np.float32)  # any shape of x's size, row-major
+  q = quantization.quantize(torch.from_numpy(x), 8, 16, noise=torch.from_numpy(u))
+  nearest = quantization.quantize(torch.from_numpy(x), 8, 16)
+  assert torch.equal(q.scale, nearest.scale) and torch.equal(q.zero, nearest.zero)
+  group = np.arange(x.size) // 16
+  s, z = q.scale.numpy()[group], q.zero.numpy()[group]
+  expected = np.clip(np.floor(x.reshape(-1) / s + u) + z, 0, 255).astype(np.uint8)
+  np.testing.assert_array_equal(q.codes.numpy(), expected)
+  with pytest.raises(ValueError, match="noise"):
+    quantization.quantize(torch.from_numpy(x), 8, 16, noise=torch.zeros(3))
+
+
+@pytest.mark.parametrize("size, bits, group_size", [(999, 4, 256), (1000, 8, 7), (64, 2, 3)])
+def test_codes_with_noise_match_jax_bit_for_bit(size, bits, group_size):
+  jax = pytest.importorskip("jax")
+  from qgalore_jax._src import quantization as jax_quantization
+
+  rng = np.random.default_rng(size)
+  x = rng.standard_normal((1, size)).astype(np.float32)
+  u = rng.uniform(size=(1, size)).astype(np.float32)
+  ours = quantization.quantize(torch.from_numpy(x), bits, group_size, noise=torch.from_numpy(u))
+  theirs = jax_quantization.quantize(
+    jax.numpy.asarray(x), bits, group_size, noise=jax.numpy.asarray(u)
+  )
+  for name, a, b in zip(ours._fields, ours, theirs, strict=True):
+    np.testing.assert_array_equal(a.numpy(), np.asarray(b), err_msg=name)
