@@ -7,10 +7,11 @@
   cover random matrices, partial tiles, huge and tiny magnitudes, subnormals, zero tiles,
   values exactly on and one ulp around every threshold, and a NaN.
 * The whole optimizer: the tiny LLaMA block of ``optimizer.py`` in shared-SVD mode with
-  ``moment_bits=8`` (its moments are below the format's 4096 elements, so the run quantises
-  every 2-D moment: ``optimizer.small_moment_blocks``). JAX's float32 Adam arithmetic rounds
-  differently from torch's in the last bit (fused multiply-adds, ``pow``), and a moment one
-  ulp from a threshold then gets the neighbouring code. Two runs separate the two effects:
+  ``moment_bits=8`` (its moments are below the format's default 4096 elements, so the run
+  passes ``min_8bit_size=optimizer.MOMENT_MIN_SIZE`` and quantises every 2-D moment). JAX's
+  float32 Adam arithmetic rounds differently from torch's in the last bit (fused
+  multiply-adds, ``pow``), and a moment one ulp from a threshold then gets the neighbouring
+  code. Two runs separate the two effects:
 
   - lockstep: each JAX step starts from torch's stored moments, so every step compares one
     step's arithmetic. A code may differ by one step where ``y`` lies within ``n`` ulps
@@ -22,14 +23,12 @@
   - free-running: 200 steps without resynchronisation. A flipped code changes the next
     update and from then on the runs separate like the free-SVD runs of ``optimizer.py``:
     the tolerances are ``MOMENT_FLIPS`` times what one deliberately flipped moment code
-    (:func:`one_flipped_moment_code`, at the first step, the longest time to grow) does to
+    (:func:`flip_one_moment_code`, at the first step, the longest time to grow) does to
     torch's own run, and never less than the shared-mode tolerances.
 """
 
-import contextlib
 import dataclasses
 import functools
-from unittest import mock
 
 import jax
 import numpy as np
@@ -217,32 +216,25 @@ def measure_cross_device(cpu: core.Device, gpu: core.Device) -> list[core.Check]
   return checks
 
 
-@contextlib.contextmanager
-def one_flipped_moment_code():
-  """torch's first stored 8-bit first moment (q_proj's, at step 0) gets one code moved.
+def flip_one_moment_code(opt, model, t):
+  """After torch's step 0, q_proj's stored 8-bit first moment gets one code moved one step.
 
   The code moved is the one whose move by one step (towards the zero code) changes the
-  dequantised moment most: the largest effect a flip at a threshold can have there.
+  dequantised moment most: the largest effect a flip at a threshold can have there. The
+  step's own direction came from the float32 moments before they were stored, so the flip
+  acts from step 1 on, as a flip made by the quantiser at step 0 would.
   """
-  quantize = torch_moments.quantize_moment
-  calls = []
-
-  def flipped(x, signed):
-    q = quantize(x, signed)
-    if not signed or calls or not bool(q.absmax.any()):
-      return q
-    calls.append(1)
-    table = torch.from_numpy(torch_moments.SIGNED_MAP).to(x.device)
-    codes = q.codes.to(torch.int64)
-    moved = torch.where(codes > torch_moments.SIGNED_ZERO_CODE, codes - 1, codes + 1)
-    absmax = q.absmax.repeat_interleave(16, 0).repeat_interleave(16, 1)
-    change = (table[moved] - table[codes]).abs() * absmax[: codes.shape[0], : codes.shape[1]]
-    i = int(torch.argmax(change))
-    codes.view(-1)[i] = moved.view(-1)[i]
-    return q._replace(codes=codes.to(torch.uint8))
-
-  with mock.patch("qgalore_torch._src.moments.quantize_moment", flipped):
-    yield
+  if t != 0:
+    return
+  state = opt.state[model.parameter("q")]
+  codes = state["exp_avg"].to(torch.int64)
+  table = torch.from_numpy(torch_moments.SIGNED_MAP).to(codes.device)
+  moved = torch.where(codes > torch_moments.SIGNED_ZERO_CODE, codes - 1, codes + 1)
+  absmax = state["exp_avg_absmax"].repeat_interleave(16, 0).repeat_interleave(16, 1)
+  change = (table[moved] - table[codes]).abs() * absmax[: codes.shape[0], : codes.shape[1]]
+  i = int(torch.argmax(change))
+  codes.view(-1)[i] = moved.view(-1)[i]
+  state["exp_avg"] = codes.to(torch.uint8)
 
 
 def _compare_codes(case, quantity, got, want, max_step, max_fraction, basis, dev_name):
@@ -267,10 +259,14 @@ def _is_codes(key: str) -> bool:
 @functools.cache
 def flipped_trace(dev_name: str) -> dict:
   """Quantities of torch's free-running 8-bit run with one flipped moment code."""
-  with one_flipped_moment_code():
-    _, flipped = optimizer.run(
-      False, "shared", core.device(dev_name), with_jax=False, moment_bits=8
-    )
+  _, flipped = optimizer.run(
+    False,
+    "shared",
+    core.device(dev_name),
+    with_jax=False,
+    moment_bits=8,
+    perturb=flip_one_moment_code,
+  )
   return optimizer.quantities(flipped, llama.init_params())
 
 

@@ -6,10 +6,11 @@ and see the same batches, with float or INT8 projection weights, in two modes:
 * ``shared``: the reference comparison. The JAX optimizer is fed torch's gradients (its
   own model still computes its loss), and both optimizers take their SVD from one source,
   a float64 NumPy SVD of the (then identical) gradient, sign-fixed and rounded to float32
-  (:func:`shared_svd` patches ``compute_projector`` in both packages; JAX reaches NumPy
-  through ``jax.pure_callback``). Both sides then hold the same INT4 projector codes on
-  every step, and what is left is float32 rounding in the Adam arithmetic (XLA fuses
-  multiply-adds, its ``pow`` differs from torch's in the last bit) and in the matmul sums.
+  (both optimizers take it through their ``projector_fn`` argument, :func:`shared_projectors`;
+  JAX reaches NumPy through ``jax.pure_callback``). Both sides then hold the same INT4
+  projector codes on every step, and what is left is float32 rounding in the Adam arithmetic
+  (XLA fuses multiply-adds, its ``pow`` differs from torch's in the last bit) and in the
+  matmul sums.
 * ``free``: each backend runs alone, with its own gradients and its own LAPACK SVD: the
   run a user makes. One-ulp differences in the SVD can flip an INT4 projector code, and
   one-ulp differences in a weight can flip an INT8 stochastic-rounding code; the tolerances
@@ -19,18 +20,16 @@ Everything is compared in torch's layout: JAX kernels, their updates and the hea
 moments are transposed; projected moments are in the canonical low-rank shape on both sides.
 
 ``moment_bits=8`` runs both optimizers with 8-bit block-wise moments. The block's moments all
-have fewer than the 4096 elements that the format quantises, so such a run lowers that
-threshold in both packages to one 16 x 16 tile (:func:`small_moment_blocks`): every 2-D
+have fewer than the 4096 elements that the format quantises by default, so such a run passes
+``min_8bit_size=MOMENT_MIN_SIZE`` (one 16 x 16 tile) to both optimizers: every 2-D
 moment is then stored in 8 bits, and the traces also hold the codes and tile maxima
 (``parity_tests/moments.py`` compares them). With ``lockstep=True`` the JAX optimizer starts
 every step from torch's stored moments (codes, tile maxima and float32 moments), so that a
 code flipped by one step's rounding does not carry into the next step.
 """
 
-import contextlib
 import dataclasses
 import functools
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -62,44 +61,35 @@ def numpy_projector(grad_MxN: np.ndarray, rank: int) -> np.ndarray:
   return projector.sign_rule(rows).astype(np.float32)
 
 
-@contextlib.contextmanager
-def shared_svd():
-  """Both packages' ``compute_projector`` replaced by :func:`numpy_projector`.
+def jax_numpy_projector(grad_MxN, rank):
+  """:func:`numpy_projector` as a ``projector_fn`` for ``qgalore_jax`` (a host callback)."""
+  m, n = grad_MxN.shape
+  r = min(rank, m, n)
+  shape = jax.ShapeDtypeStruct((r, n if m >= n else m), jnp.float32)
+  return jax.pure_callback(lambda g: numpy_projector(g, rank), shape, grad_MxN)
 
-  JAX functions traced inside the context keep the callback; trace them inside it.
+
+def torch_numpy_projector(grad_MxN, rank):
+  """:func:`numpy_projector` as a ``projector_fn`` for ``qgalore_torch``."""
+  basis = numpy_projector(grad_MxN.detach().cpu().numpy(), rank)
+  return torch.from_numpy(basis).to(grad_MxN.device)
+
+
+def shared_projectors(shared: bool) -> tuple:
+  """The ``projector_fn`` of (JAX, torch): the shared NumPy SVD, or each library's own."""
+  return (jax_numpy_projector, torch_numpy_projector) if shared else (None, None)
+
+
+def _moment_options(moment_bits) -> dict:
+  """Optimizer arguments for ``moment_bits``: 8-bit runs quantise every moment of a tile or more.
+
+  The format's default threshold (4096 elements) exceeds every moment of the tiny block; with
+  ``min_8bit_size=MOMENT_MIN_SIZE`` all of its 2-D moments, projected (32 x 8, 64 x 8, 8 x 64:
+  partial tiles) and plain (embedding, head), are quantised.
   """
-
-  def jax_compute(grad_MxN, rank):
-    m, n = grad_MxN.shape
-    r = min(rank, m, n)
-    shape = jax.ShapeDtypeStruct((r, n if m >= n else m), jnp.float32)
-    return jax.pure_callback(lambda g: numpy_projector(g, rank), shape, grad_MxN)
-
-  def torch_compute(grad_MxN, rank):
-    basis = numpy_projector(grad_MxN.detach().cpu().numpy(), rank)
-    return torch.from_numpy(basis).to(grad_MxN.device)
-
-  with (
-    mock.patch("qgalore_jax._src.projector.compute_projector", jax_compute),
-    mock.patch("qgalore_torch._src.projector.compute_projector", torch_compute),
-  ):
-    yield
-
-
-@contextlib.contextmanager
-def small_moment_blocks(size: int = MOMENT_MIN_SIZE):
-  """Both packages store every 2-D moment of at least ``size`` elements in 8 bits.
-
-  The format's threshold (4096 elements) exceeds every moment of the tiny block; with
-  ``size=256`` all of its 2-D moments, projected (32 x 8, 64 x 8, 8 x 64: partial tiles) and
-  plain (embedding, head), are quantised. JAX reads the threshold when it traces: trace
-  inside the context.
-  """
-  with (
-    mock.patch("qgalore_jax._src.moments.MIN_QUANTIZED_SIZE", size),
-    mock.patch("qgalore_torch._src.moments.MIN_QUANTIZED_SIZE", size),
-  ):
-    yield
+  if moment_bits is None:
+    return {}
+  return {"moment_bits": moment_bits, "min_8bit_size": MOMENT_MIN_SIZE}
 
 
 @dataclasses.dataclass
@@ -120,7 +110,7 @@ class Trace:
   proj_codes: list = dataclasses.field(default_factory=list)  # packed INT4 projector codes
 
 
-def _jax_tx(moment_bits=None):
+def _jax_tx(moment_bits=None, projector_fn=None):
   mask = {name: name in llama.PROJECTIONS for name in llama.NAMES}
   return qgalore_jax.qgalore_adamw(
     LR,
@@ -133,11 +123,12 @@ def _jax_tx(moment_bits=None):
     proj_group_size=PROJ_GROUP_SIZE,
     mask=mask,
     input_axis=0,
-    moment_bits=moment_bits,
+    projector_fn=projector_fn,
+    **_moment_options(moment_bits),
   )
 
 
-def _torch_opt(model, moment_bits=None):
+def _torch_opt(model, moment_bits=None, projector_fn=None):
   projections = [model.parameter(name) for name in llama.PROJECTIONS]
   others = [model.parameter(name) for name in llama.OTHERS]
   return qgalore_torch.QGaLoreAdamW(
@@ -155,7 +146,8 @@ def _torch_opt(model, moment_bits=None):
     eps=EPS,
     weight_decay=WEIGHT_DECAY,
     seed=SEED,
-    moment_bits=moment_bits,
+    projector_fn=projector_fn,
+    **_moment_options(moment_bits),
   )
 
 
@@ -270,45 +262,47 @@ def run(
   with_jax: bool = True,
   moment_bits: int | None = None,
   lockstep: bool = False,
+  perturb=None,
 ):
   """Trains both backends ``steps`` steps; returns the (JAX, torch) traces.
 
   ``with_jax=False`` runs torch alone (the JAX trace is then ``None``). ``moment_bits=8``
-  stores the moments in 8 bits, from one tile up (:func:`small_moment_blocks`);
+  stores the moments in 8 bits, from one tile up (``min_8bit_size=MOMENT_MIN_SIZE``);
   ``lockstep=True`` (8-bit only) starts each JAX step from torch's stored moments.
+  ``perturb(opt, model, t)``, when given, is called after torch's step ``t`` and may edit
+  torch's optimizer state (its tensors are public): how a flipped code is injected.
   """
-  with small_moment_blocks() if moment_bits else contextlib.nullcontext():
-    return _run(int8, mode, dev, steps, with_jax, moment_bits, lockstep and bool(moment_bits))
-
-
-def _run(int8, mode, dev, steps, with_jax, moment_bits, lockstep):
+  lockstep = lockstep and bool(moment_bits)
   shared = mode == "shared"
+  jax_projector, torch_projector = shared_projectors(shared)
   init = llama.init_params()
   tokens = llama.batches(steps)
   model = llama.TorchBlock(init).to(dev.torch)
   if int8:
-    qgalore_torch.quantize_linears(model, qgalore_torch.is_llama_projection)
-  opt = _torch_opt(model, moment_bits)
-  tx = _jax_tx(moment_bits)
+    weights = set(llama.PROJECTIONS.values())
+    qgalore_torch.quantize_linears(model, lambda name: f"{name}.weight" in weights)
+  opt = _torch_opt(model, moment_bits, torch_projector)
+  tx = _jax_tx(moment_bits, jax_projector)
   jax_trace, torch_trace = Trace(), Trace()
   if with_jax:
     with core.on(dev):
       params, state = _jax_init(tx, int8)(init)
-  with shared_svd() if shared else contextlib.nullcontext():
-    step = _jax_step(tx, int8, shared, moment_bits)
-    for t in range(steps):
-      batch = torch.from_numpy(tokens[t]).to(dev.torch)
-      opt.zero_grad()
-      loss = model(batch)
-      loss.backward()
-      grads = {n: _layout(n, core.to_numpy(model.parameter(n).grad)) for n in llama.NAMES}
-      opt.step()
-      moments = _torch_moments(torch_trace) if lockstep and t else None
-      _record_torch(torch_trace, model, opt, loss.item())
-      if with_jax:
-        with core.on(dev):
-          params, state, record = step(params, state, jnp.asarray(tokens[t]), grads, t, moments)
-        _record_jax(jax_trace, record)
+  step = _jax_step(tx, int8, shared, moment_bits)
+  for t in range(steps):
+    batch = torch.from_numpy(tokens[t]).to(dev.torch)
+    opt.zero_grad()
+    loss = model(batch)
+    loss.backward()
+    grads = {n: _layout(n, core.to_numpy(model.parameter(n).grad)) for n in llama.NAMES}
+    opt.step()
+    if perturb is not None:
+      perturb(opt, model, t)
+    moments = _torch_moments(torch_trace) if lockstep and t else None
+    _record_torch(torch_trace, model, opt, loss.item())
+    if with_jax:
+      with core.on(dev):
+        params, state, record = step(params, state, jnp.asarray(tokens[t]), grads, t, moments)
+      _record_jax(jax_trace, record)
   return (jax_trace if with_jax else None), torch_trace
 
 
@@ -375,28 +369,25 @@ SHARED_NORMWISE = 1e-3
 LOSS_RTOL = 1e-5
 
 
-@contextlib.contextmanager
-def one_flipped_code():
-  """torch's first stored INT4 projector (q_proj's, at step 0) gets one code moved one step.
+def flip_one_projector_code(opt, model, t):
+  """After torch's step 0, q_proj's stored INT4 projector gets one code moved one step.
 
-  The code of the largest-magnitude basis entry is moved towards the middle of [0, 15], as a
-  1-ulp SVD difference at a rounding boundary would move it.
+  The code of the largest-magnitude entry of the dequantised basis is moved towards the
+  middle of [0, 15], as a 1-ulp SVD difference at a rounding boundary would move it; the
+  matrix uses the flipped projector until its next refresh.
   """
-  store = qgalore_torch._src.projector.store_projector
-  calls = []
-
-  def flipped(basis_RxK, bits, group_size):
-    stored = store(basis_RxK, bits, group_size)
-    if calls or not bool(basis_RxK.any()):  # the optimizer first stores an empty basis
-      return stored
-    calls.append(1)
-    codes = qgalore_torch.unpack_int4(stored.codes, basis_RxK.numel()).to(torch.int16)
-    i = int(torch.argmax(basis_RxK.abs()))
-    codes[i] += 1 if codes[i] < 8 else -1
-    return stored._replace(codes=qgalore_torch.pack_int4(codes.to(torch.uint8)))
-
-  with mock.patch("qgalore_torch._src.projector.store_projector", flipped):
-    yield
+  if t != 0:
+    return
+  p = model.parameter("q")
+  state = opt.state[p]
+  size = min(RANK, *p.shape) * state["top_vector"].numel()  # r x k basis elements
+  codes, scale, zero = (state[f"proj_{key}"] for key in ("codes", "scale", "zero"))
+  stored = qgalore_torch.QuantizedTensor(codes, scale, zero)
+  basis = qgalore_torch.dequantize(stored, (size,), bits=4, group_size=PROJ_GROUP_SIZE)
+  codes = qgalore_torch.unpack_int4(codes, size).to(torch.int16)
+  i = int(torch.argmax(basis.abs()))
+  codes[i] += 1 if codes[i] < 8 else -1
+  state["proj_codes"] = qgalore_torch.pack_int4(codes.to(torch.uint8))
 
 
 def quantities(trace: Trace, init: dict) -> dict:
@@ -450,8 +441,7 @@ FREE_FLIPS = 4
 def free_tolerances(reference: dict, int8: bool, dev: core.Device) -> dict:
   """Free-mode tolerance of each quantity: ``FREE_FLIPS`` times how far one flipped INT4
   projector code moves torch's own run."""
-  with one_flipped_code():
-    _, flipped = run(int8, "free", dev, with_jax=False)
+  _, flipped = run(int8, "free", dev, with_jax=False, perturb=flip_one_projector_code)
   flipped_q = quantities(flipped, llama.init_params())
   return {
     k: core.Tolerance(
