@@ -1,4 +1,5 @@
-"""``python -m parity_tests``: print and save the parity report (see ``report.py``)."""
+"""``python -m parity_tests [--out DIR] [--update-results]``: print and save the parity
+report (see ``report.py``)."""
 
 import sys
 

@@ -1,24 +1,24 @@
 """The parity report: every component's checks, one table each, for the devices present.
 
 ``python -m parity_tests`` calls :func:`main`: it runs the same measurement functions as the
-pytest suites (same tolerances), prints the tables and writes
-``parity_tests/results/parity_<device>.json`` and ``.md`` with the device, library versions
-and date.
+pytest suites (same tolerances), prints the tables and writes ``parity_<device>.json`` and
+``.md``, with the device, library versions and date, to ``--out`` (default ``runs/parity``).
+``--update-results`` also rewrites the published ``parity_tests/results/`` files.
 """
 
+import argparse
 import dataclasses
 import datetime
 import importlib.metadata
-import importlib.util
 import json
 import os
 import pathlib
 import platform
 import sys
 
-import pytest
 import torch
 
+from parity_tests import authors
 from parity_tests import core
 from parity_tests import cross_device
 from parity_tests import generator
@@ -30,20 +30,9 @@ from parity_tests import quantiser
 from parity_tests import schedule
 
 RESULTS = pathlib.Path(__file__).parent / "results"
+DEFAULT_OUT = pathlib.Path("runs/parity")
 LIBRARIES = ("qgalore", "jax", "jaxlib", "optax", "flax", "torch", "numpy", "q-galore-torch")
 COLUMNS = ("case", "quantity", "max abs err", "max rel err", "bit-exact", "tolerance", "pass")
-
-
-def authors_projector_cls():
-  """The authors' ``GaLoreProjector`` through the repository's ``conftest.py``, or None."""
-  path = pathlib.Path(__file__).resolve().parents[1] / "conftest.py"
-  spec = importlib.util.spec_from_file_location("_repository_conftest", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  try:
-    return module._load_authors_module("q_galore_torch", "q_galore_projector").GaLoreProjector
-  except pytest.skip.Exception:
-    return None
 
 
 def run_components(dev: core.Device, authors_cls) -> list[core.Check]:
@@ -131,10 +120,41 @@ def markdown(env: dict, checks: list[core.Check]) -> str:
   return "\n".join(lines)
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  """The command line of ``python -m parity_tests``.
+
+  Example:
+    >>> args = parse_args(["--out", "reports"])
+    >>> str(args.out), args.update_results
+    ('reports', False)
+  """
+  parser = argparse.ArgumentParser(
+    prog="python -m parity_tests",
+    description="Runs every parity check on each device present; prints and saves the report.",
+  )
+  parser.add_argument(
+    "--out",
+    type=pathlib.Path,
+    default=DEFAULT_OUT,
+    help=f"folder of parity_<device>.{{json,md}} (default: {DEFAULT_OUT})",
+  )
+  parser.add_argument(
+    "--update-results",
+    action="store_true",
+    help="also rewrite the published report in parity_tests/results/",
+  )
+  return parser.parse_args(argv)
+
+
+def output_dirs(args: argparse.Namespace) -> list[pathlib.Path]:
+  """The folders a run writes its report to: ``--out``, and the published results if asked."""
+  return [args.out, RESULTS] if args.update_results else [args.out]
+
+
+def main(argv: list[str] | None = None) -> int:
   """Runs the report on every device present; returns 1 if any check failed."""
-  authors_cls = authors_projector_cls()
-  RESULTS.mkdir(exist_ok=True)
+  folders = output_dirs(parse_args(argv))
+  authors_cls = authors.projector_cls()
   failed = 0
   for name in core.devices_present():
     dev = core.device(name)
@@ -145,10 +165,13 @@ def main() -> int:
       env["note"] = "q-galore-torch is not installed: the authors' oracle was skipped"
     text = markdown(env, checks)
     print(text)
-    (RESULTS / f"parity_{name}.md").write_text(text)
     payload = {**env, "checks": [dataclasses.asdict(c) for c in checks]}
-    (RESULTS / f"parity_{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    for folder in folders:
+      folder.mkdir(parents=True, exist_ok=True)
+      (folder / f"parity_{name}.md").write_text(text)
+      (folder / f"parity_{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
     failed += sum(not c.passed for c in checks)
   if not core.gpu_available()[0]:
     print(f"No GPU table: {core.gpu_available()[1]}.")
+  print(f"Report written to {', '.join(str(f) for f in folders)}.")
   return 1 if failed else 0

@@ -2,7 +2,6 @@
 
 import argparse
 import dataclasses
-import pathlib
 from collections.abc import Callable
 
 from examples.llama import report
@@ -44,15 +43,14 @@ INT_FLAGS = (
 
 
 def compare(train: Callable, cfg, names: tuple[str, ...]) -> list[dict]:
-  """Runs ``train`` for each optimizer in ``names`` from the same data and seed; writes
-  ``compare.png`` and ``compare.md`` into ``cfg.out_dir``.
+  """Runs ``train`` for each optimizer in ``names`` from the same data and seed; prints the
+  table and writes ``compare.md`` and ``compare.png`` into ``cfg.out_dir``
+  (``report.write_compare``).
 
   Each optimizer runs at its tuned learning rate unless ``cfg.learning_rate`` is set.
   """
   results = [train(dataclasses.replace(cfg, optimizer=name)) for name in names]
-  out_dir = pathlib.Path(cfg.out_dir)
-  report.plot_curves(results, out_dir / "compare.png")
-  (out_dir / "compare.md").write_text(report.markdown_table(results))
+  report.write_compare(results, cfg.out_dir)
   return results
 
 

@@ -2,6 +2,7 @@
 
 import math
 import pathlib
+import sys
 
 
 def format_bytes(n: int) -> str:
@@ -48,3 +49,26 @@ def plot_curves(results: list[dict], path: str | pathlib.Path) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def write_compare(results: list[dict], out_dir: str | pathlib.Path) -> None:
+  """Prints the compare table and writes it to ``compare.md``, then plots ``compare.png``.
+
+  The table comes first, so a run whose plot fails still leaves its numbers. Without
+  matplotlib the plot is skipped with one line on stderr.
+
+  Args:
+    results: one summary per run (see ``train.train``).
+    out_dir: the folder of ``compare.md`` and ``compare.png``.
+  """
+  out_dir = pathlib.Path(out_dir)
+  table = markdown_table(results)
+  (out_dir / "compare.md").write_text(table)
+  print()
+  print(table)
+  try:
+    plot_curves(results, out_dir / "compare.png")
+  except ModuleNotFoundError as e:
+    if e.name != "matplotlib":
+      raise
+    print("plot skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)

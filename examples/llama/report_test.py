@@ -1,5 +1,7 @@
 """Tests of the end-of-run table and the loss-curve plot."""
 
+import sys
+
 from examples.llama import report
 
 RESULTS = [
@@ -40,3 +42,21 @@ def test_markdown_table():
 def test_plot_writes_a_png(tmp_path):
   report.plot_curves(RESULTS, tmp_path / "curves.png")
   assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_prints_and_writes_the_table_before_the_plot(tmp_path, capsys):
+  report.write_compare(RESULTS, tmp_path)
+  out = capsys.readouterr().out
+  assert (tmp_path / "compare.md").read_text() == report.markdown_table(RESULTS)
+  assert report.markdown_table(RESULTS) in out
+  assert (tmp_path / "compare.png").exists()
+
+
+def test_compare_without_matplotlib_skips_the_plot_in_one_line(tmp_path, capsys, monkeypatch):
+  monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+  report.write_compare(RESULTS, tmp_path)
+  captured = capsys.readouterr()
+  assert (tmp_path / "compare.md").read_text() == report.markdown_table(RESULTS)
+  assert report.markdown_table(RESULTS) in captured.out
+  assert captured.err == "plot skipped: matplotlib is not installed (pip install matplotlib)\n"
+  assert not (tmp_path / "compare.png").exists()

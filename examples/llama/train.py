@@ -276,13 +276,10 @@ def main(argv: list[str] | None = None) -> None:
   cfg, args = parse_args(argv)
   if args.compare:
     # Compare runs are short and always start fresh, so they keep no checkpoints.
-    results = compare(
-      dataclasses.replace(cfg, checkpoint_every=0), tuple(args.optimizers.split(","))
-    )
+    compare(dataclasses.replace(cfg, checkpoint_every=0), tuple(args.optimizers.split(",")))
   else:
-    results = [train(cfg)]
-  print()
-  print(report.markdown_table(results))
+    print()
+    print(report.markdown_table([train(cfg)]))
 
 
 if __name__ == "__main__":

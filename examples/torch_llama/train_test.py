@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -104,3 +105,16 @@ def test_train_resumes_and_compare_writes_the_table(tmp_path, capsys):
   ]
   assert (tmp_path / "compare.png").exists()
   assert "| qgalore | 0.03 |" in capsys.readouterr().out
+
+
+def test_compare_without_matplotlib_prints_and_writes_the_table(tmp_path, capsys, monkeypatch):
+  monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+  args = ["--compare", "--model", "test", "--optimizers", "adamw", "--steps", "2"]
+  args += ["--batch-size", "2", "--eval-every", "2", "--eval-batches", "1", "--out-dir"]
+  train.main([*args, str(tmp_path)])
+  captured = capsys.readouterr()
+  table = (tmp_path / "compare.md").read_text()
+  assert "| adamw | 0.003 |" in table
+  assert table in captured.out
+  assert "plot skipped: matplotlib is not installed (pip install matplotlib)\n" in captured.err
+  assert not (tmp_path / "compare.png").exists()
