@@ -301,7 +301,7 @@ Weights are bf16 except in the first row; Q-GaLore holds the 7 block matrices of
 INT8 (1.03 bytes per weight) and the rest in bf16. Where ours differ from the paper's Table 1:
 
 {MOMENTS_NOTE[has_q8]}
-- Our projector sits on the smaller side of each matrix (SPEC section 2, the authors'
+- Our projector sits on the smaller side of each matrix (docs/spec.md section 2, the authors'
   convention), so the low-rank moments have the larger side: for a (1376, 512) MLP matrix at
   rank 128 the moments are 1376 x 128 and the projector 128 x 512. optax.contrib.galore does
   the opposite (bigger projector, smaller moments); its projector and moments are stored in

@@ -42,7 +42,7 @@ def int4_projector_bytes(m, n):
 
 
 def moment8_bytes(shape):
-  """One 8-bit moment (docs/numerics.md): 2-D and >= 4096 elements: a byte per element plus
+  """One 8-bit moment (docs/spec.md section 8): 2-D and >= 4096 elements: a byte per element plus
   a float32 absmax per 16 x 16 tile; otherwise float32."""
   if len(shape) == 2 and math.prod(shape) >= 4096:
     return math.prod(shape) + 4 * -(-shape[0] // 16) * -(-shape[1] // 16)

@@ -5,7 +5,8 @@ model by default) with the example's own ``train.train``, once per optimizer, fr
 seed and data:
 
 - ``adamw``: the full-rank reference (no SVDs);
-- ``qgalore``: INT4 projector, INT8 weights and adaptive refresh (``gamma_proj=2``, SPEC 4);
+- ``qgalore``: INT4 projector, INT8 weights and adaptive refresh (``gamma_proj=2``,
+  docs/spec.md section 4);
 - ``qgalore-fixedgap``: the same with the gap held fixed (``gamma_proj=1``);
 - optionally (``--optimizers``) the float variants ``galore`` (optax) and ``qgalore-noquant``.
 
@@ -122,7 +123,7 @@ def fixed_gap_count(num_matrices: int, steps: int, gap: int) -> int:
 
 
 def replay_refresh_steps(initial_gap: int, gaps_after: np.ndarray) -> list[int]:
-  """Steps at which SPEC 4 refreshes a matrix, given the gap it held after each step.
+  """Steps at which a matrix refreshes (docs/spec.md section 4), given its gap after each step.
 
   A matrix refreshes at step ``s`` when ``s`` is a multiple of the gap it held before ``s``
   (the initial gap before step 0).
@@ -294,7 +295,8 @@ def markdown(study: dict) -> str:
     f" {s['update_proj_gap']}, ...: {s['projected_matrices']} x"
     f" ceil({s['steps']} / {s['update_proj_gap']}) = {s['fixed_gap_svds']} SVDs. Every Q-GaLore"
     " run's per-step SVD counts and gaps were checked against this count and against a replay"
-    " of SPEC 4's rule (a matrix refreshes when the step is a multiple of its current gap)."
+    " of docs/spec.md section 4's rule (a matrix refreshes when the step is a multiple of its"
+    " current gap)."
   )
   adaptive = [n for n in rows if n in ADAPTIVE and "matrices" in rows[n]]
   for name in adaptive:

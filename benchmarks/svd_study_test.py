@@ -24,7 +24,7 @@ TEST_MODEL = model.Config(
 )
 STEPS, GAP = 24, 2
 MATRICES = len(model.PROJECTED) * TEST_MODEL.num_layers
-QUEUE_SIZE = 5  # cosines needed before a gap may grow (SPEC 4 default)
+QUEUE_SIZE = 5  # cosines needed before a gap may grow (docs/spec.md section 4 default)
 # AdamW's run adds only a compilation; its (absent) schedule is tested on its own below.
 NAMES = ("qgalore", "qgalore-fixedgap")
 
@@ -46,8 +46,8 @@ def study(tmp_path_factory):
 
 
 def possible_gaps(refresh_steps: list[int], gap: int, gamma: int) -> set[int]:
-  """Gaps a matrix may hold after ``refresh_steps``, if they follow SPEC 4: the first
-  refreshes are at 0, gap, 2 gap, ...; the gap can grow (times ``gamma``) only at a refresh
+  """Gaps a matrix may hold after ``refresh_steps``, if they follow docs/spec.md section 4: the
+  first refreshes are at 0, gap, 2 gap, ...; the gap can grow (times ``gamma``) only at a refresh
   after ``QUEUE_SIZE`` cosines, at most once per refresh; the next refresh is at the next
   multiple of the gap. Empty when no gap sequence explains the steps."""
   assert refresh_steps[0] == 0

@@ -1,6 +1,6 @@
 """CPU vs GPU, for each backend alone: the same inputs on both devices.
 
-Codes that SPEC fixes bit for bit (quantiser, SR uniforms, SR codes) must not depend on the
+Codes that docs/spec.md fixes bit for bit (quantiser, SR uniforms, SR codes) must not depend on the
 device. The SVD and the matmuls do (cuSOLVER vs LAPACK, different summation orders), so the
 optimizer is compared in shared-SVD mode, where the only differences left are float32
 rounding, under the whole-optimizer tolerance of that mode.

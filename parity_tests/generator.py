@@ -1,7 +1,7 @@
-"""SR generator and INT8 weight parity (SPEC section 6): uniforms and codes, bit for bit.
+"""SR generator and INT8 weight parity (docs/spec.md section 6): uniforms and codes, bit for bit.
 
 The uniforms of both backends are compared with each other and with a NumPy ``uint32``
-implementation written here from the formula in ``docs/numerics.md`` (an oracle independent
+implementation written here from the formula in ``docs/spec.md`` section 6.3 (an oracle independent
 of both packages). INT8 weights are quantised from a Flax kernel (in, out) on the JAX side
 and from the equivalent torch weight (out, in), then updated for several steps by stochastic
 rounding with the same seed and tensor id: codes, scales and zeros must stay identical.
@@ -26,7 +26,7 @@ INT8_STEPS = 4
 
 
 def numpy_uniforms(seed: int, step: int, tensor_id: int, size: int) -> np.ndarray:
-  """The generator of ``docs/numerics.md`` in NumPy uint32 arithmetic (wraps mod 2**32)."""
+  """The generator of ``docs/spec.md`` section 6.3 in NumPy uint32 arithmetic (wraps mod 2**32)."""
 
   def lowbias32(x):
     x = np.asarray(x, np.uint32)

@@ -1,4 +1,4 @@
-"""8-bit moment parity (docs/numerics.md, "8-bit moments"): quantiser and whole optimizer.
+"""8-bit moment parity (docs/spec.md section 8): quantiser and whole optimizer.
 
 * The quantiser: both backends quantise the same float32 matrices (the JAX side jitted, as
   the optimizer runs it) with the signed and the unsigned map; codes, tile maxima and

@@ -53,7 +53,7 @@ MOMENT_MIN_SIZE = 256  # 8-bit runs: moments of one tile or more are quantised (
 
 
 def numpy_projector(grad_MxN: np.ndarray, rank: int) -> np.ndarray:
-  """SPEC section 2's basis from a float64 NumPy SVD, sign-fixed, rounded to float32."""
+  """docs/spec.md section 2's basis from a float64 NumPy SVD, sign-fixed, rounded to float32."""
   m, n = grad_MxN.shape
   r = min(rank, m, n)
   u, _, vt = np.linalg.svd(np.asarray(grad_MxN, np.float64), full_matrices=False)

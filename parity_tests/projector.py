@@ -1,11 +1,11 @@
-"""Projector parity (SPEC section 2): orientation and sign-canonical singular vectors.
+"""Projector parity (docs/spec.md section 2): orientation and sign-canonical singular vectors.
 
 The JAX side gets a Flax kernel (in, out) and reads it as ``kernel.T``, as the optimizer
 does; the torch side gets the (out, in) weight gradient. Both float32 bases must agree to
 float32 rounding of the SVD; their 4-bit codes may differ by one step where a value sits on
 a rounding boundary (the SVDs of two libraries differ by ~1 ulp). The authors'
-``GaLoreProjector`` (q-galore-torch 1.0), with SPEC's sign rule applied to its SVD, is the
-independent oracle for both.
+``GaLoreProjector`` (q-galore-torch 1.0), with the sign rule of docs/spec.md section 2
+applied to its SVD, is the independent oracle for both.
 
 The test matrices have well separated singular values (10 down to 1): the SVD is then well
 conditioned, so "to float32 rounding" is a meaningful bound. For nearly equal singular values
@@ -37,7 +37,7 @@ CODE_TOL = core.Tolerance(
 
 
 def sign_rule(rows: np.ndarray) -> np.ndarray:
-  """SPEC section 2 in NumPy: each row times the sign of its first largest-magnitude entry."""
+  """docs/spec.md section 2 in NumPy: each row times the sign of its first largest entry."""
   pivots = rows[np.arange(rows.shape[0]), np.argmax(np.abs(rows), axis=1)]
   return rows * np.where(pivots < 0, -1.0, 1.0)[:, None].astype(rows.dtype)
 
@@ -53,7 +53,7 @@ def well_conditioned(shape, seed=0) -> np.ndarray:
 
 
 def sign_fixed_oracle(authors_cls, rank, group_size):
-  """The authors' 4-bit projector whose SVD output follows SPEC's sign rule."""
+  """The authors' 4-bit projector, its SVD output sign-fixed (docs/spec.md section 2)."""
   oracle = authors_cls(rank, update_proj_gap=200, quant=True, group_size=group_size, n_bit=BITS)
   unsigned = oracle.get_orthogonal_matrix
 
@@ -71,7 +71,7 @@ def oracle_basis(authors_cls, g_MxN: torch.Tensor, rank: int, group_size: int) -
   """The oracle's dequantised basis rows for canonical ``g_MxN``.
 
   For "left" (m < n) the oracle gets ``G^T``, whose "right" basis is ``U^T`` of ``G``, so its
-  quantisation groups run along the singular vectors as SPEC section 3 requires (its own
+  quantisation groups run along the singular vectors as docs/spec.md section 3 requires (its own
   "left" path groups across them).
   """
   oracle = sign_fixed_oracle(authors_cls, rank, group_size)

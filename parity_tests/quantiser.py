@@ -1,4 +1,4 @@
-"""Quantiser parity (SPEC section 3): codes, scales, zeros and packed bytes, bit for bit.
+"""Quantiser parity (docs/spec.md section 3): codes, scales, zeros and packed bytes, bit for bit.
 
 Both backends quantise the same float32 canonical matrix (the JAX side jitted, as the
 optimizer runs it) at every width from 1 to 8 bits; the inputs cover random matrices and

@@ -1,4 +1,4 @@
-"""Adaptive-schedule parity (SPEC section 4): identical refresh steps, gaps and SVD counts.
+"""Adaptive-schedule parity (docs/spec.md section 4): identical refresh steps, gaps and SVD counts.
 
 Both optimizers (no learning rate: only their schedules matter) see the same long stream of
 gradients on three small matrices, a "right", a "left" and a square one, held as Flax

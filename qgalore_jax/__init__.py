@@ -1,6 +1,6 @@
 """Q-GaLore for JAX/Optax: low-rank projected Adam with an INT4 projector and adaptive refresh.
 
-See ``SPEC.md`` sections 1-5 and 7 (numerical contract) and arXiv 2407.08296 (the method).
+See ``docs/spec.md`` (the numerical contract) and arXiv 2407.08296 (the method).
 """
 
 from qgalore_jax._src.alias import qgalore_adamw

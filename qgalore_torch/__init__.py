@@ -1,7 +1,7 @@
 """Q-GaLore for PyTorch: low-rank projected AdamW with an INT4 projector and adaptive refresh.
 
 The twin of ``qgalore_jax``: the same module and function names, the same numbers. See
-``SPEC.md`` sections 1-5 and 7 (numerical contract) and arXiv 2407.08296 (the method).
+``docs/spec.md`` (the numerical contract) and arXiv 2407.08296 (the method).
 """
 
 from qgalore_torch._src.generator import uniforms

@@ -1,4 +1,4 @@
-"""The user alias of Q-GaLore: a drop-in for ``optax.adamw`` (SPEC section 5).
+"""The user alias of Q-GaLore: a drop-in for ``optax.adamw`` (docs/spec.md section 5).
 
 ``qgalore_adamw`` routes the leaves selected by ``mask`` to :func:`scale_by_qgalore` and the
 rest to ``optax.scale_by_adam`` (or its 8-bit twin), then adds decoupled weight decay and the
@@ -71,7 +71,7 @@ def qgalore_adamw(
 
     W \leftarrow W - \eta_t \, (\text{direction} + \lambda W)
 
-  (decoupled weight decay on the old weights, as ``optax.adamw``; SPEC section 5).
+  (decoupled weight decay on the old weights, as ``optax.adamw``; docs/spec.md section 5).
 
   Args:
     learning_rate: a float or an optax schedule.

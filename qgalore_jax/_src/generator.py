@@ -1,7 +1,7 @@
-"""The counter-based uniform generator of stochastic rounding (SPEC section 6).
+"""The counter-based uniform generator of stochastic rounding (docs/spec.md section 6).
 
 Uniforms keyed by (seed, step, tensor id, element index in row-major order), written with
-uint32 arithmetic that the torch twin reproduces bit for bit (``docs/numerics.md``)::
+uint32 arithmetic that the torch twin reproduces bit for bit (``docs/spec.md`` section 6.3)::
 
   lowbias32(x) = x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16
   key = lowbias32(lowbias32(lowbias32(seed ^ 0x9e3779b9) ^ step) ^ tensor_id)
@@ -22,7 +22,7 @@ MAX_ELEMENTS = 2**32  # element indices are uint32
 
 
 def lowbias32(x: jax.Array) -> jax.Array:
-  """The 32-bit integer hash ``lowbias32``, a bijection of uint32 (SPEC section 6).
+  """The 32-bit integer hash ``lowbias32``, a bijection of uint32 (docs/spec.md section 6).
 
   Args:
     x: uint32 array.
@@ -63,7 +63,7 @@ def _as_uint32(value, name: str) -> jax.Array:
 
 
 def stream_key(seed, step, tensor_id) -> jax.Array:
-  """The uint32 key of one tensor's uniforms at one step (SPEC section 6).
+  """The uint32 key of one tensor's uniforms at one step (docs/spec.md section 6).
 
   Args:
     seed: integer (Python or traced), taken modulo 2**32.
@@ -84,7 +84,7 @@ def stream_key(seed, step, tensor_id) -> jax.Array:
 
 
 def uniforms(seed, step, tensor_id, shape: tuple[int, ...]) -> jax.Array:
-  r"""Counter-based uniforms in [0, 1), one per element of a tensor (SPEC section 6).
+  r"""Counter-based uniforms in [0, 1), one per element of a tensor (docs/spec.md section 6).
 
   .. math::
 

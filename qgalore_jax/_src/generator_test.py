@@ -13,7 +13,7 @@ MASK32 = 0xFFFFFFFF
 
 
 def py_lowbias32(x):
-  """lowbias32 on Python ints, written from its definition (docs/numerics.md)."""
+  """lowbias32 on Python ints, written from its definition (docs/spec.md section 6.3)."""
   x &= MASK32
   x ^= x >> 16
   x = (x * 0x7FEB352D) & MASK32

@@ -1,9 +1,9 @@
-"""INT8 weights updated by stochastic rounding (SPEC section 6).
+"""INT8 weights updated by stochastic rounding (docs/spec.md section 6).
 
 A selected 2-D weight is held as a :class:`QuantizedWeight`: the codes of its canonical
-(out, in) matrix W (SPEC section 1), flattened row-major, one byte each, plus one float32
-scale ``s`` and zero ``z`` per group of ``group_size`` consecutive elements (SPEC section 3).
-No float copy of the weights persists between steps: :func:`apply_updates` dequantises,
+(out, in) matrix W (docs/spec.md section 1), flattened row-major, one byte each, plus one float32
+scale ``s`` and zero ``z`` per group of ``group_size`` consecutive elements (docs/spec.md
+section 3). No float copy of the weights persists between steps: :func:`apply_updates` dequantises,
 adds the update, recomputes ``s`` and ``z`` and rounds stochastically, all in float32::
 
   w_new = s * ((q - z) + update / s)     # = s * (q - z) + update, see _add_update
@@ -42,7 +42,7 @@ from qgalore_jax._src.quantization import unpack_int4
 def stochastic_round(
   w, *, seed, step, tensor_id, bits: int = 8, group_size: int = 256
 ) -> QuantizedArray:
-  """Quantises ``w`` group-wise with stochastic rounding (SPEC sections 3 and 6).
+  """Quantises ``w`` group-wise with stochastic rounding (docs/spec.md sections 3 and 6).
 
   :func:`~qgalore_jax.quantize` with ``noise`` from :func:`~qgalore_jax.uniforms`: the
   scale and zero of round-to-nearest, and the codes ``clamp(floor(w / s + u) + z, 0,
@@ -74,7 +74,7 @@ def stochastic_round(
 
 
 class QuantizedWeight(NamedTuple):
-  """A weight leaf held as INT8 (or fewer-bit) codes (SPEC section 6).
+  """A weight leaf held as INT8 (or fewer-bit) codes (docs/spec.md section 6).
 
   A pytree node whose children are the three arrays; the other fields are static (part of
   the tree structure), so ``jit`` and orbax see arrays only and the node restores from an
@@ -156,9 +156,9 @@ def quantize_params(
   """Replaces the selected 2-D leaves of ``params`` by :class:`QuantizedWeight` nodes.
 
   Each selected leaf is read as its canonical (out, in) matrix W through ``input_axis``
-  (SPEC section 1) and quantised with round-to-nearest (SPEC section 3): codes of W flattened
-  row-major, one float32 scale and zero per ``group_size`` elements. Other leaves, and leaves
-  that are already quantised, are returned unchanged.
+  (docs/spec.md section 1) and quantised with round-to-nearest (docs/spec.md section 3): codes
+  of W flattened row-major, one float32 scale and zero per ``group_size`` elements. Other
+  leaves, and leaves that are already quantised, are returned unchanged.
 
   Args:
     params: a pytree of arrays (plain dicts, linen params, an ``nnx.State``).
@@ -277,7 +277,7 @@ def _apply_leaf(p, u, path, seed, step, tensor_id):
 def apply_updates(qparams, updates, *, seed, step, tensor_ids=None):
   r"""Adds ``updates`` to ``qparams``, requantising INT8 weights by stochastic rounding.
 
-  For each :class:`QuantizedWeight`, in float32 on its canonical matrix (SPEC section 6):
+  For each :class:`QuantizedWeight`, in float32 on its canonical matrix (docs/spec.md section 6):
 
   .. math::
 

@@ -21,7 +21,7 @@ from qgalore_jax._src.generator_test import py_uniforms
 
 
 def naive_sr(w, u, bits, group_size):
-  """SPEC section 6 in float32 NumPy, one group at a time."""
+  """docs/spec.md section 6 in float32 NumPy, one group at a time."""
   levels = np.float32(2**bits - 1)
   flat = np.asarray(w, np.float32).reshape(-1)
   codes, scales, zeros = [], [], []

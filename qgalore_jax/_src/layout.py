@@ -1,9 +1,9 @@
-"""The canonical (out, in) view of a parameter, and parameter names (SPEC section 1).
+"""The canonical (out, in) view of a parameter, and parameter names (docs/spec.md section 1).
 
 A 2-D leaf is read as its canonical matrix W of shape (out, in) through its input axis:
 ``0`` for Flax kernels, stored (in, out), and ``1`` for arrays stored (out, in) as torch
-weights are. Projection (SPEC section 2), quantisation (SPEC section 3) and the stochastic
-rounding of INT8 weights (SPEC section 6) all index W, so the same matrix gives the same
+weights are. Projection (docs/spec.md section 2), quantisation (section 3) and the stochastic
+rounding of INT8 weights (docs/spec.md section 6) all index W, so the same matrix gives the same
 numbers whichever way it is stored. Errors name a parameter by its pytree key path.
 """
 

@@ -1,4 +1,4 @@
-"""Adam moments in float32 or in 8 bits, block-wise (docs/numerics.md, "8-bit moments").
+"""Adam moments in float32 or in 8 bits, block-wise (docs/spec.md section 8).
 
 With ``moment_bits=8`` a moment that is 2-D and has at least ``min_8bit_size`` elements
 (default :data:`MIN_QUANTIZED_SIZE`; decided from its global shape, never a shard's) is
@@ -34,7 +34,7 @@ TINY = float(np.finfo(np.float32).tiny)  # 2**-126: smaller magnitudes count as 
 
 
 def _dynamic_map(signed: bool) -> np.ndarray:
-  """The 256 sorted float32 values of the dynamic map (docs/numerics.md gives the rule).
+  """The 256 sorted float32 values of the dynamic map (docs/spec.md section 8.3 gives the rule).
 
   ``{0, 1}`` and, for each decade ``e = 0..6``, the midpoints of ``n`` equal steps of
   ``[0.1, 1] * 10**-e`` with ``n = 2**(6 - e)`` (signed: both signs) or ``2**(7 - e)``
@@ -241,7 +241,7 @@ def store_moment(
 
 
 def adam_step(g, mu, nu, count_inc, b1, b2, eps):
-  """One Adam step in float32 (SPEC section 5; optax ``scale_by_adam``, eps_root 0).
+  """One Adam step in float32 (docs/spec.md section 5; optax ``scale_by_adam``, eps_root 0).
 
   Args:
     g: float32 gradient (the low-rank ``R`` of a projected matrix).
@@ -298,7 +298,7 @@ def scale_by_adam_8bit(
   float32 absmax per 16 x 16 tile (about 1.016 bytes per element instead of 4); other
   leaves keep float32 moments. The arithmetic is float32: each step dequantises, updates
   the moments as ``optax.scale_by_adam``, takes the direction from them and requantises.
-  The format is written out in ``docs/numerics.md``; ``qgalore_torch`` implements it bit
+  The format is written out in ``docs/spec.md`` section 8; ``qgalore_torch`` implements it bit
   for bit.
 
   Args:

@@ -1,4 +1,4 @@
-"""8-bit block-wise moments against a NumPy reference of the format in docs/numerics.md."""
+"""8-bit block-wise moments against a NumPy reference of the format in docs/spec.md section 8."""
 
 import textwrap
 
@@ -17,7 +17,7 @@ from qgalore_jax._src import moments
 from qgalore_jax._src.integration_test import run_on_8_cpu_devices
 
 # ---------------------------------------------------------------------------------------------
-# An independent NumPy reference of the format, written from docs/numerics.md.
+# An independent NumPy reference of the format, written from docs/spec.md section 8.
 
 
 def ref_map(signed: bool) -> np.ndarray:
@@ -194,7 +194,7 @@ def test_rejects_non_2d():
 
 
 def ref_adam_8bit(params, grads_per_step, b1, b2, eps):
-  """NumPy: dequantise, float32 Adam (SPEC section 5), requantise, for each step."""
+  """NumPy: dequantise, float32 Adam (docs/spec.md section 5), requantise, for each step."""
   state = {k: (None, None) for k in params}
   directions = []
   for t, grads in enumerate(grads_per_step, start=1):

@@ -1,4 +1,4 @@
-"""The GaLore projector: SVD, sign rule, (de)quantised storage, projection (SPEC sections 1-3).
+"""The GaLore projector: SVD, sign rule, stored form, projection (docs/spec.md sections 1-3).
 
 Everything here works on the canonical gradient ``G`` of shape (m, n) = (out, in). With
 ``r = min(rank, m, n)``:
@@ -21,7 +21,7 @@ LEFT = "left"
 
 
 def projector_side(shape: tuple[int, int]) -> str:
-  """Which side GaLore projects on, for a canonical (out, in) matrix (SPEC section 2).
+  """Which side GaLore projects on, for a canonical (out, in) matrix (docs/spec.md section 2).
 
   Args:
     shape: ``(m, n) = (out, in)``.
@@ -39,7 +39,7 @@ def projector_side(shape: tuple[int, int]) -> str:
 
 
 def effective_rank(shape: tuple[int, int], rank: int) -> int:
-  """``min(rank, m, n)``: the rank is clamped to the matrix (SPEC section 1)."""
+  """``min(rank, m, n)``: the rank is clamped to the matrix (docs/spec.md section 1)."""
   return min(rank, *shape)
 
 
@@ -51,7 +51,7 @@ def basis_shape(shape: tuple[int, int], rank: int) -> tuple[int, int]:
 
 
 def sign_canonical(vectors_RxK: jax.Array) -> jax.Array:
-  """Flips each row so that its entry of largest magnitude is positive (SPEC section 2).
+  """Flips each row so that its entry of largest magnitude is positive (docs/spec.md section 2).
 
   Ties go to the first such index, as ``argmax`` does. SVD libraries disagree on the
   sign of singular vectors; this makes JAX, torch, CPU and GPU agree.
@@ -108,7 +108,7 @@ def compute_projector(grad_MxN: jax.Array, rank: int) -> jax.Array:
 
 
 def project(grad_MxN: jax.Array, basis_RxK: jax.Array) -> jax.Array:
-  """Projects a canonical gradient into the subspace (SPEC section 2).
+  """Projects a canonical gradient into the subspace (docs/spec.md section 2).
 
   Args:
     grad_MxN: canonical (out, in) gradient ``G``.
@@ -132,7 +132,7 @@ def project(grad_MxN: jax.Array, basis_RxK: jax.Array) -> jax.Array:
 
 
 def project_back(low_rank: jax.Array, basis_RxK: jax.Array, side: str) -> jax.Array:
-  """Back-projects a low-rank update to the canonical (m, n) space (SPEC section 2).
+  """Back-projects a low-rank update to the canonical (m, n) space (docs/spec.md section 2).
 
   Args:
     low_rank: the low-rank update ``D``, shaped as :func:`project` returns.

@@ -51,7 +51,7 @@ def test_compute_projector_matches_numpy_svd(shape, rank):
   assert projector_side(shape) == side
   assert got.shape == want.shape
   np.testing.assert_allclose(got, want, atol=2e-5)
-  # Projection and back-projection follow SPEC section 2 on the canonical matrix.
+  # Projection and back-projection follow docs/spec.md section 2 on the canonical matrix.
   p = want
   low = g @ p.T if side == "right" else p @ g
   got_low = np.asarray(project(jnp.asarray(g, jnp.float32), jnp.asarray(p, jnp.float32)))
@@ -70,7 +70,7 @@ def test_bf16_gradient_is_upcast():
 
 
 def _sign_fixed(projector_obj):
-  """Wraps the authors' SVD so its output follows SPEC's sign rule (rows of the basis)."""
+  """Wraps the authors' SVD so its output rows follow the sign rule (docs/spec.md section 2)."""
   import torch
 
   original = projector_obj.get_orthogonal_matrix
@@ -90,7 +90,7 @@ def test_quantised_projection_matches_authors_projector(authors_projector_cls, s
   """The authors' GaLoreProjector (q-galore-torch 1.0), sign-fixed, as an independent oracle.
 
   For "left" (m < n) it is fed the transpose G^T, whose "right" basis is U^T of G: then its
-  quantisation groups lie along the singular vectors, as SPEC section 3 requires.
+  quantisation groups lie along the singular vectors, as docs/spec.md section 3 requires.
   """
   import torch
 

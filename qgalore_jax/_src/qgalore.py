@@ -1,4 +1,4 @@
-"""Q-GaLore as an optax gradient transformation (SPEC sections 1, 2, 4, 5 and 7).
+"""Q-GaLore as an optax gradient transformation (docs/spec.md sections 1, 2, 4, 5 and 7).
 
 ``scale_by_qgalore`` is the core transform: projected Adam on every leaf it is given, with
 no learning rate and no decay. The user alias ``qgalore_adamw`` lives in ``alias.py``;
@@ -65,7 +65,7 @@ def scale_by_qgalore(
   r"""Projected Adam in an adaptive, INT4-stored low-rank gradient subspace (Q-GaLore).
 
   Every leaf given to this transform must be a 2-D matrix; read through its input axis it
-  is the canonical (out, in) matrix :math:`W \in \mathbb{R}^{m \times n}` (SPEC section 1).
+  is the canonical (out, in) matrix :math:`W \in \mathbb{R}^{m \times n}` (docs/spec.md section 1).
   With :math:`r = \min(\text{rank}, m, n)` and the projector :math:`P` found by SVD of the
   gradient :math:`G` on refresh steps (stored group-wise quantised, always used dequantised):
 
@@ -77,7 +77,7 @@ def scale_by_qgalore(
     u_t &= \frac{\mu_t / (1 - \beta_1^t)}{\sqrt{\nu_t / (1 - \beta_2^t)} + \epsilon}, \qquad
     \text{update}_t = \text{scale} \cdot (u_t P \;\text{or}\; P u_t)
 
-  Each matrix refreshes its projector on its own schedule (SPEC section 4): every ``gap``
+  Each matrix refreshes its projector on its own schedule (docs/spec.md section 4): every ``gap``
   steps, where ``gap`` starts at ``update_proj_gap`` and is multiplied by ``gamma_proj``
   whenever the mean cosine of the last ``queue_size`` successive top singular vectors is at
   least ``cos_threshold``. The SVD runs only on refresh steps, inside ``lax.cond``.
@@ -106,7 +106,7 @@ def scale_by_qgalore(
       the params, or a callable on the params returning one.
     moment_bits: ``None`` for float32 moments, or 8 for 8-bit block-wise moments (codes
       plus a float32 absmax per 16 x 16 tile, for low-rank moments of at least
-      ``min_8bit_size`` elements; see :func:`scale_by_adam_8bit` and ``docs/numerics.md``).
+      ``min_8bit_size`` elements; see :func:`scale_by_adam_8bit` and ``docs/spec.md`` section 8).
     min_8bit_size: under ``moment_bits=8``, low-rank moments with fewer elements stay
       float32 (bitsandbytes' name and default).
     projector_fn: ``projector_fn(grad_MxN, rank)`` returning the float32 (r, k)

@@ -1,4 +1,4 @@
-"""The whole transform against a naive NumPy implementation of SPEC, and its behaviour."""
+"""The whole transform against a naive NumPy implementation of docs/spec.md, and its behaviour."""
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +15,7 @@ from qgalore_jax import quantized_nbytes
 from qgalore_jax import scale_by_qgalore
 
 # ---------------------------------------------------------------------------------------
-# A deliberately naive reference: SPEC sections 1-5 written out with NumPy, one matrix at a
+# A deliberately naive reference: docs/spec.md sections 1-5 written out with NumPy, one matrix at a
 # time, float32 like the contract, with its own SVD, quantiser and schedule.
 
 

@@ -1,4 +1,4 @@
-"""Group-wise asymmetric quantisation and INT4 packing (SPEC section 3).
+"""Group-wise asymmetric quantisation and INT4 packing (docs/spec.md section 3).
 
 A tensor is read as its canonical matrix, flattened row-major and cut into groups of
 ``group_size`` consecutive elements; a trailing partial group is quantised on its own
@@ -11,14 +11,14 @@ elements. With ``b`` bits and ``Q = 2**b - 1``, per group::
 
 Given ``noise`` (uniforms ``u`` in [0, 1), one per element), the codes are rounded
 stochastically instead, ``E[s * (q - z)] = w`` wherever the clamp is inactive: the rounding
-of INT8 weights (SPEC section 6), with ``u`` from ``generator.uniforms``.
+of INT8 weights (docs/spec.md section 6), with ``u`` from ``generator.uniforms``.
 
-SPEC section 3 (after the authors' code, itself after AWQ) clamps ``z`` to [0, Q], which
+docs/spec.md section 3 (after the authors' code, itself after AWQ) clamps ``z`` to [0, Q], which
 only matters when ``z`` is stored as a Q-bit integer. Here ``z`` is float32, and the clamp
 would clip every single-sign group to [0, max - min]: a rank-1 projector ``[1.0]`` decodes
 as ``1e-5`` and its matrix stops training. Without the clamp the codes equal the authors'
 whenever a group spans zero (``0 <= round(-min / s) <= Q``), and every group keeps the
-bound ``|w - w_hat| <= s / 2`` (plus float32 rounding). See ``docs/numerics.md``.
+bound ``|w - w_hat| <= s / 2`` (plus float32 rounding). See ``docs/spec.md`` section 3.3.
 
 Codes of at most 4 bits are stored two per byte (element ``2k`` in the low nibble, ``2k + 1``
 in the high nibble), so a 4-bit tensor costs 0.5 byte per element plus 8 bytes per group.
@@ -36,7 +36,7 @@ MIN_RANGE = 1e-5  # floor of (max - min): a constant group gets a tiny, finite s
 
 
 class QuantizedArray(NamedTuple):
-  """A group-wise quantised tensor (SPEC section 3).
+  """A group-wise quantised tensor (docs/spec.md section 3).
 
   The shape, bit width and group size are not stored: they are static facts known to the
   code that made the tensor, so the state holds arrays only.
@@ -79,7 +79,7 @@ def exact_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
 
 
 def pack_int4(codes: jax.Array) -> jax.Array:
-  """Packs 4-bit codes (uint8 values < 16) two per byte (SPEC section 3).
+  """Packs 4-bit codes (uint8 values < 16) two per byte (docs/spec.md section 3).
 
   Args:
     codes: uint8 vector of any length; element ``2k`` goes to the low nibble of byte ``k``,
@@ -138,7 +138,7 @@ def group_scale_zero(groups: jax.Array, bits: int) -> tuple[jax.Array, jax.Array
 def quantize(
   x: jax.Array, bits: int = 4, group_size: int = 256, *, noise: jax.Array | None = None
 ) -> QuantizedArray:
-  """Quantises ``x`` group-wise, rounding to nearest or stochastically (SPEC sections 3, 6).
+  """Quantises ``x`` group-wise, rounding to nearest or stochastically (docs/spec.md sections 3, 6).
 
   ``x`` is flattened row-major (pass the canonical matrix: projector rows, or weights in
   (out, in) layout) and computed in float32. The codes are ``clamp(round(x / s) + z, 0, Q)``
@@ -194,7 +194,7 @@ def quantize(
 def dequantize(
   q: QuantizedArray, shape: tuple[int, ...], bits: int = 4, group_size: int = 256
 ) -> jax.Array:
-  """Returns the float32 tensor ``s * (code - z)`` of ``shape`` (SPEC section 3).
+  """Returns the float32 tensor ``s * (code - z)`` of ``shape`` (docs/spec.md section 3).
 
   Args:
     q: what :func:`quantize` returned.

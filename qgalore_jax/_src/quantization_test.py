@@ -25,14 +25,14 @@ def quantize_round_trip(x, bits, group_size):
 
 
 def brute_force_quantize(x, bits, group_size):
-  """SPEC section 3, one group at a time, in float32 NumPy."""
+  """docs/spec.md section 3, one group at a time, in float32 NumPy."""
   flat = np.asarray(x, np.float32).reshape(-1)
   levels = np.float32(2**bits - 1)
   codes, scales, zeros = [], [], []
   for start in range(0, flat.size, group_size):
     g = flat[start : start + group_size]
     s = np.float32(max(np.float32(g.max() - g.min()), np.float32(1e-5))) / levels
-    z = np.round(-g.min() / s)  # not clamped: see quantization.py and docs/numerics.md
+    z = np.round(-g.min() / s)  # not clamped: docs/spec.md section 3.3
     for w in g:
       codes.append(int(np.clip(np.round(w / s) + z, 0, levels)))
     scales.append(s)
@@ -114,7 +114,7 @@ def test_error_within_half_step(values, bits, group_size):
 
 
 def test_single_sign_groups_are_not_clipped():
-  # With SPEC's clamp z = clamp(round(-min / s), 0, Q), [1, 2] would decode as [1, 1] and a
+  # With the authors' clamp z = clamp(round(-min / s), 0, Q), [1, 2] would decode as [1, 1] and a
   # lone 1.0 as 1e-5. The unclamped zero point keeps both.
   q = quantize(jnp.array([1.0, 2.0, 1.0]), bits=4, group_size=2)
   np.testing.assert_allclose(np.asarray(dequantize(q, (3,), 4, 2)), [1.0, 2.0, 1.0], rtol=1e-6)
@@ -143,7 +143,7 @@ def test_bad_arguments(kwargs, err):
 
 
 def brute_force_stochastic_codes(x, u, bits, group_size):
-  """SPEC section 6's rounding, one group at a time: clamp(floor(w / s + u) + z, 0, Q)."""
+  """docs/spec.md section 6's rounding, one group at a time: clamp(floor(w / s + u) + z, 0, Q)."""
   flat = np.asarray(x, np.float32).reshape(-1)
   levels = np.float32(2**bits - 1)
   codes = []

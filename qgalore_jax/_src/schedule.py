@@ -1,4 +1,4 @@
-"""Per-matrix adaptive subspace refresh (SPEC section 4; paper section 3.3).
+"""Per-matrix adaptive subspace refresh (docs/spec.md section 4; paper section 3.3).
 
 Each projected matrix has its own gap ``T`` (starts at ``update_proj_gap``) and refreshes its
 projector on its 0-based step ``t`` when ``t % T == 0``. On every refresh after the first,
@@ -8,7 +8,7 @@ buffer of the last ``queue_size`` cosines; when the buffer is full and its mean 
 ``T`` never shrinks, so a stable subspace doubles ``T`` at each later refresh (with the
 defaults, SVDs at 0, 200, ..., 1200, 1600, 3200, 6400: 10 in 10k steps).
 
-Two rules beyond the SPEC, shared by both backends and documented in ``docs/numerics.md``:
+Two rules of docs/spec.md section 4 beyond the paper, shared by both backends:
 a matrix that has no valid projector yet (``svd_count == 0``) refreshes on every step until
 it gets one, as the authors' ``ortho_matrix is None`` test does; and ``T`` is capped at
 ``MAX_GAP`` so it can never overflow int32.

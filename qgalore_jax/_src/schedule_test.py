@@ -28,7 +28,7 @@ def refresh_steps(svd_counts):
 
 
 def test_stable_gradient_example_schedule():
-  """SPEC section 4 / the reference: 10 SVDs in 10k steps with update_proj_gap 200."""
+  """docs/spec.md section 4 / the reference: 10 SVDs in 10k steps with update_proj_gap 200."""
   g = jnp.asarray(np.random.default_rng(0).normal(size=(6, 4)), jnp.float32)
   grads = jnp.broadcast_to(g, (10_000, 6, 4))
   svd_counts, gaps = run_schedule(scale_by_qgalore(rank=2, input_axis=1), grads)

@@ -1,4 +1,4 @@
-"""Argument validation shared by the optimizer and the quantiser (SPEC section 7).
+"""Argument validation shared by the optimizer and the quantiser (docs/spec.md section 7).
 
 Every check raises a ``TypeError`` or ``ValueError`` whose message names the argument, so a
 bad hyperparameter fails at construction time instead of deep inside ``step()``.

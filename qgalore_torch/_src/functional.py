@@ -1,4 +1,4 @@
-"""The arithmetic of one Q-GaLore AdamW step, as pure functions (SPEC sections 1-6).
+"""The arithmetic of one Q-GaLore AdamW step, as pure functions (docs/spec.md sections 1-6).
 
 The functional core of :class:`~qgalore_torch.QGaLoreAdamW`, in the shape of torch's own
 ``torch/optim/adamw.py`` and ``_muon.py``: functions over tensors, no ``Optimizer`` and no
@@ -75,7 +75,7 @@ def _direction(exp_avg, exp_avg_sq, c1, c2, eps, out, scratch):
 
 
 def adam_direction(grad, exp_avg, exp_avg_sq, step, b1, b2, eps, *, scratch=None):
-  r"""One Adam step on float32 tensors (SPEC section 5; optax ``scale_by_adam``, eps_root 0).
+  r"""One Adam step on float32 tensors (docs/spec.md section 5; optax's ``scale_by_adam``).
 
   .. math::
 
@@ -121,7 +121,7 @@ def _apply_float32(param, direction, lr, weight_decay):
 
 
 def apply_update(param, direction, lr, weight_decay, *, seed=0, count=None, tensor_id=0):
-  """``W <- W - lr * (direction + weight_decay * W)`` on the old ``W`` (SPEC sections 5, 6).
+  """``W <- W - lr * (direction + weight_decay * W)`` on the old ``W`` (docs/spec.md sections 5, 6).
 
   Computed in float32 and written back once, rounded to the parameter's dtype. An
   :class:`~qgalore_torch.Int8Weight` is dequantised, gets the update
@@ -173,7 +173,7 @@ def adamw_step_(
   tensor_id=0,
   scratch=None,
 ):
-  """One AdamW step of a plain leaf, in place (SPEC section 5; section 6 for INT8 weights).
+  """One AdamW step of a plain leaf, in place (docs/spec.md section 5; section 6 for INT8 weights).
 
   :func:`adam_direction` on the float32 moments, then :func:`apply_update` of the direction.
   A float32 parameter on the CPU whose four tensors are contiguous is updated slice by slice
@@ -232,7 +232,7 @@ def projected_step_(
   seed=0,
   tensor_id=0,
 ):
-  r"""One Q-GaLore step of a projected (out, in) matrix, in place (SPEC sections 1, 5, 6).
+  r"""One Q-GaLore step of a projected (out, in) matrix, in place (docs/spec.md sections 1, 5, 6).
 
   .. math::
 
@@ -295,7 +295,7 @@ def refresh_projector(
   *,
   projector_fn=proj.compute_projector,
 ):
-  """New stored projector and schedule after an SVD of ``grad_MxN`` (SPEC sections 2-4).
+  """New stored projector and schedule after an SVD of ``grad_MxN`` (docs/spec.md sections 2-4).
 
   A refresh whose gradient or SVD is not finite is skipped: the old projector and schedule
   come back unchanged, so the matrix tries again at its next refresh step (every step while

@@ -1,4 +1,4 @@
-"""The counter-based uniform generator of stochastic rounding (SPEC section 6).
+"""The counter-based uniform generator of stochastic rounding (docs/spec.md section 6).
 
 The twin of ``qgalore_jax._src.generator``, bit for bit: uniforms keyed by (seed, step,
 tensor id, element index of the (out, in) weight in row-major order)::
@@ -31,7 +31,7 @@ def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
 
 
 def lowbias32(x: torch.Tensor) -> torch.Tensor:
-  """The 32-bit integer hash ``lowbias32``, a bijection of [0, 2**32) (SPEC section 6).
+  """The 32-bit integer hash ``lowbias32``, a bijection of [0, 2**32) (docs/spec.md section 6).
 
   Args:
     x: int64 tensor with values in [0, 2**32).
@@ -73,7 +73,7 @@ def _as_uint32(value, name: str) -> torch.Tensor:
 
 
 def stream_key(seed, step, tensor_id) -> torch.Tensor:
-  """The key of one tensor's uniforms at one step (SPEC section 6).
+  """The key of one tensor's uniforms at one step (docs/spec.md section 6).
 
   Args:
     seed: integer (Python int or 0-dim integer tensor), taken modulo 2**32.
@@ -94,7 +94,7 @@ def stream_key(seed, step, tensor_id) -> torch.Tensor:
 
 
 def uniforms(seed, step, tensor_id, shape, device=None) -> torch.Tensor:
-  r"""Counter-based uniforms in [0, 1), one per element of a tensor (SPEC section 6).
+  r"""Counter-based uniforms in [0, 1), one per element of a tensor (docs/spec.md section 6).
 
   .. math::
 

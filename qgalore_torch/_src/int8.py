@@ -1,4 +1,4 @@
-"""INT8 weights updated by stochastic rounding (SPEC section 6).
+"""INT8 weights updated by stochastic rounding (docs/spec.md section 6).
 
 The twin of ``qgalore_jax._src.int8``: the same update, bit for bit::
 
@@ -39,7 +39,7 @@ _ATEN = torch.ops.aten
 
 
 def stochastic_round(w, *, seed, step, tensor_id, bits=BITS, group_size=256) -> QuantizedTensor:
-  """Quantises ``w`` group-wise with stochastic rounding (SPEC sections 3 and 6).
+  """Quantises ``w`` group-wise with stochastic rounding (docs/spec.md sections 3 and 6).
 
   :func:`~qgalore_torch.quantize` with ``noise`` from :func:`~qgalore_torch.uniforms`: the
   scale and zero of round-to-nearest, and the codes ``clamp(floor(w / s + u) + z, 0,
@@ -75,7 +75,7 @@ class Int8Weight(torch.Tensor):
 
   A tensor subclass: its shape and dtype are those of the float weight, its storage is
   ``codes`` (uint8 [out * in], row-major), ``scale`` and ``zero`` (float32 [num_groups])
-  (SPEC sections 3 and 6). Operations other than the ones below see the dequantised float
+  (docs/spec.md sections 3 and 6). Operations other than the ones below see the dequantised float
   tensor, so the weight can be used (and differentiated) like a float one; in-place
   operations raise ``TypeError``. ``.to(device)`` moves the codes; ``.to(dtype)`` keeps them.
 
@@ -109,7 +109,7 @@ class Int8Weight(torch.Tensor):
 
   @classmethod
   def from_float(cls, weight: torch.Tensor, group_size: int = 256) -> "Int8Weight":
-    """Quantises a float (out, in) ``weight`` with round-to-nearest (SPEC section 3)."""
+    """Quantises a float (out, in) ``weight`` with round-to-nearest (docs/spec.md section 3)."""
     check_int(group_size, "group_size")
     if weight.dim() != 2 or not weight.is_floating_point():
       raise ValueError(
@@ -189,7 +189,7 @@ def add_update(weight: Int8Weight, update: torch.Tensor) -> torch.Tensor:
 def apply_int8_update(weight: Int8Weight, update: torch.Tensor, *, seed, step, tensor_id) -> None:
   r"""Adds ``update`` to an INT8 weight in place, requantising by stochastic rounding.
 
-  In float32 (SPEC section 6):
+  In float32 (docs/spec.md section 6):
 
   .. math::
 
@@ -261,7 +261,7 @@ class Int8Linear(nn.Module):
   float copy between steps. The forward computes :math:`y = x \hat W^\top + b` with
   :math:`\hat W = s (q - z)` cast to ``x.dtype``; the weight's gradient is an ordinary
   float32 (out, in) tensor, and :class:`~qgalore_torch.QGaLoreAdamW` writes the updated
-  weight back with stochastic rounding (SPEC section 6). The bias stays a float Parameter.
+  weight back with stochastic rounding (docs/spec.md section 6). The bias stays a float Parameter.
 
   ``state_dict`` stores ``weight_codes``, ``weight_scale``, ``weight_zero`` (and ``bias``),
   plain tensors that load with ``torch.load(weights_only=True)``.

@@ -1,4 +1,4 @@
-"""Tests of INT8 weights and Int8Linear (SPEC section 6).
+"""Tests of INT8 weights and Int8Linear (docs/spec.md section 6).
 
 References: the pure-Python generator of ``generator_test``, ``qgalore_jax.apply_updates``
 itself (skipped without jax), and ``F.linear``.

@@ -1,7 +1,7 @@
-"""The canonical (out, in) view of a parameter, and parameter names (SPEC section 1).
+"""The canonical (out, in) view of a parameter, and parameter names (docs/spec.md section 1).
 
 The twin of ``qgalore_jax._src.layout``. torch stores a linear weight as (out, in), the
-canonical layout of SPEC section 1, so a weight is its own canonical matrix W and no
+canonical layout of docs/spec.md section 1, so a weight is its own canonical matrix W and no
 transpose is needed (the JAX twin reads Flax kernels, stored (in, out), through their input
 axis). Errors name a parameter by its place in the optimizer's param groups.
 """

@@ -1,4 +1,4 @@
-"""8-bit block-wise Adam moments (docs/numerics.md, "8-bit moments").
+"""8-bit block-wise Adam moments (docs/spec.md section 8).
 
 With ``moment_bits=8``, :class:`~qgalore_torch.QGaLoreAdamW` stores a moment that is 2-D and
 has at least ``min_8bit_size`` (default :data:`MIN_QUANTIZED_SIZE`) elements as one uint8
@@ -141,7 +141,7 @@ def _untiled(t: torch.Tensor, shape) -> torch.Tensor:
 
 
 def quantize_moment(x: torch.Tensor, signed: bool) -> QuantizedMoment:
-  """8-bit block-wise codes of a 2-D moment (docs/numerics.md, "Quantise").
+  """8-bit block-wise codes of a 2-D moment (docs/spec.md section 8.5).
 
   Per 16 x 16 tile, ``a = max |x|``; each element gets the code of the map value nearest to
   ``x / a`` (IEEE float32 division; 0 where ``a`` is 0), a tie going to the smaller value.

@@ -1,6 +1,6 @@
 """Tests of the 8-bit block-wise moments against NumPy references written here.
 
-The references follow docs/numerics.md ("8-bit moments") directly: the maps from the formula
+The references follow docs/spec.md section 8 directly: the maps from the formula
 ``D(e, n, j)``, and a brute-force quantiser that, tile by tile, picks the nearest map value by
 argmin of the distance (ties to the smaller value) and applies the unsigned zero rule.
 Subnormal numbers count as zero in ``x``, in ``y = x / a`` and in ``x_hat`` (as XLA computes

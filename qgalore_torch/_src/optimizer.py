@@ -1,9 +1,9 @@
-"""Q-GaLore AdamW as a ``torch.optim.Optimizer`` (SPEC sections 1, 2 and 4-7).
+"""Q-GaLore AdamW as a ``torch.optim.Optimizer`` (docs/spec.md sections 1, 2 and 4-7).
 
 The twin of ``qgalore_jax.qgalore_adamw``. The arithmetic lives in
 :mod:`qgalore_torch._src.functional`; :class:`QGaLoreAdamW`, shaped like torch's own
 optimizers, validates the groups, holds each parameter's tensor state, (de)quantises 8-bit
-moments around the step (docs/numerics.md, "8-bit moments") and calls the functional step.
+moments around the step (docs/spec.md section 8) and calls the functional step.
 
 Where the state lives. ``step`` and the refresh schedule (``gap``, ``cosines``,
 ``num_cosines``, ``top_vector``, ``svd_count``) are small CPU tensors, like ``state["step"]``
@@ -130,7 +130,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     u_t &= \text{Adam}(R_t) \quad\text{(float32 moments of shape } R_t\text{)} \\
     W &\leftarrow W - \eta \, (\text{scale} \cdot (u_t P \;\text{or}\; P u_t) + \lambda W)
 
-  Each matrix refreshes on its own schedule (SPEC section 4): on its 0-based step ``t`` when
+  Each matrix refreshes on its own schedule (docs/spec.md section 4): on its 0-based step ``t`` when
   ``t % gap == 0``, where ``gap`` starts at ``update_proj_gap`` and is multiplied by
   ``gamma_proj`` whenever the mean signed cosine of the last ``queue_size`` successive top
   singular vectors is at least ``cos_threshold``. A refresh whose gradient or SVD is not
@@ -139,7 +139,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
 
   INT8 weights (:class:`~qgalore_torch.Int8Weight`, e.g. of :class:`~qgalore_torch.Int8Linear`)
   are updated with the same arithmetic on their dequantised values and written back by
-  stochastic rounding (SPEC section 6), keyed by ``seed``, the parameter's 0-based step and
+  stochastic rounding (docs/spec.md section 6), keyed by ``seed``, the parameter's 0-based step and
   its tensor id: its position across all param groups, in order.
 
   Group keys (defaults from the constructor): ``rank`` (selects projection; no default),
@@ -147,7 +147,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
   ``proj_group_size``, ``cos_threshold``, ``gamma_proj``, ``queue_size``, ``moment_bits``,
   ``min_8bit_size``, and torch's ``lr``, ``betas``, ``eps``, ``weight_decay``.
 
-  8-bit moments (``moment_bits=8``; docs/numerics.md): a moment that is 2-D with at least
+  8-bit moments (``moment_bits=8``; docs/spec.md section 8): a moment that is 2-D with at least
   ``min_8bit_size`` elements (a projected matrix's low-rank (m, r) or (r, n) moment, or the
   parameter's own shape for plain AdamW) is stored as uint8 codes plus one float32 absmax
   per 16 x 16 tile, 1.016 bytes per element instead of 4; smaller and non-2-D moments stay
@@ -172,7 +172,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     betas: ``(beta1, beta2)``, decays of the two moments.
     eps: added to the root of the second moment.
     weight_decay: decoupled weight decay ``lambda``, applied to the old weights.
-    seed: seed of the stochastic rounding of INT8 weights (SPEC section 6).
+    seed: seed of the stochastic rounding of INT8 weights (docs/spec.md section 6).
     update_proj_gap: initial refresh interval in steps.
     scale: GaLore's ``alpha``, multiplies the back-projected update.
     proj_bits: bits of the stored projector (1..8; 4 or fewer packed two per byte), or
@@ -294,7 +294,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
   def _indexed_params(self):
     """``(tensor_id, group, param)`` for every parameter, ids counted across the groups.
 
-    The id keys the stochastic rounding of INT8 weights (SPEC section 6): it is stable as
+    The id keys the stochastic rounding of INT8 weights (docs/spec.md section 6): it is stable as
     long as the param groups are built in the same order.
     """
     params = ((group, p) for group in self.param_groups for p in group["params"])
@@ -406,7 +406,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     _moments_to_state(state, stored)
 
   def _projector(self, state, grad_MxN, group):
-    """The float32 ``basis_RxK`` of this step, after a refresh if one is due (SPEC section 4).
+    """The float32 ``basis_RxK`` of this step, refreshed first if due (docs/spec.md section 4).
 
     Called before ``step`` is incremented: the schedule reads the 0-based step.
     """

@@ -1,4 +1,4 @@
-"""Tests of QGaLoreAdamW against a naive NumPy Q-GaLore written here (SPEC sections 1-5, 7)."""
+"""Tests of QGaLoreAdamW against a naive NumPy Q-GaLore (docs/spec.md sections 1-5, 7)."""
 
 import io
 
@@ -25,7 +25,7 @@ def naive_dequantised(rows, bits, group_size):
 def naive_qgalore(
   w0, grads, rank, bits, group_size, scale, gap, cos_threshold, gamma, queue, weight_decay=None
 ):
-  """Q-GaLore on one canonical matrix as SPEC sections 2-5 state it, in float64.
+  """Q-GaLore on one canonical matrix as docs/spec.md sections 2-5 state it, in float64.
 
   The SVD is torch's float32 LAPACK call, the one the optimizer makes, so that a
   rounding-level SVD difference cannot flip a 4-bit code; everything after it (sign rule,
@@ -461,7 +461,7 @@ def test_cuda_matches_cpu_and_steps_without_refresh_do_not_synchronise():
   assert not state["step"].is_cuda and not state["gap"].is_cuda
 
 
-# --- 8-bit moments (docs/numerics.md, "8-bit moments") -------------------------------------
+# --- 8-bit moments (docs/spec.md section 8) -------------------------------------
 
 
 def fused_multiply_add(a, b, c):
@@ -476,7 +476,7 @@ def fused_multiply_add(a, b, c):
 
 
 def naive_adam_8bit(grads, steps_of):
-  """Adam with 8-bit moments as docs/numerics.md states it: dequantise, float32 Adam,
+  """Adam with 8-bit moments as docs/spec.md section 8 states it: dequantise, float32 Adam,
   direction from the float32 moments, requantise (the brute-force quantiser of
   ``moments_test``). ``grads`` are float32 (the low-rank ``R`` of a projected matrix).
 

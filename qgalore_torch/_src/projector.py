@@ -1,4 +1,4 @@
-"""The GaLore projector: SVD, sign rule, (de)quantised storage, projection (SPEC sections 1-3).
+"""The GaLore projector: SVD, sign rule, stored form, projection (docs/spec.md sections 1-3).
 
 Everything here works on the canonical gradient ``G`` of shape (m, n) = (out, in), which is
 how torch stores ``Linear.weight``. With ``r = min(rank, m, n)``:
@@ -27,7 +27,7 @@ def projector_side(shape: tuple[int, int]) -> str:
 
 
 def effective_rank(shape: tuple[int, int], rank: int) -> int:
-  """``min(rank, m, n)``: the rank is clamped to the matrix (SPEC section 1)."""
+  """``min(rank, m, n)``: the rank is clamped to the matrix (docs/spec.md section 1)."""
   return min(rank, *shape)
 
 
@@ -39,7 +39,7 @@ def basis_shape(shape: tuple[int, int], rank: int) -> tuple[int, int]:
 
 
 def sign_canonical(vectors_RxK: torch.Tensor) -> torch.Tensor:
-  """Flips each row so that its entry of largest magnitude is positive (SPEC section 2).
+  """Flips each row so that its entry of largest magnitude is positive (docs/spec.md section 2).
 
   Ties go to the first such index, as ``torch.argmax`` does. SVD libraries disagree on the
   sign of singular vectors; this makes JAX, torch, CPU and GPU agree.

@@ -1,4 +1,4 @@
-"""Tests of the projector (SPEC sections 1-3) against NumPy and the authors' GaLoreProjector."""
+"""Tests of the projector (docs/spec.md sections 1-3) against NumPy and the authors' projector."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ from qgalore_torch._src import projector as proj
 
 
 def naive_sign_rule(rows):
-  """Each row times the sign of its first entry of largest magnitude (SPEC section 2)."""
+  """Each row times the sign of its first entry of largest magnitude (docs/spec.md section 2)."""
   rows = np.array(rows, copy=True)
   for i, row in enumerate(rows):
     pivot = row[np.argmax(np.abs(row))]
@@ -92,7 +92,7 @@ def _spans_zero_in_every_group(basis_RxK, group_size):
 
 
 def _authors_projector(cls, rank, group_size):
-  """The authors' projector, 4-bit, with SPEC's sign rule applied to its SVD output."""
+  """The authors' projector, 4-bit, its SVD output sign-fixed (docs/spec.md section 2)."""
   authors = cls(rank, update_proj_gap=200, scale=1.0, quant=True, group_size=group_size, n_bit=4)
   unsigned = authors.get_orthogonal_matrix
 
@@ -128,7 +128,7 @@ def test_quantised_right_projection_matches_authors(authors_projector_cls, shape
 def test_quantised_left_projection_matches_authors_on_transpose(
   authors_projector_cls, shape, rank, group_size
 ):
-  """SPEC 3 groups the r x m matrix of left singular vectors along the vectors.
+  """docs/spec.md section 3 groups the r x m matrix of left singular vectors along the vectors.
 
   The authors' "left" path would group the m x r matrix across vectors, so the oracle gets
   G^T, whose "right" projector is exactly that r x m matrix.

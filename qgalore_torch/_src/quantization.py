@@ -1,4 +1,4 @@
-"""Group-wise asymmetric quantisation and INT4 packing (SPEC section 3).
+"""Group-wise asymmetric quantisation and INT4 packing (docs/spec.md section 3).
 
 A tensor is read as its canonical matrix, flattened row-major and cut into groups of
 ``group_size`` consecutive elements; a trailing partial group is quantised on its own
@@ -11,9 +11,9 @@ elements. With ``b`` bits and ``Q = 2**b - 1``, per group::
 
 Given ``noise`` (uniforms ``u`` in [0, 1), one per element), the codes are rounded
 stochastically instead, ``E[s * (q - z)] = w`` wherever the clamp is inactive: the rounding
-of INT8 weights (SPEC section 6), with ``u`` from ``generator.uniforms``.
+of INT8 weights (docs/spec.md section 6), with ``u`` from ``generator.uniforms``.
 
-SPEC section 3 (after the authors' code) clamps ``z`` to [0, Q], which only matters when
+docs/spec.md section 3 (after the authors' code) clamps ``z`` to [0, Q], which only matters when
 ``z`` is stored as a Q-bit integer. Here ``z`` is float32, and the clamp would clip every
 single-sign group to [0, max - min] (a rank-1 projector ``[1.0]`` would decode as ``1e-5``).
 Without the clamp the codes equal the authors' whenever a group spans zero, and every group
@@ -36,7 +36,7 @@ MIN_RANGE = 1e-5  # floor of (max - min): a constant group gets a tiny, finite s
 
 
 class QuantizedTensor(NamedTuple):
-  """A group-wise quantised tensor (SPEC section 3).
+  """A group-wise quantised tensor (docs/spec.md section 3).
 
   The shape, bit width and group size are not stored: they are static facts known to the
   code that made the tensor, so optimizer state holds tensors only.
@@ -112,7 +112,7 @@ def group_scale_zero(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, tor
 def quantize(
   x: torch.Tensor, bits: int = 4, group_size: int = 256, *, noise: torch.Tensor | None = None
 ) -> QuantizedTensor:
-  """Quantises ``x`` group-wise, rounding to nearest or stochastically (SPEC sections 3, 6).
+  """Quantises ``x`` group-wise, rounding to nearest or stochastically (docs/spec.md sections 3, 6).
 
   ``x`` is flattened row-major (pass the canonical matrix: projector rows, or weights in
   (out, in) layout) and computed in float32. The codes are ``clamp(round(x / s) + z, 0, Q)``
@@ -174,7 +174,7 @@ def quantize(
 def dequantize(
   q: QuantizedTensor, shape: tuple[int, ...], bits: int = 4, group_size: int = 256
 ) -> torch.Tensor:
-  """Returns the float32 tensor ``s * (code - z)`` of ``shape`` (SPEC section 3).
+  """Returns the float32 tensor ``s * (code - z)`` of ``shape`` (docs/spec.md section 3).
 
   Args:
     q: what :func:`quantize` returned.

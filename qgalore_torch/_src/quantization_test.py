@@ -1,4 +1,4 @@
-"""Tests of the group-wise quantiser and INT4 packing against brute-force NumPy (SPEC 3)."""
+"""Tests of the group-wise quantiser and INT4 packing against NumPy (docs/spec.md section 3)."""
 
 import numpy as np
 import pytest
@@ -11,10 +11,10 @@ from qgalore_torch._src import quantization
 
 
 def brute_force_quantize(x, bits, group_size):
-  """SPEC section 3 as a loop over groups, in float32; returns unpacked codes.
+  """docs/spec.md section 3 as a loop over groups, in float32; returns unpacked codes.
 
-  The zero point is not clamped to [0, Q] (see quantization.py): it differs from SPEC's
-  formula only for groups of a single sign.
+  The zero point is not clamped to [0, Q] (docs/spec.md section 3.3): it differs from the
+  authors' clamped formula only for groups of a single sign.
   """
   flat = np.asarray(x, np.float32).reshape(-1)
   levels = np.float32(2**bits - 1)
@@ -81,7 +81,7 @@ def test_constant_group_is_exact_when_zero_is_representable():
 
 
 def test_single_sign_groups_are_not_clipped():
-  """SPEC's clamped zero point would decode [1, 2] as [1, 1] and a lone 1.0 as 1e-5."""
+  """The authors' clamped zero point would decode [1, 2] as [1, 1] and a lone 1.0 as 1e-5."""
   q = quantization.quantize(torch.tensor([1.0, 2.0, 1.0]), bits=4, group_size=2)
   w_hat = quantization.dequantize(q, (3,), bits=4, group_size=2)
   np.testing.assert_allclose(w_hat.numpy(), [1.0, 2.0, 1.0], rtol=1e-6)

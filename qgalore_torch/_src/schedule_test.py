@@ -1,4 +1,4 @@
-"""Tests of the adaptive refresh schedule (SPEC section 4) against a list-based reference."""
+"""Tests of the adaptive refresh schedule (docs/spec.md section 4) against a list reference."""
 
 import numpy as np
 import pytest
@@ -19,7 +19,7 @@ def run_schedule(top_vectors, steps, update_proj_gap, cos_threshold, gamma_proj,
 
 
 def naive_schedule(top_vectors, steps, update_proj_gap, cos_threshold, gamma_proj, queue_size):
-  """SPEC section 4 with a Python list as the queue, in float64, as the authors wrote it."""
+  """docs/spec.md section 4 with a Python list as the queue, in float64, as the authors wrote it."""
   gap, queue, previous, refreshes = update_proj_gap, [], None, []
   for t in range(steps):
     if previous is not None and t % gap:
@@ -36,7 +36,7 @@ def naive_schedule(top_vectors, steps, update_proj_gap, cos_threshold, gamma_pro
 
 
 def test_stable_subspace_refreshes_ten_times_in_10k_steps():
-  """The paper's example: T0 = 200, cosine 1 every time (SPEC section 4, reference doc)."""
+  """The paper's example: T0 = 200, cosine 1 every time (docs/spec.md section 4, reference doc)."""
   vectors = torch.ones(20, 4)
   refreshes, state = run_schedule(vectors, 10_000, 200, 0.4, 2, 5)
   assert refreshes == [0, 200, 400, 600, 800, 1000, 1200, 1600, 3200, 6400]
