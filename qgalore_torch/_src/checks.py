@@ -1,10 +1,15 @@
-"""Argument validation shared by the optimizer and the quantiser (docs/spec.md section 7).
+"""Argument validation of the optimizer and the quantiser (docs/spec.md section 7).
 
 Every check raises a ``TypeError`` or ``ValueError`` whose message names the argument, so a
 bad hyperparameter fails at construction time instead of deep inside ``step()``.
 """
 
 import numbers
+
+import torch
+
+from qgalore_torch._src import moments
+from qgalore_torch._src.layout import path_str
 
 
 def check_int(value, name: str, minimum: int = 1) -> int:
@@ -47,3 +52,48 @@ def check_number(value, name: str, low=None, high=None, low_open=False, high_ope
     hi = "inf" if high is None else high
     raise ValueError(f"`{name}` must be in {left}{lo}, {hi}{right}, got {value}")
   return value
+
+
+def check_group(group, index: int) -> None:
+  """Validates one param group of ``QGaLoreAdamW`` (defaults merged in), naming the argument.
+
+  Args:
+    group: the param group, with the optimizer's defaults for the keys it does not set.
+    index: its position among the optimizer's param groups, for error messages.
+  """
+  check_number(group["lr"], "lr", 0.0)
+  betas = group["betas"]
+  if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+    raise TypeError(f"`betas` must be a pair (beta1, beta2), got {betas!r}")
+  check_number(betas[0], "betas[0]", 0.0, 1.0, high_open=True)
+  check_number(betas[1], "betas[1]", 0.0, 1.0, high_open=True)
+  check_number(group["eps"], "eps", 0.0)
+  check_number(group["weight_decay"], "weight_decay", 0.0)
+  moments.check_moment_bits(group["moment_bits"])
+  check_int(group["min_8bit_size"], "min_8bit_size")
+  for i, p in enumerate(group["params"]):
+    if not isinstance(p, torch.Tensor) or not p.is_floating_point():
+      raise TypeError(
+        f"{path_str(index, i)} must be a floating-point tensor, got"
+        f" {getattr(p, 'dtype', type(p).__name__)}"
+      )
+  if "rank" not in group:
+    return
+  check_int(group["rank"], "rank")
+  check_int(group["update_proj_gap"], "update_proj_gap")
+  check_number(group["scale"], "scale")
+  if group["proj_bits"] is not None:
+    check_bits(group["proj_bits"], "proj_bits")
+  check_int(group["proj_group_size"], "proj_group_size")
+  check_number(group["cos_threshold"], "cos_threshold", -1.0, 1.0)
+  gamma_proj = group["gamma_proj"]
+  if isinstance(gamma_proj, bool) or not isinstance(gamma_proj, (int, float)):
+    raise TypeError(f"`gamma_proj` must be a Python number, got {type(gamma_proj).__name__}")
+  check_number(gamma_proj, "gamma_proj", 1.0)
+  check_int(group["queue_size"], "queue_size")
+  for i, p in enumerate(group["params"]):
+    if p.dim() != 2:
+      raise ValueError(
+        f"param group {index} has `rank`, so its params must be 2-D (out, in) matrices,"
+        f" but params[{i}] has shape {tuple(p.shape)}; put it in a group without `rank`"
+      )

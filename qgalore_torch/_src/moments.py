@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 TILE = 16  # blocks are TILE x TILE tiles: 256 elements, bitsandbytes' block size
 MIN_QUANTIZED_SIZE = 4096  # smaller moments stay float32 (bitsandbytes' min_8bit_size)
+STATE_KEYS = ("exp_avg", "exp_avg_sq")  # optimizer state keys of the two moments
 TINY = float(np.finfo(np.float32).tiny)  # 2**-126: smaller magnitudes count as zero
 
 
@@ -261,3 +262,27 @@ def check_moment_bits(moment_bits) -> None:
   )
   if not ok:
     raise ValueError(f"`moment_bits` must be None (float32 moments) or 8, got {moment_bits!r}")
+
+
+def from_state(state: dict) -> tuple:
+  """The two stored moments of an optimizer ``state`` dict (docs/spec.md section 8.8).
+
+  Each is a float32 tensor, or a :class:`QuantizedMoment` of its uint8 codes and its tile
+  maxima (``exp_avg_absmax``, ``exp_avg_sq_absmax``) when the state holds codes.
+  """
+  return tuple(
+    QuantizedMoment(state[key], state[f"{key}_absmax"])
+    if state[key].dtype == torch.uint8
+    else state[key]
+    for key in STATE_KEYS
+  )
+
+
+def to_state(state: dict, stored) -> None:
+  """Puts the two stored moments into ``state``; a float32 one has no absmax entry."""
+  for key, moment in zip(STATE_KEYS, stored, strict=True):
+    if isinstance(moment, QuantizedMoment):
+      state[key], state[f"{key}_absmax"] = moment
+    else:
+      state[key] = moment
+      state.pop(f"{key}_absmax", None)

@@ -20,15 +20,12 @@ from qgalore_torch._src import functional
 from qgalore_torch._src import moments
 from qgalore_torch._src import projector as proj
 from qgalore_torch._src import schedule
-from qgalore_torch._src.checks import check_bits
+from qgalore_torch._src.checks import check_group
 from qgalore_torch._src.checks import check_int
-from qgalore_torch._src.checks import check_number
-from qgalore_torch._src.quantization import QuantizedTensor
 
 _HOST = torch.device("cpu")
 _SCHEDULE_KEYS = schedule.SubspaceState._fields
 _HOST_KEYS = ("step", *_SCHEDULE_KEYS)
-_MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 _SIGNED = (True, False)  # the map of each moment: signed for exp_avg, unsigned for exp_avg_sq
 
 
@@ -40,79 +37,6 @@ def _number(value):
   it synchronises, as torch's own optimizers do without ``capturable``.
   """
   return value.item() if isinstance(value, torch.Tensor) else value
-
-
-def _stored_from_state(state, bits):
-  if bits is None:
-    return state["proj_basis"]
-  return QuantizedTensor(state["proj_codes"], state["proj_scale"], state["proj_zero"])
-
-
-def _stored_to_state(stored):
-  if isinstance(stored, QuantizedTensor):
-    return {"proj_codes": stored.codes, "proj_scale": stored.scale, "proj_zero": stored.zero}
-  return {"proj_basis": stored}
-
-
-def _moments_from_state(state):
-  """The two stored moments of ``state``: float32 tensors, or :class:`QuantizedMoment` of uint8
-  codes and tile maxima."""
-  return tuple(
-    moments.QuantizedMoment(state[key], state[f"{key}_absmax"])
-    if state[key].dtype == torch.uint8
-    else state[key]
-    for key in _MOMENT_KEYS
-  )
-
-
-def _moments_to_state(state, stored):
-  """Puts the two stored moments into ``state``; a float32 one has no absmax entry."""
-  for key, moment in zip(_MOMENT_KEYS, stored, strict=True):
-    if isinstance(moment, moments.QuantizedMoment):
-      state[key], state[f"{key}_absmax"] = moment
-    else:
-      state[key] = moment
-      state.pop(f"{key}_absmax", None)
-
-
-def _check_group(group, index):
-  """Validates one param group (defaults already merged in); raises naming the argument."""
-  check_number(group["lr"], "lr", 0.0)
-  betas = group["betas"]
-  if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-    raise TypeError(f"`betas` must be a pair (beta1, beta2), got {betas!r}")
-  check_number(betas[0], "betas[0]", 0.0, 1.0, high_open=True)
-  check_number(betas[1], "betas[1]", 0.0, 1.0, high_open=True)
-  check_number(group["eps"], "eps", 0.0)
-  check_number(group["weight_decay"], "weight_decay", 0.0)
-  moments.check_moment_bits(group["moment_bits"])
-  check_int(group["min_8bit_size"], "min_8bit_size")
-  for i, p in enumerate(group["params"]):
-    if not isinstance(p, torch.Tensor) or not p.is_floating_point():
-      raise TypeError(
-        f"param group {index}: params[{i}] must be a floating-point tensor, got"
-        f" {getattr(p, 'dtype', type(p).__name__)}"
-      )
-  if "rank" not in group:
-    return
-  check_int(group["rank"], "rank")
-  check_int(group["update_proj_gap"], "update_proj_gap")
-  check_number(group["scale"], "scale")
-  if group["proj_bits"] is not None:
-    check_bits(group["proj_bits"], "proj_bits")
-  check_int(group["proj_group_size"], "proj_group_size")
-  check_number(group["cos_threshold"], "cos_threshold", -1.0, 1.0)
-  gamma_proj = group["gamma_proj"]
-  if isinstance(gamma_proj, bool) or not isinstance(gamma_proj, (int, float)):
-    raise TypeError(f"`gamma_proj` must be a Python number, got {type(gamma_proj).__name__}")
-  check_number(gamma_proj, "gamma_proj", 1.0)
-  check_int(group["queue_size"], "queue_size")
-  for i, p in enumerate(group["params"]):
-    if p.dim() != 2:
-      raise ValueError(
-        f"param group {index} has `rank`, so its params must be 2-D (out, in) matrices,"
-        f" but params[{i}] has shape {tuple(p.shape)}; put it in a group without `rank`"
-      )
 
 
 class QGaLoreAdamW(torch.optim.Optimizer):
@@ -269,7 +193,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     else:
       params = list(params)
     param_group = {**param_group, "params": params}
-    _check_group({**self.defaults, **param_group}, len(self.param_groups))
+    check_group({**self.defaults, **param_group}, len(self.param_groups))
     super().add_param_group(param_group)
 
   @torch.no_grad()
@@ -362,17 +286,17 @@ class QGaLoreAdamW(torch.optim.Optimizer):
       zeros = [
         moments.init_moment(shape, s, moment_bits, p.device, min_size, like=p) for s in _SIGNED
       ]
-      _moments_to_state(state, zeros)
+      moments.to_state(state, zeros)
       return
     r, k = basis_shape = proj.basis_shape(shape, group["rank"])
     low_rank_shape = (shape[0], r) if proj.projector_side(shape) == proj.RIGHT else (r, shape[1])
     zeros = [
       moments.init_moment(low_rank_shape, s, moment_bits, p.device, min_size) for s in _SIGNED
     ]
-    _moments_to_state(state, zeros)
+    moments.to_state(state, zeros)
     bits, group_size = group["proj_bits"], group["proj_group_size"]
     empty = torch.zeros(basis_shape, dtype=torch.float32, device=p.device)
-    state.update(_stored_to_state(proj.store_projector(empty, bits, group_size)))
+    state.update(proj.stored_to_state(proj.store_projector(empty, bits, group_size)))
     subspace = schedule.init_subspace(k, group["update_proj_gap"], group["queue_size"], _HOST)
     state.update(subspace._asdict())
 
@@ -387,7 +311,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     state["step"] += 1
     b1, b2 = (_number(b) for b in group["betas"])
     hyper = (b1, b2, *(_number(group[key]) for key in ("eps", "lr", "weight_decay")))
-    exp_avg, exp_avg_sq = map(moments.load_moment, _moments_from_state(state), _SIGNED)
+    exp_avg, exp_avg_sq = map(moments.load_moment, moments.from_state(state), _SIGNED)
     rounding = {"seed": group["seed"], "tensor_id": tensor_id}
     if basis_RxK is None:
       scratch = None if grad is p.grad else grad  # a float32 copy of the gradient is ours
@@ -403,7 +327,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     stored = (
       moments.store_moment(x, s, bits, min_size) for x, s in zip((exp_avg, exp_avg_sq), _SIGNED)
     )
-    _moments_to_state(state, stored)
+    moments.to_state(state, stored)
 
   def _projector(self, state, grad_MxN, group):
     """The float32 ``basis_RxK`` of this step, refreshed first if due (docs/spec.md section 4).
@@ -411,7 +335,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     Called before ``step`` is incremented: the schedule reads the 0-based step.
     """
     rank, bits, group_size = group["rank"], group["proj_bits"], group["proj_group_size"]
-    stored = _stored_from_state(state, bits)
+    stored = proj.stored_from_state(state, bits)
     subspace = schedule.SubspaceState(*(state[key] for key in _SCHEDULE_KEYS))
     # CPU tensors only: deciding costs no device synchronisation.
     if bool(schedule.refresh_due(subspace, state["step"])):
@@ -426,7 +350,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         group["gamma_proj"],
         projector_fn=self.projector_fn,
       )
-      state.update(_stored_to_state(stored))
+      state.update(proj.stored_to_state(stored))
       state.update(subspace._asdict())
     basis_shape = proj.basis_shape(tuple(grad_MxN.shape), rank)
     return proj.load_projector(stored, basis_shape, bits, group_size)

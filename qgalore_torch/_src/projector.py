@@ -120,3 +120,21 @@ def load_projector(stored, shape_RxK: tuple[int, int], bits: int | None, group_s
   if bits is None:
     return stored
   return quantization.dequantize(stored, shape_RxK, bits, group_size)
+
+
+def stored_from_state(state: dict, bits: int | None):
+  """The stored projector held in an optimizer ``state`` dict (docs/spec.md section 7.2).
+
+  ``proj_codes``, ``proj_scale``, ``proj_zero`` as a :class:`QuantizedTensor`, or the float32
+  ``proj_basis`` when ``bits`` is None.
+  """
+  if bits is None:
+    return state["proj_basis"]
+  return quantization.QuantizedTensor(state["proj_codes"], state["proj_scale"], state["proj_zero"])
+
+
+def stored_to_state(stored) -> dict:
+  """The ``state`` entries of a stored projector: inverse of :func:`stored_from_state`."""
+  if isinstance(stored, quantization.QuantizedTensor):
+    return {"proj_codes": stored.codes, "proj_scale": stored.scale, "proj_zero": stored.zero}
+  return {"proj_basis": stored}
