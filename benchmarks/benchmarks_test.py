@@ -15,8 +15,10 @@ import torch
 
 from benchmarks import layerwise_memory
 from benchmarks import torch_step_speed
+from benchmarks import torch_step_variants
 from benchmarks import update_speed
 from benchmarks.llama_shapes import llama_param_shapes
+from qgalore_torch._src import functional
 
 TINY_SHAPES = torch_step_speed.torch_param_shapes(hidden=32, ffn=48, layers=2, vocab=64)
 TINY_MODEL = dict(hidden=32, ffn=48, layers=2, heads=4, vocab=64)
@@ -93,6 +95,48 @@ def test_step_speed_config_sets_the_papers_rank(one_thread, monkeypatch):
   )
   assert result["settings"]["rank"] == 256 and result["settings"]["refresh_repeats"] == 1
   assert result["benchmark"].endswith("LLaMA-130M parameter shapes")
+
+
+def test_step_variants_main_writes_results_and_checks_the_bits(tmp_path, monkeypatch):
+  monkeypatch.setattr(torch_step_variants, "torch_param_shapes", lambda *_: TINY_SHAPES)
+  monkeypatch.setattr(functional, "_CPU_SLICE", 300)  # several slices, the last one partial
+  argv = ["--rank", "4", "--repeats", "4", "--warmup", "1", "--threads", "1,2"]
+  torch_step_variants.main([*argv, "--weight-decay", "0.1", "--out", str(tmp_path)])
+  result = json.loads((tmp_path / "torch_step_variants_cpu_60M_wd0.1.json").read_text())
+  assert result["settings"]["torch_threads"] == [1, 2] and result["settings"]["rank"] == 4
+  slices, matmul = torch_step_variants.SLICES, torch_step_variants.MATMUL
+  kinds = {key: (k["variant"], k["leaves"]) for key, k in result["kinds"].items()}
+  assert kinds == {
+    f"{slices}: embed, lm_head (64, 32)": (slices, 2),
+    f"{slices}: attn_norm, mlp_norm, final_norm (32,)": (slices, 5),
+    f"{matmul}: q, k, v, o (32, 32)": (matmul, 8),
+    f"{matmul}: gate, up (48, 32)": (matmul, 4),
+    f"{matmul}: down (32, 48)": (matmul, 2),
+  }
+  for n in ("1", "2"):
+    assert set(result["timings"][n]) == set(kinds) and set(result["totals"][n]) == {slices, matmul}
+    assert all(len(row["fast_samples_ms"]) == 4 for row in result["timings"][n].values())
+    assert result["checks"][n][slices]["parameters_identical"]
+    assert result["checks"][n][slices]["moments_identical"]
+    assert result["checks"][n][matmul]["moments_identical"]
+  assert result["checks"]["2"][slices]["steps"] == 10  # two thread counts of 1 + 4 steps
+  markdown = (tmp_path / "torch_step_variants_cpu_60M_wd0.1.md").read_text()
+  assert markdown.count("\n| ") == 1 + 2 * (5 + 2)  # header; per thread count kinds + totals
+  assert "parameters and moments **bit-identical**" in markdown
+
+
+def test_step_variants_check_raises_on_changed_bits():
+  slices, matmul = torch_step_variants.SLICES, torch_step_variants.MATMUL
+  leaves = torch_step_variants.make_leaves(matmul, (8, 4), 1, 2, torch.Generator())
+  fast, plain = leaves["fast"][0], leaves["plain"][0]
+  fast.param[0, 0] = torch.nextafter(fast.param[0, 0], torch.tensor(1.0))
+  record = torch_step_variants.compare([fast], [plain], steps=1)
+  torch_step_variants.check(matmul, record)  # one rounding of W: allowed
+  with pytest.raises(RuntimeError, match="parameters' bits"):
+    torch_step_variants.check(slices, record)
+  fast.exp_avg[0, 0] = 1.0
+  with pytest.raises(RuntimeError, match="moments' bits"):
+    torch_step_variants.check(matmul, torch_step_variants.compare([fast], [plain], steps=1))
 
 
 def test_schedule_svds_follows_the_documented_schedules():
