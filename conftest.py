@@ -23,8 +23,7 @@ def authors_projector_cls():
 
 @pytest.fixture
 def one_thread():
-  """One torch intra-op thread for the test (the setting of the torch speed benchmark, and
-  the one in which plain AdamW updates a CPU tensor in slices)."""
+  """One torch intra-op thread for the test (the setting of the torch speed benchmark)."""
   torch = pytest.importorskip("torch")
   threads = torch.get_num_threads()
   torch.set_num_threads(1)
