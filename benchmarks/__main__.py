@@ -78,8 +78,8 @@ BENCHMARKS = (
     "Fast float32 paths of the torch step, LLaMA-60M shapes",
     "The two variants of the float32 write-back in `qgalore_torch._src.functional` against"
     " the plain paths they replace, on the same tensors: AdamW leaves updated in cache-sized"
-    " slices (`_adamw_in_slices_`), and projected matrices whose update is added by the"
-    " back-projecting matmul (`_apply_in_matmul_`); one thread and torch's default,"
+    " slices (`adamw_in_slices_`), and projected matrices whose update is added by the"
+    " back-projecting matmul (`apply_in_matmul_`); one thread and torch's default,"
     " interleaved repeats; the script checks that the two paths give the same moments and"
     " parameters (bit for bit, or to one rounding of `W` per step where the fast path rounds"
     " it once).",

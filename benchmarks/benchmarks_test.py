@@ -18,7 +18,6 @@ from benchmarks import torch_step_speed
 from benchmarks import torch_step_variants
 from benchmarks import update_speed
 from benchmarks.llama_shapes import llama_param_shapes
-from qgalore_torch._src import functional
 
 TINY_SHAPES = torch_step_speed.torch_param_shapes(hidden=32, ffn=48, layers=2, vocab=64)
 TINY_MODEL = dict(hidden=32, ffn=48, layers=2, heads=4, vocab=64)
@@ -99,8 +98,9 @@ def test_step_speed_config_sets_the_papers_rank(one_thread, monkeypatch):
 
 def test_step_variants_main_writes_results_and_checks_the_bits(tmp_path, monkeypatch):
   monkeypatch.setattr(torch_step_variants, "torch_param_shapes", lambda *_: TINY_SHAPES)
-  monkeypatch.setattr(functional, "_CPU_SLICE", 300)  # several slices, the last one partial
+  # Slices of 300 elements: several per leaf, the last one partial.
   argv = ["--rank", "4", "--repeats", "4", "--warmup", "1", "--threads", "1,2"]
+  argv += ["--slice-elements", "300"]
   torch_step_variants.main([*argv, "--weight-decay", "0.1", "--out", str(tmp_path)])
   result = json.loads((tmp_path / "torch_step_variants_cpu_60M_wd0.1.json").read_text())
   assert result["settings"]["torch_threads"] == [1, 2] and result["settings"]["rank"] == 4

@@ -6,12 +6,12 @@ the plain path on the same tensors, leaf kind by leaf kind, on the parameter sha
 paper's LLaMA configs (torch layout, as ``benchmarks/torch_step_speed.py`` builds them):
 
 * ``in slices``: a plain (AdamW) leaf, contiguous float32 on the CPU, updated by
-  ``_adamw_in_slices_`` (``_CPU_SLICE`` elements at a time, the slices staying in the cache),
+  ``adamw_in_slices_`` (``CPU_SLICE`` elements at a time, the slices staying in the cache),
   against the whole-tensor path ``adam_direction`` then ``apply_update`` (full-size
   temporaries). The leaves: the embedding and the head, the RMSNorm scales.
 * ``in matmul``: a projected float32 matrix (q,k,v,o,gate,up,down, the paper's rank for the
   config, a fixed orthonormal basis), projected and given its Adam direction as in
-  ``projected_step_``, then written back by ``_apply_in_matmul_`` (the update and the decay
+  ``projected_step_``, then written back by ``apply_in_matmul_`` (the update and the decay
   added by the back-projecting ``addmm``) against ``project_back`` then ``apply_update``.
 
 Each path keeps its own copy of the parameters and moments, from the same start, and both
@@ -39,6 +39,7 @@ Results go to ``benchmarks/results/torch_step_variants_cpu_<config>[_wd<decay>]`
 
 import argparse
 import datetime
+import functools
 import json
 import pathlib
 import platform
@@ -64,8 +65,8 @@ BETAS, EPS, LR, SCALE = (0.9, 0.999), 1e-8, 1e-3, 0.25
 SLICES, MATMUL = "in slices", "in matmul"
 # variant: (its fast path, the plain path it replaces)
 VARIANTS = {
-  SLICES: ("`_adamw_in_slices_`", "`adam_direction` + `apply_update`"),
-  MATMUL: ("`_apply_in_matmul_`", "`project_back` + `apply_update`"),
+  SLICES: ("`adamw_in_slices_`", "`adam_direction` + `apply_update`"),
+  MATMUL: ("`apply_in_matmul_`", "`project_back` + `apply_update`"),
 }
 PATHS = ("fast", "plain")
 
@@ -80,10 +81,19 @@ class Leaf(NamedTuple):
   basis_RxK: torch.Tensor | None  # float32 (r, k) orthonormal rows if projected, else None
 
 
-def slices_fast(leaf, step, weight_decay):
+def slices_fast(leaf, step, weight_decay, slice_size=functional.CPU_SLICE):
   """A plain leaf, fast: the in-place update in cache-sized slices."""
-  functional._adamw_in_slices_(
-    leaf.param, leaf.grad, leaf.exp_avg, leaf.exp_avg_sq, step, *BETAS, EPS, LR, weight_decay
+  functional.adamw_in_slices_(
+    leaf.param,
+    leaf.grad,
+    leaf.exp_avg,
+    leaf.exp_avg_sq,
+    step,
+    *BETAS,
+    EPS,
+    LR,
+    weight_decay,
+    slice_size=slice_size,
   )
 
 
@@ -105,7 +115,7 @@ def matmul_fast(leaf, step, weight_decay):
   """A projected matrix, fast: the update and decay added by the back-projecting ``addmm``."""
   u = _low_rank_direction(leaf, step)
   side = proj.projector_side(tuple(leaf.param.shape))
-  functional._apply_in_matmul_(leaf.param, u, leaf.basis_RxK, side, LR, weight_decay, SCALE)
+  functional.apply_in_matmul_(leaf.param, u, leaf.basis_RxK, side, LR, weight_decay, SCALE)
 
 
 def matmul_plain(leaf, step, weight_decay):
@@ -208,15 +218,23 @@ def _middle_half(samples):
 
 
 def run(
-  config="60M", shapes=None, rank=None, threads=(1, 0), repeats=25, warmup=2, weight_decay=0.0
+  config="60M",
+  shapes=None,
+  rank=None,
+  threads=(1, 0),
+  repeats=25,
+  warmup=2,
+  weight_decay=0.0,
+  slice_size=functional.CPU_SLICE,
 ):
   """Times both paths of both variants and returns a JSON-ready dict (see the module docstring).
 
   ``threads``: torch thread counts, 0 for torch's default (repeated counts run once);
   ``rank`` defaults to ``RANKS[config]``; ``shapes`` (a ``torch_param_shapes`` dict)
-  replaces the config's shapes, for tests.
+  replaces the config's shapes, for tests; ``slice_size`` is the in-slices path's slice.
   """
   source = source_version()
+  step_fns = {**STEP_FNS, (SLICES, "fast"): functools.partial(slices_fast, slice_size=slice_size)}
   rank = RANKS[config] if rank is None else rank
   hidden, ffn, layers = CONFIGS[config]
   named = torch_param_shapes(hidden, ffn, layers)
@@ -239,7 +257,7 @@ def run(
         steps += 1
         step = torch.tensor(float(steps))
         for kind, path in cases[i % len(cases) :] + cases[: i % len(cases)]:
-          seconds = time_call(STEP_FNS[kind[0], path], leaves[kind][path], step, weight_decay)
+          seconds = time_call(step_fns[kind[0], path], leaves[kind][path], step, weight_decay)
           if i >= warmup:
             samples[kind, path].append(seconds * 1e3)
       timings[str(n)] = {}
@@ -289,7 +307,7 @@ def run(
       "betas": list(BETAS),
       "eps": EPS,
       "weight_decay": weight_decay,
-      "slice_elements": functional._CPU_SLICE,
+      "slice_elements": slice_size,
       "repeats": repeats,
       "warmup": warmup,
       "torch_threads": threads,
@@ -376,6 +394,7 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=25)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--weight-decay", type=float, default=0.0)
+  parser.add_argument("--slice-elements", type=int, default=functional.CPU_SLICE)
   parser.add_argument(
     "--threads",
     type=_thread_counts,
@@ -391,6 +410,7 @@ def main(argv=None):
     repeats=args.repeats,
     warmup=args.warmup,
     weight_decay=args.weight_decay,
+    slice_size=args.slice_elements,
   )
   markdown = to_markdown(result)
   print(markdown)

@@ -12,17 +12,16 @@ The functional core of :class:`~qgalore_torch.QGaLoreAdamW`, in the shape of tor
 
 Two variants of the float32 write-back save memory traffic, each kept because it pays:
 ``python -m benchmarks.torch_step_variants`` times each against the plain path it replaces,
-on the same tensors (LLaMA-60M shapes; figures of one run on a 2-core x86-64 CPU, one
-thread). A float32 parameter on the CPU is updated in slices that stay in the cache
-(:func:`_adamw_in_slices_`): the same operations, so the same bits; the embedding and the
-head update 3.0x faster than with whole-tensor operations (142 ms a step against 420), while
-on the 512-element norm scales the slicing costs more than it saves (3.9 ms against 1.3), so
-a leaf of one slice or less takes the plain path. A
-float32 projected matrix gets its back-projected update and weight decay added by the
-matmul call that back-projects it (:func:`_apply_in_matmul_`), ``W`` rounded once, as XLA
-does; the projected matrices update 1.07x faster than with ``project_back`` then
-``apply_update`` (277 ms a step against 297; 1.13x on gate, up and down, none on the
-square q, k, v, o).
+on the same tensors (LLaMA-60M shapes, a 2-core x86-64 CPU, one thread). A float32
+parameter on the CPU is updated in slices that stay in the cache (:func:`adamw_in_slices_`):
+the same operations, so the same bits; the embedding and the head update about 3x faster
+than with whole-tensor operations (2.96-3.12x in four runs), while on the 512-element norm
+scales the slicing costs more than it saves (0.3-0.4x), so a leaf of one slice or less
+takes the plain path. A float32 projected matrix gets its back-projected update and weight
+decay added by the matmul call that back-projects it (:func:`apply_in_matmul_`), ``W``
+rounded once, as XLA does; the projected matrices update 1.05-1.10x faster than with
+``project_back`` then ``apply_update``. The latest figures are in
+``benchmarks/results/torch_step_variants_cpu_60M.md``.
 """
 
 import functools
@@ -41,7 +40,7 @@ from qgalore_torch._src.int8 import apply_int8_update
 # (first writes into a freshly mapped buffer cost ~10x writes into a reused one). Measured on
 # a 32000 x 512 embedding, one thread: 33-35 ms at 2**18, 45-48 ms at 2**16 (per-slice
 # Python overhead), 118 ms with whole-tensor operations and full-size temporaries.
-_CPU_SLICE = 1 << 18
+CPU_SLICE = 1 << 18
 
 
 def _bias_corrections(step, b1, b2):
@@ -177,11 +176,12 @@ def adamw_step_(
   seed=0,
   tensor_id=0,
   scratch=None,
+  slice_size=CPU_SLICE,
 ):
   """One AdamW step of a plain leaf, in place (docs/spec.md section 5; section 6 for INT8 weights).
 
   :func:`adam_direction` on the float32 moments, then :func:`apply_update` of the direction.
-  A float32 parameter on the CPU of more than ``_CPU_SLICE`` elements whose four tensors are
+  A float32 parameter on the CPU of more than ``CPU_SLICE`` elements whose four tensors are
   contiguous is updated slice by slice (no full-size temporary): the same elementwise
   operations, so the same bits.
 
@@ -199,26 +199,29 @@ def adamw_step_(
     seed: see :func:`apply_update`.
     tensor_id: see :func:`apply_update`.
     scratch: see :func:`adam_direction` (``grad`` itself when the caller owns it).
+    slice_size: elements per slice of the in-place CPU update.
   """
   tensors = (param, grad, exp_avg, exp_avg_sq)
   if (
     _is_float32(param)
     and param.device.type == "cpu"
-    and param.numel() > _CPU_SLICE  # one slice or less: slicing only adds overhead
+    and param.numel() > slice_size  # one slice or less: slicing only adds overhead
     and all(t.is_contiguous() for t in tensors)
   ):
-    _adamw_in_slices_(*tensors, step, b1, b2, eps, lr, weight_decay)
+    adamw_in_slices_(*tensors, step, b1, b2, eps, lr, weight_decay, slice_size=slice_size)
     return
   direction = adam_direction(grad, exp_avg, exp_avg_sq, step, b1, b2, eps, scratch=scratch)
   apply_update(param, direction, lr, weight_decay, seed=seed, count=step, tensor_id=tensor_id)
 
 
-def _adamw_in_slices_(param, grad, exp_avg, exp_avg_sq, step, b1, b2, eps, lr, weight_decay):
-  """:func:`adamw_step_` of contiguous float32 CPU tensors, ``_CPU_SLICE`` elements at a time."""
+def adamw_in_slices_(
+  param, grad, exp_avg, exp_avg_sq, step, b1, b2, eps, lr, weight_decay, slice_size=CPU_SLICE
+):
+  """:func:`adamw_step_` of contiguous float32 CPU tensors, ``slice_size`` elements at a time."""
   c1, c2 = _bias_corrections(step, b1, b2)
   tensors = (param, grad, exp_avg, exp_avg_sq)
-  scratch, out = torch.empty(2, min(param.numel(), _CPU_SLICE), dtype=torch.float32)
-  for p, g, m, v in zip(*(t.view(-1).split(_CPU_SLICE) for t in tensors), strict=True):
+  scratch, out = torch.empty(2, min(param.numel(), slice_size), dtype=torch.float32)
+  for p, g, m, v in zip(*(t.view(-1).split(slice_size) for t in tensors), strict=True):
     n = p.numel()
     _update_moments(g, m, v, b1, b2, scratch[:n])
     direction = _direction(m, v, c1, c2, eps, out[:n], scratch[:n])
@@ -271,13 +274,13 @@ def projected_step_(
   low_rank = proj.project(grad_MxN, basis_RxK)
   u = adam_direction(low_rank, exp_avg, exp_avg_sq, step, b1, b2, eps, scratch=low_rank)
   if _is_float32(param):
-    _apply_in_matmul_(param, u, basis_RxK, side, lr, weight_decay, scale)
+    apply_in_matmul_(param, u, basis_RxK, side, lr, weight_decay, scale)
     return
   direction = proj.project_back(u, basis_RxK, side).mul_(scale)
   apply_update(param, direction, lr, weight_decay, seed=seed, count=step, tensor_id=tensor_id)
 
 
-def _apply_in_matmul_(param, u, basis_RxK, side, lr, weight_decay, scale):
+def apply_in_matmul_(param, u, basis_RxK, side, lr, weight_decay, scale):
   """``W + (-lr) (scale back-project(u) + wd W)`` into a float32 ``param``, the additions
   done by the back-projecting matmul call (``addmm``), ``W`` rounded once, as XLA does.
 
