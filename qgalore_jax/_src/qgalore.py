@@ -165,10 +165,8 @@ def scale_by_qgalore(
 
   def leaf_layout(p, axis):
     shape = layout.canonical_shape(p.shape, axis)
-    r, k = proj.basis_shape(shape, rank)
     side = proj.projector_side(shape)
-    low_rank_shape = (shape[0], r) if side == proj.RIGHT else (r, shape[1])
-    return shape, (r, k), side, low_rank_shape
+    return shape, proj.basis_shape(shape, rank), side, proj.low_rank_shape(shape, rank)
 
   def init_leaf(p, axis):
     _, basis_shape, _, low_rank_shape = leaf_layout(p, axis)

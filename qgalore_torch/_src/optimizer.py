@@ -288,8 +288,8 @@ class QGaLoreAdamW(torch.optim.Optimizer):
       ]
       moments.to_state(state, zeros)
       return
-    r, k = basis_shape = proj.basis_shape(shape, group["rank"])
-    low_rank_shape = (shape[0], r) if proj.projector_side(shape) == proj.RIGHT else (r, shape[1])
+    basis_shape = proj.basis_shape(shape, group["rank"])
+    low_rank_shape = proj.low_rank_shape(shape, group["rank"])
     zeros = [
       moments.init_moment(low_rank_shape, s, moment_bits, p.device, min_size) for s in _SIGNED
     ]
@@ -297,6 +297,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     bits, group_size = group["proj_bits"], group["proj_group_size"]
     empty = torch.zeros(basis_shape, dtype=torch.float32, device=p.device)
     state.update(proj.stored_to_state(proj.store_projector(empty, bits, group_size)))
+    k = basis_shape[1]
     subspace = schedule.init_subspace(k, group["update_proj_gap"], group["queue_size"], _HOST)
     state.update(subspace._asdict())
 

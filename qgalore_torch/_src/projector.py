@@ -38,6 +38,18 @@ def basis_shape(shape: tuple[int, int], rank: int) -> tuple[int, int]:
   return effective_rank(shape, rank), k
 
 
+def low_rank_shape(shape: tuple[int, int], rank: int) -> tuple[int, int]:
+  """Shape of the projected gradient and of its moments (docs/spec.md section 2).
+
+  Example:
+    >>> from qgalore_torch._src.projector import low_rank_shape
+    >>> [low_rank_shape(s, 128) for s in ((1376, 512), (512, 1376), (8, 4))]
+    [(1376, 128), (128, 1376), (8, 4)]
+  """
+  r = effective_rank(shape, rank)
+  return (shape[0], r) if projector_side(shape) == RIGHT else (r, shape[1])
+
+
 def sign_canonical(vectors_RxK: torch.Tensor) -> torch.Tensor:
   """Flips each row so that its entry of largest magnitude is positive (docs/spec.md section 2).
 
