@@ -28,6 +28,7 @@ from parity_tests import precision
 from parity_tests import projector
 from parity_tests import quantiser
 from parity_tests import schedule
+from parity_tests import stacked
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 DEFAULT_OUT = pathlib.Path("runs/parity")
@@ -41,6 +42,7 @@ def run_components(dev: core.Device, authors_cls) -> list[core.Check]:
   checks += generator.measure_all(dev)
   checks += projector.measure_all(dev, authors_cls)
   checks += schedule.measure(dev, authors_cls)
+  checks += stacked.measure(dev)
   for mode in optimizer.MODES:
     for int8 in (False, True):
       checks += optimizer.measure(int8, mode, dev.name)

@@ -13,12 +13,14 @@ from qgalore_jax._src.int8 import int8_train_step
 from qgalore_jax._src.int8 import is_quantized
 from qgalore_jax._src.int8 import quantize_params
 from qgalore_jax._src.int8 import stochastic_round
+from qgalore_jax._src.layout import DimensionNumbers
 from qgalore_jax._src.moments import QuantizedMoment
 from qgalore_jax._src.moments import ScaleByAdam8bitState
 from qgalore_jax._src.moments import adamw_8bit
 from qgalore_jax._src.moments import dequantize_moment
 from qgalore_jax._src.moments import quantize_moment
 from qgalore_jax._src.moments import scale_by_adam_8bit
+from qgalore_jax._src.nnx_layout import nnx_dimension_numbers
 from qgalore_jax._src.projector import compute_projector
 from qgalore_jax._src.projector import project
 from qgalore_jax._src.projector import project_back
@@ -39,6 +41,7 @@ __version__ = "0.1.0"
 
 __all__ = (
   "STATIC_ARGS",
+  "DimensionNumbers",
   "QuantizedArray",
   "QuantizedMoment",
   "QuantizedWeight",
@@ -53,6 +56,7 @@ __all__ = (
   "dequantize_params",
   "int8_train_step",
   "is_quantized",
+  "nnx_dimension_numbers",
   "pack_int4",
   "project",
   "project_back",

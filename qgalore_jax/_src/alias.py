@@ -12,32 +12,36 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from qgalore_jax._src import layout
 from qgalore_jax._src import moments
 from qgalore_jax._src.checks import check_number
 from qgalore_jax._src.layout import path_str
 from qgalore_jax._src.qgalore import scale_by_qgalore
 
 
-def _resolve_mask(mask, params):
-  """Bool pytree shaped like params: which leaves are projected (validated)."""
+def _resolve_mask(mask, specs, params):
+  """Bool per leaf of ``params``: which leaves are projected (validated against ``specs``)."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
   if mask is None:
-    return jax.tree.map(lambda p: jnp.ndim(p) == 2, params)
+    return [s is not None for s in specs]
   selected = mask(params) if callable(mask) else mask
   if jax.tree.structure(selected) != jax.tree.structure(params):
     raise ValueError(
       "`mask` must have the structure of the params: got "
       f"{jax.tree.structure(selected)}, params are {jax.tree.structure(params)}"
     )
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  for (path, p), s in zip(flat, jax.tree.leaves(selected), strict=True):
+  out = []
+  for (path, p), s, spec in zip(flat, jax.tree.leaves(selected), specs, strict=True):
     if not isinstance(s, bool) and getattr(s, "dtype", None) != jnp.bool_:
       raise TypeError(f"`mask` leaf for parameter {path_str(path)} must be a bool, got {s!r}")
-    if bool(s) and jnp.ndim(p) != 2:
+    if bool(s) and spec is None:
       raise ValueError(
-        f"`mask` selects parameter {path_str(path)} of shape {jnp.shape(p)}, but only 2-D"
-        " matrices can be projected"
+        f"`mask` selects parameter {path_str(path)} of shape {jnp.shape(p)}, but it has no"
+        " dimension numbers: only 2-D matrices, or leaves given `dimension_numbers`, can be"
+        " projected"
       )
-  return selected
+    out.append(bool(s))
+  return out
 
 
 def qgalore_adamw(
@@ -56,7 +60,8 @@ def qgalore_adamw(
   gamma_proj: float = 2,
   queue_size: int = 5,
   mask: Any | Callable[[optax.Params], Any] | None = None,
-  input_axis: int | Any | Callable[[optax.Params], Any] = 0,
+  input_axis: int | Any | Callable[[optax.Params], Any] | None = None,
+  dimension_numbers: Any = None,
   mu_dtype: Any | None = None,
   moment_bits: int | None = None,
   min_8bit_size: int = moments.MIN_QUANTIZED_SIZE,
@@ -88,11 +93,18 @@ def qgalore_adamw(
     gamma_proj: see :func:`scale_by_qgalore`; 1 gives plain GaLore's fixed gap.
     queue_size: see :func:`scale_by_qgalore`.
     mask: which leaves are projected: a pytree of bools shaped like the params, or a
-      callable on the params returning one. Default: every 2-D leaf. (Unlike
-      ``optax.adamw``'s ``mask``, this selects projection, not weight decay.)
-    input_axis: input axis of each projected leaf: 0 for Flax kernels (default), 1 for
-      (out, in) arrays; an int, a pytree of ints or a callable (see
+      callable on the params returning one. Default: every leaf that has dimension
+      numbers, i.e. every 2-D leaf when ``dimension_numbers`` is not given; then a
+      floating leaf of 3 or more dimensions is an error at ``init`` (a scanned kernel
+      must not silently get full-size AdamW moments): give it dimension numbers, or
+      exclude it with ``mask``. (Unlike ``optax.adamw``'s ``mask``, this selects
+      projection, not weight decay.)
+    input_axis: input axis of each projected 2-D leaf: 0 for Flax kernels (the default),
+      1 for (out, in) arrays; an int, a pytree of ints or a callable (see
       :func:`scale_by_qgalore`).
+    dimension_numbers: how to read each leaf as (a stack of) matrices, ``None`` where a
+      leaf gets plain Adam: see :func:`scale_by_qgalore` and
+      :func:`~qgalore_jax.nnx_dimension_numbers`. Give this or ``input_axis``, not both.
     mu_dtype: dtype of the stored first moments (default float32 for projected leaves,
       the param dtype for the others, as ``optax.scale_by_adam``).
     moment_bits: ``None`` (default) for float moments, or 8 for 8-bit block-wise moments on
@@ -145,6 +157,7 @@ def qgalore_adamw(
     eps=eps,
     mu_dtype=mu_dtype,
     input_axis=input_axis,
+    dimension_numbers=dimension_numbers,
     moment_bits=moment_bits,
     min_8bit_size=min_8bit_size,
     projector_fn=projector_fn,
@@ -155,8 +168,14 @@ def qgalore_adamw(
     adam = moments.scale_by_adam_8bit(b1=b1, b2=b2, eps=eps, min_8bit_size=min_8bit_size)
 
   def labels(params):
-    selected = _resolve_mask(mask, params)
-    return jax.tree.map(lambda s: "qgalore" if s else "adam", selected)
+    specs = layout.resolve_specs(params, dimension_numbers, input_axis, "qgalore_adamw")
+    selected = _resolve_mask(mask, specs, params)
+    if mask is None:
+      layout.no_silent_stacks(
+        params, specs, "qgalore_adamw", "a `mask` that leaves them to plain AdamW"
+      )
+    names = ["qgalore" if s else "adam" for s in selected]
+    return jax.tree.unflatten(jax.tree.structure(params), names)
 
   return optax.chain(
     optax.partition({"qgalore": galore, "adam": adam}, labels),

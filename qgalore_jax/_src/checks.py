@@ -17,6 +17,7 @@ STATIC_ARGS = (
   "queue_size",
   "mask",
   "input_axis",
+  "dimension_numbers",
   "mu_dtype",
   "moment_bits",
   "min_8bit_size",

@@ -25,12 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qgalore_jax._src import layout
 from qgalore_jax._src.checks import check_bits
 from qgalore_jax._src.checks import check_int
 from qgalore_jax._src.generator import uniforms
-from qgalore_jax._src.layout import canonical_shape
+from qgalore_jax._src.layout import StackLayout
 from qgalore_jax._src.layout import path_str
-from qgalore_jax._src.layout import to_canonical
 from qgalore_jax._src.quantization import QuantizedArray
 from qgalore_jax._src.quantization import dequantize
 from qgalore_jax._src.quantization import exact_divide
@@ -74,34 +74,52 @@ def stochastic_round(
 
 
 class QuantizedWeight(NamedTuple):
-  """A weight leaf held as INT8 (or fewer-bit) codes (docs/spec.md section 6).
+  """A weight leaf held as INT8 (or fewer-bit) codes (docs/spec.md sections 1.3 and 6).
 
   A pytree node whose children are the three arrays; the other fields are static (part of
   the tree structure), so ``jit`` and orbax see arrays only and the node restores from an
-  abstract target like any leaf.
+  abstract target like any leaf. A stack of matrices (a scanned kernel) holds each slice's
+  codes, scales and zeros with the batch shape in front; groups never cross slices.
   """
 
-  codes: jax.Array  # uint8 [out * in] (bits > 4) or [ceil(out * in / 2)]: canonical row-major
-  scale: jax.Array  # float32 [num_groups]
-  zero: jax.Array  # float32 [num_groups]
-  shape: tuple[int, int]  # static: the leaf's own shape (input axis first for Flax kernels)
-  input_axis: int  # static: 0 or 1, which axis of the leaf is its input axis
+  codes: jax.Array  # uint8 [*batch, m * n] (bits > 4) or [*batch, ceil(m * n / 2)]: row-major
+  scale: jax.Array  # float32 [*batch, num_groups]
+  zero: jax.Array  # float32 [*batch, num_groups]
+  layout: StackLayout  # static: the leaf's shape and how it reads as (S, m, n)
   bits: int  # static: code width
   group_size: int  # static: elements per group
 
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """The leaf's own shape (e.g. (in, out) for a Flax kernel)."""
+    return self.layout.shape
+
+  @property
+  def input_axis(self) -> int:
+    """The input axis of a 2-D leaf (0 or 1); an error for a stack."""
+    if self.layout.batch or len(self.layout.shape) != 2:
+      raise AttributeError(f"a leaf of shape {self.shape} read as a stack has no single input axis")
+    return self.layout.reduction[0]
+
+  def _slices(self) -> QuantizedArray:
+    num = self.layout.num_slices
+    return QuantizedArray(
+      *(a.reshape(num, a.shape[-1]) for a in (self.codes, self.scale, self.zero))
+    )
+
   def dequantize_canonical(self) -> jax.Array:
-    """The float32 canonical (out, in) matrix ``s * (q - z)``."""
-    stored = QuantizedArray(self.codes, self.scale, self.zero)
-    shape = canonical_shape(self.shape, self.input_axis)
-    return dequantize(stored, shape, self.bits, self.group_size)
+    """The float32 canonical stack (S, m, n) of ``s * (q - z)``, one matrix per slice."""
+    shape = self.layout.matrix_shape
+    deq = lambda *q: dequantize(QuantizedArray(*q), shape, self.bits, self.group_size)
+    return layout.map_slices(deq, tuple(self._slices()))
 
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
     """The weight ``s * (q - z)`` in the leaf's own shape and ``dtype``."""
-    return to_canonical(self.dequantize_canonical(), self.input_axis).astype(dtype)
+    return self.layout.from_stack(self.dequantize_canonical()).astype(dtype)
 
 
 _ARRAY_FIELDS = ("codes", "scale", "zero")
-_STATIC_FIELDS = ("shape", "input_axis", "bits", "group_size")
+_STATIC_FIELDS = ("layout", "bits", "group_size")
 
 
 def _flatten_with_keys(q):
@@ -140,9 +158,15 @@ def _per_leaf(value, params, name: str, leaf_type) -> list:
     ) from None
 
 
-@functools.partial(jax.jit, static_argnames=("input_axis", "bits", "group_size"))
-def _quantize_leaf(p, input_axis, bits, group_size):
-  return quantize(to_canonical(p, input_axis), bits, group_size)
+def _per_slice(quantized: QuantizedArray, lay: StackLayout) -> QuantizedArray:
+  """A (S, ...) stack of quantised slices with the leaf's batch shape in front."""
+  return QuantizedArray(*(a.reshape(lay.batch_shape + a.shape[1:]) for a in quantized))
+
+
+@functools.partial(jax.jit, static_argnames=("lay", "bits", "group_size"))
+def _quantize_leaf(p, lay, bits, group_size):
+  quantized = layout.map_slices(lambda w: quantize(w, bits, group_size), (lay.to_stack(p),))
+  return _per_slice(quantized, lay)
 
 
 def quantize_params(
@@ -151,23 +175,33 @@ def quantize_params(
   bits: int = 8,
   group_size: int = 256,
   mask: Any | Callable[[Any], Any] | None = None,
-  input_axis: int | Any | Callable[[Any], Any] = 0,
+  input_axis: int | Any | Callable[[Any], Any] | None = None,
+  dimension_numbers: Any = None,
 ):
-  """Replaces the selected 2-D leaves of ``params`` by :class:`QuantizedWeight` nodes.
+  """Replaces the selected leaves of ``params`` by :class:`QuantizedWeight` nodes.
 
   Each selected leaf is read as its canonical (out, in) matrix W through ``input_axis``
-  (docs/spec.md section 1) and quantised with round-to-nearest (docs/spec.md section 3): codes
-  of W flattened row-major, one float32 scale and zero per ``group_size`` elements. Other
-  leaves, and leaves that are already quantised, are returned unchanged.
+  (docs/spec.md section 1.2), or as a stack of such matrices through ``dimension_numbers``
+  (section 1.3), and each matrix is quantised with round-to-nearest (section 3): codes of
+  W flattened row-major, one float32 scale and zero per ``group_size`` elements, groups
+  cut within each matrix. Other leaves, and leaves that are already quantised, are
+  returned unchanged.
 
   Args:
     params: a pytree of arrays (plain dicts, linen params, an ``nnx.State``).
     bits: code width, 1..8 (4 or fewer: packed two per byte).
     group_size: elements per quantisation group.
     mask: which leaves to quantise: a pytree of bools shaped like ``params`` or a callable
-      on ``params`` returning one. Default: every 2-D floating-point leaf.
-    input_axis: the input axis of each selected leaf: 0 for Flax kernels (in, out), 1 for
-      arrays stored (out, in); an int, a pytree of ints or a callable returning one.
+      on ``params`` returning one. Default: every floating-point leaf that has dimension
+      numbers (every 2-D one when ``dimension_numbers`` is not given; then a floating
+      leaf of 3 or more dimensions is an error: give it dimension numbers or exclude it
+      with ``mask``).
+    input_axis: the input axis of each 2-D leaf: 0 for Flax kernels (in, out), the
+      default, 1 for arrays stored (out, in); an int, a pytree of ints or a callable
+      returning one.
+    dimension_numbers: a :class:`~qgalore_jax.DimensionNumbers`, a pytree of them (None
+      for leaves left as they are) or a callable on ``params`` returning one, as for
+      :func:`~qgalore_jax.qgalore_adamw`. Give this or ``input_axis``, not both.
 
   Returns:
     A pytree with the structure of ``params``, a :class:`QuantizedWeight` at each selected
@@ -190,31 +224,40 @@ def quantize_params(
   check_bits(bits)
   check_int(group_size, "group_size")
   flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
+  # Already quantised leaves pass through: hide them from the dimension numbers.
+  unquantized = jax.tree.map(
+    lambda p: optax.MaskedNode() if is_quantized(p) else p, params, is_leaf=is_quantized
+  )
+  specs = layout.resolve_specs(unquantized, dimension_numbers, input_axis, "quantize_params")
   selected = _per_leaf(mask, params, "mask", bool)
-  axes = _per_leaf(input_axis, params, "input_axis", int)
+  if mask is None:
+    specs_of_floats = [
+      s if layout.is_floating_array(p) else None for (_, p), s in zip(flat, specs, strict=True)
+    ]
+    layout.no_silent_stacks(
+      unquantized, specs_of_floats, "quantize_params", "a `mask` that leaves them in float"
+    )
   out = []
-  for (path, p), s, axis in zip(flat, selected, axes, strict=True):
+  for (path, p), s, spec in zip(flat, selected, specs, strict=True):
     name = path_str(path)
     if is_quantized(p):
       out.append(p)
       continue
-    is_float_matrix = jnp.ndim(p) == 2 and jnp.issubdtype(jnp.result_type(p), jnp.floating)
     if s is None:
-      s = is_float_matrix
+      s = spec is not None and layout.is_floating_array(p)
     if not isinstance(s, (bool, np.bool_)) and getattr(s, "dtype", None) != jnp.bool_:
       raise TypeError(f"`mask` leaf for parameter {name} must be a bool, got {s!r}")
     if not s:
       out.append(p)
       continue
-    if not is_float_matrix:
+    if spec is None or not layout.is_floating_array(p):
       raise ValueError(
         f"`mask` selects parameter {name} of shape {jnp.shape(p)} and dtype"
-        f" {jnp.result_type(p)}, but only 2-D floating-point matrices can be quantised"
+        f" {jnp.result_type(p)}, but only floating-point leaves with dimension numbers (2-D"
+        " matrices, or leaves given `dimension_numbers`) can be quantised"
       )
-    if isinstance(axis, bool) or not isinstance(axis, int) or axis not in (-2, -1, 0, 1):
-      raise ValueError(f"`input_axis` for parameter {name} must be 0 or 1, got {axis!r}")
-    q = _quantize_leaf(p, axis % 2, bits, group_size)
-    out.append(QuantizedWeight(*q, tuple(p.shape), axis % 2, bits, group_size))
+    lay = spec.resolve(tuple(p.shape), f"parameter {name}")
+    out.append(QuantizedWeight(*_quantize_leaf(p, lay, bits, group_size), lay, bits, group_size))
   return treedef.unflatten(out)
 
 
@@ -241,17 +284,17 @@ def dequantize_params(qparams, dtype=jnp.float32):
   )
 
 
-def _add_update(p: QuantizedWeight, update_MxN: jax.Array) -> jax.Array:
-  """``w + update`` on the canonical matrix, as ``s * ((q - z) + update / s)`` in float32.
+def _add_update(p: QuantizedArray, update_MxN: jax.Array, bits: int, group_size: int) -> jax.Array:
+  """``w + update`` on one canonical matrix, as ``s * ((q - z) + update / s)`` in float32.
 
   Written without a multiply feeding an add: XLA would contract ``s * (q - z) + update``
   into a fused multiply-add (one rounding instead of two) and the codes would differ from
   the torch twin's. Every operation here is a single IEEE-rounded one on both backends.
   """
   size = update_MxN.size
-  codes = unpack_int4(p.codes, size) if p.bits <= 4 else p.codes
-  codes = grouped(codes.astype(jnp.float32), p.group_size)
-  update = grouped(update_MxN.astype(jnp.float32).reshape(-1), p.group_size)
+  codes = unpack_int4(p.codes, size) if bits <= 4 else p.codes
+  codes = grouped(codes.astype(jnp.float32), group_size)
+  update = grouped(update_MxN.astype(jnp.float32).reshape(-1), group_size)
   scale = p.scale[:, None]
   w_new = scale * ((codes - p.zero[:, None]) + exact_divide(update, scale))
   return w_new.reshape(-1)[:size].reshape(update_MxN.shape)
@@ -267,10 +310,15 @@ def _apply_leaf(p, u, path, seed, step, tensor_id):
       f"update for parameter {path_str(path)} has shape {jnp.shape(u)}, but the weight has"
       f" shape {p.shape}"
     )
-  w_MxN = _add_update(p, to_canonical(u, p.input_axis))
-  new = stochastic_round(
-    w_MxN, seed=seed, step=step, tensor_id=tensor_id, bits=p.bits, group_size=p.group_size
-  )
+  lay = p.layout
+  # One stream over the whole canonical stack: slice s, element e has index s * m * n + e.
+  noise = uniforms(seed, step, tensor_id, (lay.num_slices, *lay.matrix_shape))
+
+  def round_slice(codes, scale, zero, u_MxN, noise_MxN):
+    w_MxN = _add_update(QuantizedArray(codes, scale, zero), u_MxN, p.bits, p.group_size)
+    return quantize(w_MxN, p.bits, p.group_size, noise=noise_MxN)
+
+  new = _per_slice(layout.map_slices(round_slice, (*p._slices(), lay.to_stack(u), noise)), lay)
   return p._replace(codes=new.codes, scale=new.scale, zero=new.zero)
 
 

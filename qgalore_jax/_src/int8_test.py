@@ -70,7 +70,9 @@ def test_apply_updates_matches_naive_reference(input_axis):
 def test_quantize_params_layout_and_memory():
   kernel = jax.random.normal(jax.random.key(0), (512, 1376))  # LLaMA-60M up-projection
   params = {"kernel": kernel, "bias": jnp.zeros(1376), "scale3d": jnp.ones((2, 2, 2))}
-  qparams = quantize_params(params)
+  with pytest.raises(ValueError, match=r"3 or more dimensions.*\['scale3d'\] \(2, 2, 2\)"):
+    quantize_params(params)  # a 3-D leaf is never silently left in float
+  qparams = quantize_params(params, mask={"kernel": True, "bias": False, "scale3d": False})
   assert is_quantized(qparams["kernel"]) and not is_quantized(qparams["bias"])
   # Flax kernel (in, out) and torch weight (out, in) of one matrix give the same codes.
   torch_layout = quantize_params({"w": kernel.T}, input_axis=1)["w"]
@@ -88,7 +90,8 @@ def test_quantize_params_layout_and_memory():
   )
   assert dequantize_params(qparams, jnp.bfloat16)["kernel"].dtype == jnp.bfloat16
   # Already quantised leaves pass through; masks may be callables or jnp bools.
-  assert quantize_params(qparams) == qparams
+  keep_3d = {"kernel": True, "bias": False, "scale3d": False}
+  assert quantize_params(qparams, mask=keep_3d) == qparams
   nothing = jax.tree.map(lambda x: jnp.asarray(False), params)
   unchanged = quantize_params(params, mask=nothing)
   assert not any(is_quantized(x) for x in jax.tree.leaves(unchanged, is_leaf=is_quantized))

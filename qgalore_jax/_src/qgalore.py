@@ -57,15 +57,18 @@ def scale_by_qgalore(
   b2: float = 0.999,
   eps: float = 1e-8,
   mu_dtype: Any | None = None,
-  input_axis: int | Any | Callable[[optax.Params], Any] = 0,
+  input_axis: int | Any | Callable[[optax.Params], Any] | None = None,
   moment_bits: int | None = None,
   min_8bit_size: int = moments.MIN_QUANTIZED_SIZE,
   projector_fn: Callable[[jax.Array, int], jax.Array] | None = None,
+  dimension_numbers: Any = None,
 ) -> optax.GradientTransformation:
   r"""Projected Adam in an adaptive, INT4-stored low-rank gradient subspace (Q-GaLore).
 
-  Every leaf given to this transform must be a 2-D matrix; read through its input axis it
-  is the canonical (out, in) matrix :math:`W \in \mathbb{R}^{m \times n}` (docs/spec.md section 1).
+  Every leaf given to this transform is a 2-D matrix, read through its input axis, or a
+  stack of matrices or an N-D kernel, read through its dimension numbers; either way each
+  matrix (slice) is a canonical (out, in) matrix :math:`W \in \mathbb{R}^{m \times n}`
+  (docs/spec.md sections 1.2 and 1.3), and everything below applies to each slice.
   With :math:`r = \min(\text{rank}, m, n)` and the projector :math:`P` found by SVD of the
   gradient :math:`G` on refresh steps (stored group-wise quantised, always used dequantised):
 
@@ -101,9 +104,17 @@ def scale_by_qgalore(
     b2: decay of the second moment.
     eps: added to the root of the second moment.
     mu_dtype: dtype of the stored first moment; ``None`` keeps it float32.
-    input_axis: which axis of each leaf is its input axis: ``0`` for Flax kernels
+    input_axis: for 2-D leaves, which axis is the input axis: ``0`` for Flax kernels
       (in, out), ``1`` for arrays stored (out, in); an int, a pytree of ints shaped like
-      the params, or a callable on the params returning one.
+      the params, or a callable on the params returning one. ``None`` (the default) is 0
+      unless ``dimension_numbers`` is given. Shorthand for
+      ``DimensionNumbers(reduction_axis=a, output_axis=1 - a)``.
+    dimension_numbers: how to read each leaf as a stack of canonical (out, in) matrices
+      (docs/spec.md section 1.3): a :class:`~qgalore_jax.DimensionNumbers` for every leaf, a
+      pytree of them shaped like the params, or a callable on the params returning one
+      (e.g. :func:`~qgalore_jax.nnx_dimension_numbers`). Each slice along the batch axes
+      is its own matrix with its own projector, moments and schedule; only the slices due
+      on a step run an SVD. Give this or ``input_axis``, not both.
     moment_bits: ``None`` for float32 moments, or 8 for 8-bit block-wise moments (codes
       plus a float32 absmax per 16 x 16 tile, for low-rank moments of at least
       ``min_8bit_size`` elements; see :func:`scale_by_adam_8bit` and ``docs/spec.md`` section 8).
@@ -163,47 +174,65 @@ def scale_by_qgalore(
     )
   mu_dtype = jnp.float32 if mu_dtype is None else jnp.dtype(mu_dtype)
 
-  def leaf_layout(p, axis):
-    shape = layout.canonical_shape(p.shape, axis)
+  def leaf_layout(lay: layout.StackLayout):
+    shape = lay.matrix_shape
     side = proj.projector_side(shape)
-    return shape, proj.basis_shape(shape, rank), side, proj.low_rank_shape(shape, rank)
+    return proj.basis_shape(shape, rank), side, proj.low_rank_shape(shape, rank)
 
-  def init_leaf(p, axis):
-    _, basis_shape, _, low_rank_shape = leaf_layout(p, axis)
-    return (
+  def init_leaf(lay):
+    basis_shape, _, low_rank_shape = leaf_layout(lay)
+    one_slice = (
       moments.init_moment(low_rank_shape, True, moment_bits, mu_dtype, min_8bit_size),
       moments.init_moment(low_rank_shape, False, moment_bits, min_size=min_8bit_size),
       proj.store_projector(jnp.zeros(basis_shape, jnp.float32), proj_bits, proj_group_size),
       schedule.init_subspace(basis_shape[1], update_proj_gap, queue_size),
     )
+    # Every slice of a stack starts from the same state, held with the batch shape in front.
+    return jax.tree.map(lambda a: jnp.broadcast_to(a, lay.batch_shape + a.shape), one_slice)
 
-  def update_leaf(g, mu, nu, stored, subspace, axis, count, count_inc):
-    _, basis_shape, side, _ = leaf_layout(g, axis)
-
-    def refresh(carry):
-      # The canonical gradient is formed inside the branch: a transposed operand of the
-      # cond would be materialised on every step, refresh or not.
-      g_MxN = layout.to_canonical(g, axis).astype(jnp.float32)
-      old_subspace = carry[1]
-      finite = jnp.all(jnp.isfinite(g_MxN))
-      basis_RxK = projector_fn(jnp.where(finite, g_MxN, 0.0), rank)
-      if basis_RxK.shape != basis_shape:
-        raise ValueError(
-          f"`projector_fn` returned a basis of shape {basis_RxK.shape} for a gradient of"
-          f" shape {g_MxN.shape} at rank {rank}; expected {basis_shape}"
-        )
-      ok = finite & jnp.all(jnp.isfinite(basis_RxK))
-      new = (
-        proj.store_projector(basis_RxK, proj_bits, proj_group_size),
-        schedule.record_refresh(old_subspace, basis_RxK[0], cos_threshold, gamma_proj),
+  def refresh_slice(g_MxN, carry):
+    """A slice's (stored projector, schedule) after its refresh (docs/spec.md section 4)."""
+    basis_shape = proj.basis_shape(g_MxN.shape, rank)
+    old_subspace = carry[1]
+    finite = jnp.all(jnp.isfinite(g_MxN))
+    basis_RxK = projector_fn(jnp.where(finite, g_MxN, 0.0), rank)
+    if basis_RxK.shape != basis_shape:
+      raise ValueError(
+        f"`projector_fn` returned a basis of shape {basis_RxK.shape} for a gradient of"
+        f" shape {g_MxN.shape} at rank {rank}; expected {basis_shape}"
       )
-      return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, carry)
-
-    stored, subspace = jax.lax.cond(
-      schedule.refresh_due(subspace, count), refresh, lambda carry: carry, (stored, subspace)
+    ok = finite & jnp.all(jnp.isfinite(basis_RxK))
+    new = (
+      proj.store_projector(basis_RxK, proj_bits, proj_group_size),
+      schedule.record_refresh(old_subspace, basis_RxK[0], cos_threshold, gamma_proj),
     )
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, carry)
+
+  def refresh_due_slices(g, lay, due, carry):
+    """Refreshes the slices flagged in ``due``, one SVD each, none for the others.
+
+    Each canonical matrix is formed inside this branch: a transposed operand of the cond
+    would be materialised on every step, refresh or not.
+    """
+    g_slices = lay.to_slices(g)
+    canonical = lambda x: lay.slice_layout.to_stack(x)[0].astype(jnp.float32)
+    if lay.num_slices == 1:
+      new = refresh_slice(canonical(g_slices[0]), jax.tree.map(lambda a: a[0], carry))
+      return jax.tree.map(lambda a: a[None], new)
+    order = jnp.nonzero(due, size=lay.num_slices, fill_value=0)[0]
+
+    def body(j, carry):
+      i = order[j]
+      new = refresh_slice(canonical(g_slices[i]), jax.tree.map(lambda a: a[i], carry))
+      return jax.tree.map(lambda a, v: a.at[i].set(v), carry, new)
+
+    return jax.lax.fori_loop(jnp.int32(0), jnp.sum(due, dtype=jnp.int32), body, carry)
+
+  def update_slice(g, mu, nu, stored, lay, count_inc):
+    """Projected Adam on one matrix ``g`` (a slice, laid out as ``lay``; no batch axes)."""
+    basis_shape, side, _ = leaf_layout(lay)
     basis_RxK = proj.load_projector(stored, basis_shape, proj_bits, proj_group_size)
-    r = proj.project(layout.to_canonical(g, axis).astype(jnp.float32), basis_RxK)
+    r = proj.project(lay.to_stack(g)[0].astype(jnp.float32), basis_RxK)
     u, mu, nu = moments.adam_step(
       r,
       moments.load_moment(mu, True, moment_bits),
@@ -213,22 +242,59 @@ def scale_by_qgalore(
       b2,
       eps,
     )
-    if axis == 0:
-      direction = scale * proj.project_back_transposed(u, basis_RxK, side)
+    # A leaf that stores its input axes first (a Flax kernel) gets its update written in
+    # that layout by the matmul itself; transposing the (out, in) result would cost two
+    # passes over the matrix.
+    if lay.reduction_first:
+      direction = proj.project_back_transposed(u, basis_RxK, side)
     else:
-      direction = scale * proj.project_back(u, basis_RxK, side)
-    direction = direction.astype(g.dtype)
+      direction = proj.project_back(u, basis_RxK, side)
+    direction = lay.from_stack((scale * direction)[None], transposed=lay.reduction_first)
     mu = moments.store_moment(mu, True, moment_bits, mu_dtype, min_8bit_size)
     nu = moments.store_moment(nu, False, moment_bits, min_size=min_8bit_size)
-    return direction, mu, nu, stored, subspace
+    return direction.astype(g.dtype), mu, nu
+
+  def update_leaf(g, mu, nu, stored, subspace, lay, count, count_inc):
+    num, batch_ndim = lay.num_slices, len(lay.batch_shape)
+    # State arrays hold the batch shape in front; the update works on (S, ...) stacks.
+    to_slices = lambda t: jax.tree.map(lambda a: a.reshape((num, *a.shape[batch_ndim:])), t)
+    to_batch = lambda t: jax.tree.map(lambda a: a.reshape(lay.batch_shape + a.shape[1:]), t)
+    mu, nu, stored, subspace = to_slices((mu, nu, stored, subspace))
+    due = schedule.refresh_due(subspace, count)
+    stored, subspace = jax.lax.cond(
+      jnp.any(due),
+      lambda carry: refresh_due_slices(g, lay, due, carry),
+      lambda carry: carry,
+      (stored, subspace),
+    )
+    one = lambda g, mu, nu, stored: update_slice(g, mu, nu, stored, lay.slice_layout, count_inc)
+    direction, mu, nu = layout.map_slices(one, (lay.to_slices(g), mu, nu, stored))
+    return (lay.from_slices(direction), *to_batch((mu, nu, stored, subspace)))
 
   projector_cls = None if proj_bits is None else QuantizedArray
   moment_cls = moments.moment_cls(moment_bits)
 
+  def leaf_layouts(params):
+    specs = layout.resolve_specs(params, dimension_numbers, input_axis, "scale_by_qgalore")
+    masked = jax.tree.leaves(
+      jax.tree.map(lambda p: isinstance(p, optax.MaskedNode), params, is_leaf=layout.is_masked)
+    )
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=layout.is_masked)[0]
+    for (path, p), s, m in zip(flat, specs, masked, strict=True):
+      if s is None and not m:
+        how = "dimension numbers" if dimension_numbers is not None else "a 2-D shape"
+        raise ValueError(
+          f"scale_by_qgalore projects every leaf it is given, but parameter"
+          f" {layout.path_str(path)} of shape {jnp.shape(p)} has no {how}; route it elsewhere"
+          " (qgalore_adamw does: its `mask`, or None in `dimension_numbers`)"
+        )
+    layouts = layout.resolve_layouts(params, specs, "scale_by_qgalore")
+    return [lay for lay, m in zip(layouts, masked, strict=True) if not m]
+
   def init_fn(params):
-    axes = layout.resolve_input_axes(params, input_axis, "scale_by_qgalore")
-    leaves, treedef = jax.tree.flatten(params)
-    per_leaf = [init_leaf(p, a) for p, a in zip(leaves, axes, strict=True)]
+    layouts = leaf_layouts(params)
+    treedef = jax.tree.structure(params)
+    per_leaf = [init_leaf(lay) for lay in layouts]
     mu, nu, stored, subspace = ([leaf[i] for leaf in per_leaf] for i in range(4))
     return ScaleByQGaLoreState(
       count=jnp.zeros([], jnp.int32),
@@ -240,18 +306,18 @@ def scale_by_qgalore(
 
   def update_fn(updates, state, params=None):
     del params
-    axes = layout.resolve_input_axes(updates, input_axis, "scale_by_qgalore")
+    layouts = leaf_layouts(updates)
     leaves, treedef = jax.tree.flatten(updates)
     count_inc = optax.safe_increment(state.count)
     per_leaf = [
-      update_leaf(g, mu, nu, stored, sub, a, state.count, count_inc)
-      for g, mu, nu, stored, sub, a in zip(
+      update_leaf(g, mu, nu, stored, sub, lay, state.count, count_inc)
+      for g, mu, nu, stored, sub, lay in zip(
         leaves,
         trees.unpack(treedef, state.mu, moment_cls),
         trees.unpack(treedef, state.nu, moment_cls),
         trees.unpack(treedef, state.projector, projector_cls),
         trees.structs_per_leaf(schedule.SubspaceState, treedef, state.subspace),
-        axes,
+        layouts,
         strict=True,
       )
     ]
@@ -284,6 +350,8 @@ def projection_stats(opt_state) -> Any:
     A pytree shaped like the params: for each projected leaf a dict with int32 ``gap``
     (current refresh interval), ``svd_count`` (SVDs so far) and ``num_cosines``, and float32
     ``mean_cosine`` (mean of the filled cosine buffer, 0 while empty); ``None`` elsewhere.
+    For a stack of matrices each is an array of the leaf's batch shape, one entry per
+    slice (docs/spec.md section 1.3).
 
   Example:
     >>> import jax.numpy as jnp
@@ -310,8 +378,9 @@ def projection_stats(opt_state) -> Any:
     sub = schedule.SubspaceState(**{f: _unwrap(values[i]) for f, values in fields.items()})
     if isinstance(sub.gap, optax.MaskedNode):
       return None
-    filled = jnp.arange(sub.cosines.shape[0]) >= sub.cosines.shape[0] - sub.num_cosines
-    total = jnp.sum(jnp.where(filled, sub.cosines, 0.0))
+    queue_size = sub.cosines.shape[-1]
+    filled = jnp.arange(queue_size) >= queue_size - sub.num_cosines[..., None]
+    total = jnp.sum(jnp.where(filled, sub.cosines, 0.0), axis=-1)
     return {
       "gap": sub.gap,
       "svd_count": sub.svd_count,

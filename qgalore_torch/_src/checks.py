@@ -77,7 +77,14 @@ def check_group(group, index: int) -> None:
         f"{path_str(index, i)} must be a floating-point tensor, got"
         f" {getattr(p, 'dtype', type(p).__name__)}"
       )
+  batch_axes = check_batch_axes(group.get("batch_axes", ()), index)
   if "rank" not in group:
+    if batch_axes:
+      raise ValueError(
+        f"param group {index} has `batch_axes` but no `rank`: batch axes split a parameter"
+        " into matrices that are projected one by one, and a plain AdamW group has nothing"
+        " per matrix; add `rank` or drop `batch_axes`"
+      )
     return
   check_int(group["rank"], "rank")
   check_int(group["update_proj_gap"], "update_proj_gap")
@@ -91,9 +98,37 @@ def check_group(group, index: int) -> None:
     raise TypeError(f"`gamma_proj` must be a Python number, got {type(gamma_proj).__name__}")
   check_number(gamma_proj, "gamma_proj", 1.0)
   check_int(group["queue_size"], "queue_size")
+  ndim = len(batch_axes) + 2
+  in_range = all(-ndim <= a < ndim for a in batch_axes)
+  if not in_range or len({a % ndim for a in batch_axes}) != len(batch_axes):
+    raise ValueError(
+      f"param group {index}: `batch_axes` must be distinct axes of its {ndim}-dim params"
+      f" (negative ints count from the end), got {batch_axes}"
+    )
   for i, p in enumerate(group["params"]):
-    if p.dim() != 2:
+    if p.dim() == ndim:
+      continue
+    if not batch_axes:
       raise ValueError(
         f"param group {index} has `rank`, so its params must be 2-D (out, in) matrices,"
-        f" but params[{i}] has shape {tuple(p.shape)}; put it in a group without `rank`"
+        f" but params[{i}] has shape {tuple(p.shape)}; put it in a group without `rank`,"
+        " or give the group `batch_axes` if it is a stack of matrices"
       )
+    raise ValueError(
+      f"param group {index} has `batch_axes={batch_axes}`, so its params must have"
+      f" {ndim} dims (the batch axes, then out and in), but params[{i}] has shape"
+      f" {tuple(p.shape)}"
+    )
+
+
+def check_batch_axes(batch_axes, index: int) -> tuple[int, ...]:
+  """Returns the ``batch_axes`` of param group ``index`` as a tuple if it is a tuple or list
+  of ints (not bools); else raises naming the group (docs/spec.md section 1.3)."""
+  if not isinstance(batch_axes, (tuple, list)) or not all(
+    isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in batch_axes
+  ):
+    raise TypeError(
+      f"param group {index}: `batch_axes` must be a tuple of ints, got"
+      f" {type(batch_axes).__name__} {batch_axes!r}"
+    )
+  return tuple(int(a) for a in batch_axes)

@@ -330,7 +330,9 @@ def refresh_projector(
     ``(stored, subspace)``, each on the device the old one was on.
   """
   finite = torch.isfinite(grad_MxN).all()
-  basis_RxK = projector_fn(torch.where(finite, grad_MxN, 0.0), rank)
+  # Row-major whatever projector_fn returns (LAPACK's rows are strided): a projection then
+  # rounds the same wherever the basis is kept, in a matrix's state or a slice of a stack's.
+  basis_RxK = projector_fn(torch.where(finite, grad_MxN, 0.0), rank).contiguous()
   ok = finite & torch.isfinite(basis_RxK).all()
   new_stored = proj.store_projector(basis_RxK, bits, group_size)
   stored = _where(ok, new_stored, stored)

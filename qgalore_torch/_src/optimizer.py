@@ -3,7 +3,9 @@
 The twin of ``qgalore_jax.qgalore_adamw``. The arithmetic lives in
 :mod:`qgalore_torch._src.functional`; :class:`QGaLoreAdamW`, shaped like torch's own
 optimizers, validates the groups, holds each parameter's tensor state, (de)quantises 8-bit
-moments around the step (docs/spec.md section 8) and calls the functional step.
+moments around the step (docs/spec.md section 8) and calls the functional step, once per
+matrix: a parameter with batch axes is a stack of matrices, updated slice by slice
+(docs/spec.md section 1.3).
 
 Where the state lives. ``step`` and the refresh schedule (``gap``, ``cosines``,
 ``num_cosines``, ``top_vector``, ``svd_count``) are small CPU tensors, like ``state["step"]``
@@ -22,11 +24,69 @@ from qgalore_torch._src import projector as proj
 from qgalore_torch._src import schedule
 from qgalore_torch._src.checks import check_group
 from qgalore_torch._src.checks import check_int
+from qgalore_torch._src.int8 import Int8Weight
+from qgalore_torch._src.layout import path_str
+from qgalore_torch._src.layout import stack_layout
 
 _HOST = torch.device("cpu")
 _SCHEDULE_KEYS = schedule.SubspaceState._fields
 _HOST_KEYS = ("step", *_SCHEDULE_KEYS)
 _SIGNED = (True, False)  # the map of each moment: signed for exp_avg, unsigned for exp_avg_sq
+_STATS_KEYS = ("gap", "svd_count", "num_cosines", "mean_cosine")
+
+
+def _stack_layout(p, group):
+  """``p`` as a stack of matrices along its group's ``batch_axes`` (docs/spec.md section 1.3)."""
+  return stack_layout(tuple(p.shape), group.get("batch_axes", ()))
+
+
+def _matrix_zero_state(shape, group, device):
+  """The zero state of one projected (out, in) matrix of ``shape``, without ``step``.
+
+  Moments (8-bit or not as their low-rank shape decides) and projector on ``device``, the
+  schedule on the CPU.
+  """
+  rank, moment_bits, min_size = group["rank"], group["moment_bits"], group["min_8bit_size"]
+  state = {}
+  low_rank_shape = proj.low_rank_shape(shape, rank)
+  zeros = [moments.init_moment(low_rank_shape, s, moment_bits, device, min_size) for s in _SIGNED]
+  moments.to_state(state, zeros)
+  basis_shape = proj.basis_shape(shape, rank)
+  empty = torch.zeros(basis_shape, dtype=torch.float32, device=device)
+  stored = proj.store_projector(empty, group["proj_bits"], group["proj_group_size"])
+  state.update(proj.stored_to_state(stored))
+  k = basis_shape[1]
+  subspace = schedule.init_subspace(k, group["update_proj_gap"], group["queue_size"], _HOST)
+  state.update(subspace._asdict())
+  return state
+
+
+def _as_separate(x):
+  """``x`` if it is laid out as a separate tensor would be, else such a copy of it.
+
+  A separate tensor is contiguous and starts on a 64-byte boundary (torch's allocators
+  align at least so). A slice of a stack need not be, and MKL's and cuBLAS's products pick
+  their kernels by the operands' strides and alignment: with MKL 2024.2 on an AVX2 CPU,
+  ``A @ B.T`` rounds differently when ``A`` does not start on a 16-byte boundary. Copying
+  such a slice keeps every slice of a stack bit for bit equal to the same matrix held
+  separately; a stack whose batch axes lead and whose per-slice tensors are multiples of 64
+  bytes is never copied.
+  """
+  if x.is_contiguous() and x.data_ptr() % 64 == 0:
+    return x
+  return x.clone(memory_format=torch.contiguous_format)
+
+
+def _load_moments(state):
+  """The two float32 moments of a matrix's ``state`` (dequantised if stored in 8 bits)."""
+  return tuple(map(moments.load_moment, moments.from_state(state), _SIGNED))
+
+
+def _store_moments(state, floats, group):
+  """Puts the float32 moments ``floats`` into ``state`` in the form the group asks for."""
+  bits, min_size = group["moment_bits"], group["min_8bit_size"]
+  stored = (moments.store_moment(x, s, bits, min_size) for x, s in zip(floats, _SIGNED))
+  moments.to_state(state, stored)
 
 
 def _number(value):
@@ -61,21 +121,32 @@ class QGaLoreAdamW(torch.optim.Optimizer):
   finite is skipped (old projector and schedule kept); the moments are not protected.
   Parameters of groups without ``rank`` get plain AdamW with the same formulas.
 
+  Stacks of matrices (docs/spec.md section 1.3): a group with ``rank`` may set
+  ``batch_axes``, a tuple of ints (negative ones count from the end), for parameters such
+  as stacked experts ``(E, out, in)`` (``batch_axes=(0,)``) or a fused ``(out, 3, in)`` QKV
+  weight (``batch_axes=(1,)``). The two axes left over are ``(out, in)``, in that order.
+  Each index along the batch axes is a slice with its own projector, moments and refresh
+  schedule: the slices are updated one after another, row-major, each exactly as the same
+  matrix held as a separate 2-D parameter (bit for bit on CPU), and only the slices whose
+  refresh is due run an SVD. Every parameter of the group has ``len(batch_axes) + 2`` dims.
+
   INT8 weights (:class:`~qgalore_torch.Int8Weight`, e.g. of :class:`~qgalore_torch.Int8Linear`)
   are updated with the same arithmetic on their dequantised values and written back by
   stochastic rounding (docs/spec.md section 6), keyed by ``seed``, the parameter's 0-based step and
-  its tensor id: its position across all param groups, in order.
+  its tensor id: its position across all param groups, in order. They are single 2-D
+  matrices, refused in a group with ``batch_axes``.
 
   Group keys (defaults from the constructor): ``rank`` (selects projection; no default),
   ``update_proj_gap``, ``scale``, ``proj_bits`` (``None``: float32 projector),
   ``proj_group_size``, ``cos_threshold``, ``gamma_proj``, ``queue_size``, ``moment_bits``,
-  ``min_8bit_size``, and torch's ``lr``, ``betas``, ``eps``, ``weight_decay``.
+  ``min_8bit_size``, and torch's ``lr``, ``betas``, ``eps``, ``weight_decay``; and
+  ``batch_axes`` (default ``()``, a single matrix; not a constructor argument).
 
   8-bit moments (``moment_bits=8``; docs/spec.md section 8): a moment that is 2-D with at least
-  ``min_8bit_size`` elements (a projected matrix's low-rank (m, r) or (r, n) moment, or the
-  parameter's own shape for plain AdamW) is stored as uint8 codes plus one float32 absmax
-  per 16 x 16 tile, 1.016 bytes per element instead of 4; smaller and non-2-D moments stay
-  float32.
+  ``min_8bit_size`` elements (a projected matrix's low-rank (m, r) or (r, n) moment, a
+  slice's for a stack, or the parameter's own shape for plain AdamW) is stored as uint8
+  codes plus one float32 absmax per 16 x 16 tile, 1.016 bytes per element instead of 4;
+  smaller and non-2-D moments stay float32.
   Each step dequantises, runs the float32 Adam arithmetic above, takes the direction from
   those float32 moments and requantises, so the first step equals the float32 one. The
   quantiser is ``qgalore_jax``'s bit for bit (:func:`~qgalore_torch.quantize_moment`).
@@ -88,7 +159,9 @@ class QGaLoreAdamW(torch.optim.Optimizer):
   moment kept in float32 has no absmax entry), and for projected matrices ``proj_codes``,
   ``proj_scale``, ``proj_zero`` (or ``proj_basis`` when ``proj_bits`` is ``None``) on the
   parameter's device plus the schedule ``gap``, ``cosines``, ``num_cosines``,
-  ``top_vector``, ``svd_count`` on CPU (see the module docstring for why).
+  ``top_vector``, ``svd_count`` on CPU (see the module docstring for why). For a stack,
+  each of these but ``step`` holds one matrix's tensor per slice, with the batch shape in
+  front: e.g. ``exp_avg`` ``[*batch_shape, m, r]``, ``gap`` ``[*batch_shape]``.
 
   Args:
     params: parameters or param groups; groups with a ``rank`` key are projected.
@@ -193,7 +266,15 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     else:
       params = list(params)
     param_group = {**param_group, "params": params}
-    check_group({**self.defaults, **param_group}, len(self.param_groups))
+    index = len(self.param_groups)
+    check_group({**self.defaults, **param_group}, index)
+    if param_group.get("batch_axes"):
+      for i, p in enumerate(params):
+        if isinstance(p, Int8Weight):
+          raise TypeError(
+            f"{path_str(index, i)} is an INT8 weight, a single 2-D (out, in) matrix, but"
+            f" param group {index} has `batch_axes`; put it in a group without them"
+          )
     super().add_param_group(param_group)
 
   @torch.no_grad()
@@ -272,34 +353,30 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     return hook
 
   def _init_state(self, p, group):
-    """Zero state for ``p``: step, moments and, for a projected matrix, projector and schedule.
+    """Zero state for ``p``: step, moments and, for projected matrices, projector and schedule.
 
-    A plain parameter's float32 moments are shaped and strided like it; a projected
+    A plain parameter's float32 moments are shaped and strided like it. A projected
     matrix's are the low-rank (m, r) or (r, n) and its projector is all zeros until the
-    first refresh (its step 0) replaces it.
+    first refresh (its step 0) replaces it. A stack of matrices (``batch_axes``) holds one
+    matrix's state per slice: each tensor with the batch shape in front (docs/spec.md
+    section 1.3).
     """
     state = self.state[p]
     state["step"] = torch.zeros([], dtype=torch.float32, device=_HOST)
-    moment_bits, min_size = group["moment_bits"], group["min_8bit_size"]
-    shape = tuple(p.shape)
     if "rank" not in group:
+      moment_bits, min_size = group["moment_bits"], group["min_8bit_size"]
       zeros = [
-        moments.init_moment(shape, s, moment_bits, p.device, min_size, like=p) for s in _SIGNED
+        moments.init_moment(tuple(p.shape), s, moment_bits, p.device, min_size, like=p)
+        for s in _SIGNED
       ]
       moments.to_state(state, zeros)
       return
-    basis_shape = proj.basis_shape(shape, group["rank"])
-    low_rank_shape = proj.low_rank_shape(shape, group["rank"])
-    zeros = [
-      moments.init_moment(low_rank_shape, s, moment_bits, p.device, min_size) for s in _SIGNED
-    ]
-    moments.to_state(state, zeros)
-    bits, group_size = group["proj_bits"], group["proj_group_size"]
-    empty = torch.zeros(basis_shape, dtype=torch.float32, device=p.device)
-    state.update(proj.stored_to_state(proj.store_projector(empty, bits, group_size)))
-    k = basis_shape[1]
-    subspace = schedule.init_subspace(k, group["update_proj_gap"], group["queue_size"], _HOST)
-    state.update(subspace._asdict())
+    layout = _stack_layout(p, group)
+    matrix = _matrix_zero_state(layout.matrix_shape, group, p.device)
+    batch_shape = layout.batch_shape
+    if batch_shape:
+      matrix = {k: v.expand(*batch_shape, *v.shape).clone() for k, v in matrix.items()}
+    state.update(matrix)
 
   def _update(self, p, group, tensor_id):
     if p.grad.is_sparse:
@@ -308,38 +385,79 @@ class QGaLoreAdamW(torch.optim.Optimizer):
       self._init_state(p, group)
     state = self.state[p]
     grad = p.grad.to(torch.float32)
-    basis_RxK = self._projector(state, grad, group) if "rank" in group else None
-    state["step"] += 1
+    # `step`, 0-based, decides the refreshes; `count`, 1-based, is the step of the moments.
+    step = state["step"]
+    count = step + 1
     b1, b2 = (_number(b) for b in group["betas"])
     hyper = (b1, b2, *(_number(group[key]) for key in ("eps", "lr", "weight_decay")))
-    exp_avg, exp_avg_sq = map(moments.load_moment, moments.from_state(state), _SIGNED)
     rounding = {"seed": group["seed"], "tensor_id": tensor_id}
-    if basis_RxK is None:
+    if "rank" not in group:
+      exp_avg, exp_avg_sq = _load_moments(state)
       scratch = None if grad is p.grad else grad  # a float32 copy of the gradient is ours
       functional.adamw_step_(
-        p, grad, exp_avg, exp_avg_sq, state["step"], *hyper, scratch=scratch, **rounding
+        p, grad, exp_avg, exp_avg_sq, count, *hyper, scratch=scratch, **rounding
       )
+      _store_moments(state, (exp_avg, exp_avg_sq), group)
     else:
-      scale = _number(group["scale"])
-      functional.projected_step_(
-        p, grad, basis_RxK, exp_avg, exp_avg_sq, state["step"], *hyper, scale, **rounding
-      )
-    bits, min_size = group["moment_bits"], group["min_8bit_size"]
-    stored = (
-      moments.store_moment(x, s, bits, min_size) for x, s in zip((exp_avg, exp_avg_sq), _SIGNED)
-    )
-    moments.to_state(state, stored)
+      layout = _stack_layout(p, group)
+      args = (group, step, count, hyper, rounding)
+      if layout.batch:
+        self._update_slices(state, layout, p, grad, *args)
+      else:
+        self._update_matrix(state, p, grad, *args)
+    state["step"] = count
 
-  def _projector(self, state, grad_MxN, group):
+  def _update_matrix(self, state, p_MxN, grad_MxN, group, step, count, hyper, rounding):
+    """One projected (out, in) matrix: refresh if due, then the projected step, in place."""
+    basis_RxK = self._projector(state, grad_MxN, group, step)
+    exp_avg, exp_avg_sq = _load_moments(state)
+    scale = _number(group["scale"])
+    functional.projected_step_(
+      p_MxN, grad_MxN, basis_RxK, exp_avg, exp_avg_sq, count, *hyper, scale, **rounding
+    )
+    _store_moments(state, (exp_avg, exp_avg_sq), group)
+
+  def _update_slices(self, state, layout, p, grad, *args):
+    """:meth:`_update_matrix` of each slice of a stack, row-major (docs/spec.md section 1.3).
+
+    Each slice is updated as a separate matrix would be: its state, parameter and gradient
+    are views into the stacked tensors, or copies laid out as a separate tensor is where
+    a view is not (see :func:`_as_separate`); what the update replaced or wrote into a copy
+    is copied into the view. A stored moment whose form changes (a state saved with another
+    ``moment_bits``) is restacked after the last slice.
+    """
+    p_stack, grad_stack = layout.to_stack(p), layout.to_stack(grad)
+    restacked, dropped = {}, set()
+    for index in layout.indices():
+      views = {key: value[index] for key, value in state.items() if key != "step"}
+      matrix_state = {key: _as_separate(view) for key, view in views.items()}
+      p_view = p_stack[index]
+      p_MxN = _as_separate(p_view)
+      self._update_matrix(matrix_state, p_MxN, _as_separate(grad_stack[index]), *args)
+      if p_MxN is not p_view:
+        p_view.copy_(p_MxN)
+      dropped |= views.keys() - matrix_state.keys()
+      for key, value in matrix_state.items():
+        view = views.get(key)
+        if view is None or view.dtype != value.dtype:
+          restacked.setdefault(key, []).append(value)
+        elif value is not view:
+          view.copy_(value)
+    for key in dropped:
+      del state[key]
+    for key, values in restacked.items():
+      state[key] = torch.stack(values).reshape(*layout.batch_shape, *values[0].shape)
+
+  def _projector(self, state, grad_MxN, group, step):
     """The float32 ``basis_RxK`` of this step, refreshed first if due (docs/spec.md section 4).
 
-    Called before ``step`` is incremented: the schedule reads the 0-based step.
+    ``state`` is one matrix's; ``step`` is its 0-based step, which the schedule reads.
     """
     rank, bits, group_size = group["rank"], group["proj_bits"], group["proj_group_size"]
     stored = proj.stored_from_state(state, bits)
     subspace = schedule.SubspaceState(*(state[key] for key in _SCHEDULE_KEYS))
     # CPU tensors only: deciding costs no device synchronisation.
-    if bool(schedule.refresh_due(subspace, state["step"])):
+    if bool(schedule.refresh_due(subspace, step)):
       stored, subspace = functional.refresh_projector(
         grad_MxN,
         stored,
@@ -385,7 +503,9 @@ class QGaLoreAdamW(torch.optim.Optimizer):
       A list with one entry per parameter, in param-group order: for a projected matrix a
       dict with int ``gap`` (current refresh interval), ``svd_count`` (SVDs so far),
       ``num_cosines`` and float ``mean_cosine`` (mean of the filled cosine buffer, 0 while
-      empty); ``None`` for parameters of groups without ``rank``.
+      empty); for a stack of matrices (``batch_axes``) the same dict whose values are lists,
+      one value per slice in row-major order; ``None`` for parameters of groups without
+      ``rank``.
     """
     stats = []
     for group in self.param_groups:
@@ -393,20 +513,28 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         if "rank" not in group:
           stats.append(None)
           continue
+        layout = _stack_layout(p, group)
         state = self.state.get(p)
-        if not state:
-          stats.append(
-            {"gap": group["update_proj_gap"], "svd_count": 0, "num_cosines": 0, "mean_cosine": 0.0}
-          )
-          continue
-        num = int(state["num_cosines"])
-        filled = state["cosines"][state["cosines"].shape[0] - num :]
-        stats.append(
-          {
-            "gap": int(state["gap"]),
-            "svd_count": int(state["svd_count"]),
-            "num_cosines": num,
-            "mean_cosine": float(filled.sum()) / max(num, 1),
-          }
-        )
+        if state:
+          per_slice = [_matrix_stats(state, index) for index in layout.indices()]
+        else:
+          initial = {"gap": group["update_proj_gap"], "svd_count": 0, "num_cosines": 0}
+          per_slice = [{**initial, "mean_cosine": 0.0}] * layout.num_slices
+        if layout.batch:
+          stats.append({key: [s[key] for s in per_slice] for key in _STATS_KEYS})
+        else:
+          stats.append(per_slice[0])
     return stats
+
+
+def _matrix_stats(state, index):
+  """The :meth:`QGaLoreAdamW.projection_stats` of the slice at ``index`` (``()``: 2-D)."""
+  cosines = state["cosines"][index]
+  num = int(state["num_cosines"][index])
+  filled = cosines[cosines.shape[0] - num :]
+  return {
+    "gap": int(state["gap"][index]),
+    "svd_count": int(state["svd_count"][index]),
+    "num_cosines": num,
+    "mean_cosine": float(filled.sum()) / max(num, 1),
+  }
