@@ -42,6 +42,15 @@ BENCHMARKS = (
     ["step_memory"],
   ),
   (
+    "scan_compile",
+    [],
+    "Scanned vs unscanned blocks: compile time, step time, bytes",
+    "The main example's `qgalore` train step with its decoder blocks under `nnx.scan` and in"
+    " a Python loop: compile time, steady-state step time, and the bytes of weights and"
+    " optimizer state (equal in both).",
+    ["scan_compile_cpu", "scan_compile_gpu"],
+  ),
+  (
     "update_speed",
     ["--config", "60M"],
     "Speed of the JAX update, LLaMA-60M shapes",

@@ -61,6 +61,7 @@ DEFAULTS = train.RunConfig(
   eval_every=25,
   log_every=10,
   checkpoint_every=0,
+  scan=False,  # one leaf per matrix: the schedules below are recorded and listed per layer
 )
 
 

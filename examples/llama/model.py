@@ -3,12 +3,19 @@
 This is the architecture of the Q-GaLore paper's pre-training runs (arXiv 2407.08296,
 section 4.1, following GaLore's LLaMA configs). The paper's shapes are in ``CONFIGS``
 together with ``tiny``, a CPU-sized model for the default run.
+
+The decoder blocks are either a list of modules applied one after another, or, scanned
+(``scan=True``), one block whose parameters carry a leading layer axis, applied with
+``nnx.scan``: the train step then traces and compiles one block whatever the depth, and
+each block kernel is one ``(layers, in, out)`` leaf, a stack of matrices that Q-GaLore
+projects slice by slice (docs/spec.md section 1.3).
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import qgalore_jax
 from examples.llama.configs import CONFIGS  # noqa: F401  (re-exported as model.CONFIGS)
 from examples.llama.configs import PROJECTED
 from examples.llama.configs import Config
@@ -90,26 +97,71 @@ class Block(nnx.Module):
     return x_BTD + self.mlp(self.mlp_norm(x_BTD))
 
 
-class Llama(nnx.Module):
-  """Token ids (batch, time) to next-token logits (batch, time, vocab)."""
+def _stacked_blocks(cfg: Config, rngs: nnx.Rngs) -> Block:
+  """``cfg.num_layers`` blocks made at once: one ``Block`` whose parameters are stacked on a
+  leading layer axis, each layer initialised from its own split of ``rngs``."""
 
-  def __init__(self, cfg: Config, rngs: nnx.Rngs):
+  @nnx.split_rngs(splits=cfg.num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def create(rngs: nnx.Rngs) -> Block:
+    return Block(cfg, rngs)
+
+  return create(rngs)
+
+
+def _apply_block(block: Block, x_BTD: jax.Array) -> jax.Array:
+  return block(x_BTD)
+
+
+class Llama(nnx.Module):
+  """Token ids (batch, time) to next-token logits (batch, time, vocab).
+
+  Args:
+    cfg: the model's shape.
+    rngs: initialisation keys.
+    scan: hold the blocks stacked (``layers/attn/q/kernel`` of shape ``(layers, d, d)``)
+      and apply them with ``nnx.scan``; otherwise a list (``layers/0/attn/q/kernel``).
+      Built here, a scanned model draws its weights differently from an unscanned one;
+      ``init_params`` gives both the same weights for a seed.
+    remat: recompute each block's activations in the backward pass instead of keeping
+      them (``nnx.remat``): less memory, about one more forward pass of compute.
+  """
+
+  def __init__(self, cfg: Config, rngs: nnx.Rngs, *, scan: bool = False, remat: bool = False):
+    self.scanned = scan
+    self.remat = remat
     self.embed = nnx.Embed(
       cfg.vocab_size, cfg.d_model, embedding_init=nnx.initializers.normal(1.0), rngs=rngs
     )
-    self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    if scan:
+      self.layers = _stacked_blocks(cfg, rngs)
+    else:
+      self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
     self.norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, rngs=rngs)
     self.lm_head = _linear(cfg.d_model, cfg.vocab_size, rngs)
 
   def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+    apply_block = nnx.remat(_apply_block) if self.remat else _apply_block
     x_BTD = self.embed(tokens_BT)
-    for layer in self.layers:
-      x_BTD = layer(x_BTD)
+    if self.scanned:
+      scan_blocks = nnx.scan(
+        lambda x_BTD, block: apply_block(block, x_BTD),
+        in_axes=(nnx.Carry, 0),
+        out_axes=nnx.Carry,
+      )
+      x_BTD = scan_blocks(x_BTD, self.layers)
+    else:
+      for layer in self.layers:
+        x_BTD = apply_block(layer, x_BTD)
     return self.lm_head(self.norm(x_BTD))
 
 
 def is_projected(path: tuple, leaf) -> bool:
-  """Whether a parameter (by its pytree path) is one of the seven projected matrices."""
+  """Whether a parameter (by its pytree path) is one of the seven projected matrices.
+
+  For the unscanned model and optax's GaLore, which projects 2-D leaves only: the stacked
+  kernels of a scanned model are 3-D, so this is False for them (see ``dimension_numbers``).
+  """
   names = [getattr(k, "key", getattr(k, "name", k)) for k in path]
   return jnp.ndim(leaf) == 2 and len(names) >= 2 and names[-2] in PROJECTED
 
@@ -119,10 +171,58 @@ def projection_mask(params) -> dict:
   return jax.tree_util.tree_map_with_path(is_projected, params)
 
 
-def init_params(cfg: Config, seed: int):
-  """Builds the model and returns ``(graphdef, params)``, params as a plain nested dict."""
-  graphdef, state = nnx.split(Llama(cfg, nnx.Rngs(seed)))
-  return graphdef, nnx.to_pure_dict(state)
+def dimension_numbers(llama: Llama):
+  """Which matrices Q-GaLore projects, as a callable on ``llama``'s params (docs/spec.md
+  section 1.3): the seven block kernels of each layer, a stacked kernel slice by slice;
+  not the head, which gets Adam as in the paper, nor embeddings and norms."""
+  return qgalore_jax.nnx_dimension_numbers(llama, exclude=("lm_head",))
+
+
+def stack_layers(params: dict) -> dict:
+  """An unscanned model's params in the scanned model's layout: each block parameter of
+  layer ``i`` at index ``i`` of a new leading axis.
+
+  Example:
+    >>> cfg = Config(vocab_size=16, d_model=8, d_ff=8, num_layers=3, num_heads=2)
+    >>> _, params = init_params(cfg, seed=0)
+    >>> stack_layers(params)["layers"]["attn"]["q"]["kernel"].shape
+    (3, 8, 8)
+  """
+  layers = [params["layers"][i] for i in sorted(params["layers"])]
+  return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+
+
+def init_params(cfg: Config, seed: int, *, scan: bool = False, remat: bool = False):
+  """Builds the model and returns ``(graphdef, params)``, params as a plain nested dict.
+
+  A scanned model's params are the unscanned model's for the same seed, stacked
+  (``stack_layers``), so that both start from identical weights.
+  """
+  graphdef, state = nnx.split(Llama(cfg, nnx.Rngs(seed), remat=remat))
+  params = nnx.to_pure_dict(state)
+  if not scan:
+    return graphdef, params
+  abstract = nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(seed), scan=True, remat=remat))
+  return nnx.graphdef(abstract), stack_layers(params)
+
+
+def tensor_ids(cfg: Config, *, scan: bool):
+  """The stochastic-rounding tensor id of every matrix, for ``qgalore_jax.apply_updates``.
+
+  Each matrix gets its leaf index among the unscanned model's params (the library's
+  default for that model); in the scanned layout a stacked kernel gets the ids of its
+  layers, one per slice (docs/spec.md section 1.3). So on the same seed both layouts round
+  their INT8 weights with the same uniforms.
+
+  Example:
+    >>> cfg = Config(vocab_size=16, d_model=8, d_ff=8, num_layers=3, num_heads=2)
+    >>> tensor_ids(cfg, scan=True)["layers"]["attn"]["q"]["kernel"].tolist()
+    [3, 12, 21]
+  """
+  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0)))))
+  leaves, treedef = jax.tree.flatten(abstract)
+  ids = treedef.unflatten(range(len(leaves)))
+  return stack_layers(ids) if scan else ids
 
 
 def param_count(cfg: Config) -> int:

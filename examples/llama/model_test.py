@@ -75,3 +75,42 @@ def test_projection_mask_selects_the_seven_matrices_per_layer():
   assert not mask["embed"]["embedding"]
   assert not mask["lm_head"]["kernel"]
   assert not mask["layers"][1]["attn_norm"]["scale"]
+
+
+def test_scanned_params_are_the_unscanned_layers_stacked():
+  _, params = model.init_params(SMALL, seed=0)
+  _, stacked = model.init_params(SMALL, seed=0, scan=True)
+  assert stacked["layers"]["attn"]["q"]["kernel"].shape == (2, 32, 32)
+  assert stacked["layers"]["mlp"]["down"]["kernel"].shape == (2, 48, 32)
+  assert stacked["layers"]["attn_norm"]["scale"].shape == (2, 32)
+  for i in range(SMALL.num_layers):
+    np.testing.assert_array_equal(
+      stacked["layers"]["mlp"]["gate"]["kernel"][i], params["layers"][i]["mlp"]["gate"]["kernel"]
+    )
+  np.testing.assert_array_equal(stacked["lm_head"]["kernel"], params["lm_head"]["kernel"])
+  assert model.param_count(SMALL) == sum(x.size for x in jax.tree.leaves(stacked))
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_model_gives_the_unscanned_logits_and_gradients(remat):
+  graphdef, params = model.init_params(SMALL, seed=0)
+  scanned_graphdef, stacked = model.init_params(SMALL, seed=0, scan=True, remat=remat)
+  tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, SMALL.vocab_size)
+  logits = lambda graphdef, params: nnx.merge(graphdef, params)(tokens)
+  loss = lambda graphdef, params: jnp.mean(logits(graphdef, params) ** 2)
+  # Scan changes how XLA fuses and orders the sums, so agreement is to float32 rounding.
+  np.testing.assert_allclose(
+    jax.jit(logits, static_argnums=0)(scanned_graphdef, stacked),
+    jax.jit(logits, static_argnums=0)(graphdef, params),
+    rtol=1e-5,
+    atol=1e-5,
+  )
+  value_and_grad = jax.jit(jax.value_and_grad(loss, argnums=1), static_argnums=0)
+  want_loss, want_grads = value_and_grad(graphdef, params)
+  got_loss, got_grads = value_and_grad(scanned_graphdef, stacked)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+  jax.tree.map(
+    lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6),
+    got_grads,
+    model.stack_layers(want_grads),
+  )

@@ -14,11 +14,17 @@
 The low-rank ones project only the attention and MLP matrices (q, k, v, o, gate, up,
 down), as the authors do; embeddings, norms and the head get Adam. All use the paper's
 ``b2 = 0.95``, no weight decay and GaLore's ``scale = 0.25``.
+
+Ours take the projected matrices from the model (``model.dimension_numbers``), so they
+train the scanned model, whose stacked kernels they project slice by slice. Optax's
+``galore`` projects 2-D leaves only (its dimension numbers have no batch axis), so it
+trains the unscanned model (``UNSCANNED``).
 """
 
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import optax
 from optax import contrib
 
@@ -41,6 +47,11 @@ QGALORE_VARIANTS = {
 }
 LEARNING_RATES |= {name: LEARNING_RATES["qgalore"] for name in ("qgalore-fixedgap", "qgalore-8bit")}
 ALL_NAMES = ("adamw", "galore", *QGALORE_VARIANTS)
+# The optimizers that cannot train the scanned model, and why.
+UNSCANNED = {
+  "galore": "optax's GaLore projects 2-D leaves only (its dimension numbers have no batch"
+  " axis), so it trains the unscanned model",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,15 +62,28 @@ class LowRank:
   update_proj_gap: int
 
 
-def build(name: str, learning_rate, low_rank: LowRank) -> tuple[optax.GradientTransformation, bool]:
+def build(
+  name: str, learning_rate, low_rank: LowRank, llama: model.Llama | None = None
+) -> tuple[optax.GradientTransformation, bool]:
   """``(tx, int8_weights)`` for optimizer ``name``; ``learning_rate`` may be a schedule.
 
+  Args:
+    name: one of ``ALL_NAMES``.
+    learning_rate: the peak learning rate, or a schedule.
+    low_rank: rank and initial refresh gap of the low-rank optimizers.
+    llama: the model to train (an abstract one from ``nnx.eval_shape`` will do): the
+      ``qgalore`` variants take the matrices to project from it. Unscanned for ``galore``
+      (``UNSCANNED``).
+
   Raises:
-    ValueError: for an unknown name.
+    ValueError: for an unknown name, a ``qgalore`` variant without ``llama``, or
+      ``galore`` with a scanned model.
   """
   if name == "adamw":
     return optax.adamw(learning_rate, b2=B2, weight_decay=0.0), False
   if name == "galore":
+    if llama is not None and llama.scanned:
+      raise ValueError(f"galore cannot train a scanned model: {UNSCANNED['galore']}")
     dims = lambda params: jax.tree_util.tree_map_with_path(
       lambda path, p: contrib.GaLoreDimensionNumbers() if model.is_projected(path, p) else None,
       params,
@@ -74,6 +98,8 @@ def build(name: str, learning_rate, low_rank: LowRank) -> tuple[optax.GradientTr
     )
     return tx, False
   if name in QGALORE_VARIANTS:
+    if llama is None:
+      raise ValueError(f"{name} needs the model, to know which matrices to project")
     kwargs, int8_weights = QGALORE_VARIANTS[name]
     tx = qgalore_jax.qgalore_adamw(
       learning_rate,
@@ -81,7 +107,7 @@ def build(name: str, learning_rate, low_rank: LowRank) -> tuple[optax.GradientTr
       rank=low_rank.rank,
       update_proj_gap=low_rank.update_proj_gap,
       scale=SCALE,
-      mask=model.projection_mask,
+      dimension_numbers=model.dimension_numbers(llama),
       **kwargs,
     )
     return tx, int8_weights
@@ -91,8 +117,9 @@ def build(name: str, learning_rate, low_rank: LowRank) -> tuple[optax.GradientTr
 def svd_count(name: str, opt_state, steps: int, num_projected: int, low_rank: LowRank) -> int:
   """SVDs done in ``steps`` steps, summed over the projected matrices.
 
-  Ours count them in the state (``projection_stats``). Optax's GaLore keeps no counter;
-  its schedule is fixed (every matrix at every multiple of the gap), so the count follows.
+  Ours count them in the state (``projection_stats``: one count per matrix, an array of
+  one per slice for a stacked kernel). Optax's GaLore keeps no counter; its schedule is
+  fixed (every matrix at every multiple of the gap), so the count follows.
   """
   if name == "adamw":
     return 0
@@ -100,4 +127,4 @@ def svd_count(name: str, opt_state, steps: int, num_projected: int, low_rank: Lo
     return num_projected * -(-steps // low_rank.update_proj_gap)
   is_stats = lambda x: isinstance(x, dict) and "svd_count" in x
   leaves = jax.tree.leaves(qgalore_jax.projection_stats(opt_state), is_leaf=is_stats)
-  return int(sum(stats["svd_count"] for stats in leaves))
+  return sum(int(jnp.sum(stats["svd_count"])) for stats in leaves)

@@ -8,6 +8,13 @@ Examples::
 
 (the paper's 60M run adds ``--rank 128 --update-proj-gap 200 --learning-rate 0.015``).
 
+The decoder blocks run under ``nnx.scan`` over stacked weights (``--no-scan``: a Python
+loop over a list of blocks; ``--remat``: recompute block activations in the backward
+pass). Scanned and unscanned models start from the same weights on a seed and train to
+the same losses up to float rounding (and, with INT8 weights, up to the different
+uniforms that stochastic rounding draws for a stack, docs/spec.md section 1.3). Optax's
+``galore`` always runs unscanned (``optimizers.UNSCANNED``), and says so.
+
 The train step is a pure function of ``(params, opt_state, batch, step)`` on a plain
 pytree of parameters, jitted with the parameters and optimizer state donated. With
 ``qgalore`` the projected matrices live as INT8 codes: the step dequantises them, takes
@@ -50,6 +57,14 @@ class RunConfig(cli.RunConfig):
   """One training run (the command-line flags of the same names)."""
 
   out_dir: str = "runs/llama"
+  scan: bool = True
+  remat: bool = False
+
+  @property
+  def scanned(self) -> bool:
+    """Whether the run's blocks are scanned: ``scan``, unless the optimizer cannot train a
+    scanned model (``optimizers.UNSCANNED``)."""
+    return self.scan and self.optimizer not in optimizers.UNSCANNED
 
   @property
   def lr(self) -> float:
@@ -73,16 +88,19 @@ def loss_fn(graphdef, params, batch) -> jax.Array:
   return losses.mean()
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, int8_weights: bool, seed: int):
+def make_train_step(
+  graphdef, tx: optax.GradientTransformation, int8_weights: bool, seed: int, tensor_ids=None
+):
   """Jitted ``(params, opt_state, batch, step) -> (params, opt_state, loss)``.
 
   ``params`` and ``opt_state`` are donated; ``loss`` is the batch's loss before the
   update. With ``int8_weights`` this is ``qgalore_jax.int8_train_step``: ``params`` holds
-  INT8 matrices, and ``seed`` and ``step`` key their stochastic rounding.
+  INT8 matrices, and ``seed``, ``step`` and ``tensor_ids`` (``model.tensor_ids``; None:
+  the library's default) key their stochastic rounding.
   """
   model_loss = functools.partial(loss_fn, graphdef)
   if int8_weights:
-    return qgalore_jax.int8_train_step(model_loss, tx, seed=seed)
+    return qgalore_jax.int8_train_step(model_loss, tx, seed=seed, tensor_ids=tensor_ids)
 
   def train_step(params, opt_state, batch, step):
     del step  # float weights round to nearest: no randomness
@@ -110,13 +128,18 @@ def tree_bytes(tree) -> int:
 
 def init_state(cfg: RunConfig):
   """``(graphdef, params, opt_state, tx, int8_weights)`` of a fresh run."""
-  graphdef, params = model.init_params(model.CONFIGS[cfg.model], cfg.seed)
+  graphdef, params = model.init_params(
+    model.CONFIGS[cfg.model], cfg.seed, scan=cfg.scanned, remat=cfg.remat
+  )
+  llama = nnx.merge(graphdef, params)
   low_rank = optimizers.LowRank(cfg.rank, cfg.update_proj_gap)
-  tx, int8_weights = optimizers.build(cfg.optimizer, lr_schedule(cfg), low_rank)
+  tx, int8_weights = optimizers.build(cfg.optimizer, lr_schedule(cfg), low_rank, llama)
   opt_state = tx.init(params)  # from the float weights, before they are quantised
   if int8_weights:
     params = qgalore_jax.quantize_params(
-      params, group_size=optimizers.INT8_GROUP_SIZE, mask=model.projection_mask(params)
+      params,
+      group_size=optimizers.INT8_GROUP_SIZE,
+      dimension_numbers=model.dimension_numbers(llama),
     )
   return graphdef, params, opt_state, tx, int8_weights
 
@@ -188,8 +211,11 @@ def train(cfg: RunConfig, progress: bool = True, wrap_step=None) -> dict:
   """
   run_dir = pathlib.Path(cfg.out_dir).resolve() / cfg.optimizer
   run_dir.mkdir(parents=True, exist_ok=True)
+  if cfg.scan and not cfg.scanned:
+    print(f"{cfg.optimizer}: {optimizers.UNSCANNED[cfg.optimizer]}", file=sys.stderr)
   graphdef, params, opt_state, tx, int8_weights = init_state(cfg)
-  train_step = make_train_step(graphdef, tx, int8_weights, cfg.seed)
+  ids = model.tensor_ids(model.CONFIGS[cfg.model], scan=cfg.scanned)
+  train_step = make_train_step(graphdef, tx, int8_weights, cfg.seed, ids)
   if wrap_step is not None:
     train_step = wrap_step(train_step)
   eval_step = make_eval_step(graphdef, int8_weights)
@@ -203,7 +229,11 @@ def train(cfg: RunConfig, progress: bool = True, wrap_step=None) -> dict:
   train_batches, heldout = make_data(cfg)
   if progress:
     millions = model.param_count(model.CONFIGS[cfg.model]) / 1e6
-    print(f"{cfg.optimizer}: {cfg.model} LLaMA, {millions:.2f}M parameters", file=sys.stderr)
+    blocks = "scanned" if cfg.scanned else "unscanned"
+    print(
+      f"{cfg.optimizer}: {cfg.model} LLaMA, {millions:.2f}M parameters, {blocks} blocks",
+      file=sys.stderr,
+    )
   tokens_per_step = cfg.batch_size * model.CONFIGS[cfg.model].seq_len
   train_curve, eval_curve = [], []
   with open(run_dir / "metrics.jsonl", "a" if start else "w") as metrics:
@@ -238,6 +268,7 @@ def train(cfg: RunConfig, progress: bool = True, wrap_step=None) -> dict:
   low_rank = optimizers.LowRank(cfg.rank, cfg.update_proj_gap)
   return {
     "optimizer": cfg.optimizer,
+    "scanned": cfg.scanned,
     "learning_rate": cfg.lr,
     "eval_loss": eval_curve[-1][1] if eval_curve else evaluate(eval_step, params, heldout),
     "weight_bytes": tree_bytes(params),
@@ -263,6 +294,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Names
     optimizers.NAMES,
     model.CONFIGS,
     extra_names=[n for n in optimizers.ALL_NAMES if n not in optimizers.NAMES],
+  )
+  parser.add_argument(
+    "--scan",
+    action=argparse.BooleanOptionalAction,
+    default=RunConfig.scan,
+    help="apply the decoder blocks with nnx.scan over stacked weights (one block compiled"
+    " whatever the depth); galore always runs unscanned: optax's GaLore projects 2-D leaves"
+    " only (its dimension numbers have no batch axis)",
+  )
+  parser.add_argument(
+    "--remat",
+    action="store_true",
+    help="recompute block activations in the backward pass (nnx.remat): less memory",
   )
   args = parser.parse_args(argv)
   return cli.run_config(RunConfig, args), args

@@ -311,15 +311,40 @@ def _apply_leaf(p, u, path, seed, step, tensor_id):
       f" shape {p.shape}"
     )
   lay = p.layout
-  # One stream over the whole canonical stack: slice s, element e has index s * m * n + e.
-  noise = uniforms(seed, step, tensor_id, (lay.num_slices, *lay.matrix_shape))
+  # Each slice draws the uniforms of a separate matrix with its own tensor id.
+  ids = jnp.asarray(tensor_id, jnp.uint32).reshape(lay.num_slices)
 
-  def round_slice(codes, scale, zero, u_MxN, noise_MxN):
+  def round_slice(codes, scale, zero, u_MxN, slice_id):
     w_MxN = _add_update(QuantizedArray(codes, scale, zero), u_MxN, p.bits, p.group_size)
-    return quantize(w_MxN, p.bits, p.group_size, noise=noise_MxN)
+    noise = uniforms(seed, step, slice_id, lay.matrix_shape)
+    return quantize(w_MxN, p.bits, p.group_size, noise=noise)
 
-  new = _per_slice(layout.map_slices(round_slice, (*p._slices(), lay.to_stack(u), noise)), lay)
+  new = _per_slice(layout.map_slices(round_slice, (*p._slices(), lay.to_stack(u), ids)), lay)
   return p._replace(codes=new.codes, scale=new.scale, zero=new.zero)
+
+
+def _slice_ids(tensor_id, p, path):
+  """The tensor ids of a leaf's matrices: one per slice of a stack, consecutive from an int."""
+  if not is_quantized(p):
+    return tensor_id  # a float leaf draws no uniforms
+  num = p.layout.num_slices
+  if isinstance(tensor_id, int) and not isinstance(tensor_id, bool):
+    return np.arange(tensor_id, tensor_id + num) if num > 1 else tensor_id
+  if jnp.size(tensor_id) != num:
+    raise ValueError(
+      f"`tensor_ids` for parameter {path_str(path)} must be an int or {num} ints (one per"
+      f" matrix of the stack), got {tensor_id!r}"
+    )
+  return tensor_id
+
+
+def _default_ids(flat) -> list:
+  """Each leaf's position among the matrices: a stack of S slices counts S (spec 1.3)."""
+  ids, count = [], 0
+  for _, p in flat:
+    ids.append(count)
+    count += p.layout.num_slices if is_quantized(p) else 1
+  return ids
 
 
 def apply_updates(qparams, updates, *, seed, step, tensor_ids=None):
@@ -332,7 +357,8 @@ def apply_updates(qparams, updates, *, seed, step, tensor_ids=None):
     w = s (q - z), \quad w' = w + \Delta, \quad (s', z') = \text{groupwise}(w'), \quad
     q' = \text{clamp}(\lfloor w' / s' + u \rfloor + z', 0, 2^b - 1)
 
-  with ``u`` from :func:`uniforms` keyed by ``(seed, step, tensor id, element)``, so
+  with ``u`` from :func:`uniforms` keyed by ``(seed, step, tensor id, element)`` (one id
+  per matrix: per slice of a stack), so
   :math:`\mathbb{E}[s'(q' - z')] = w'`: an update much smaller than a quantisation step
   survives in expectation (round-to-nearest would drop it). Other leaves get
   ``p + update`` in their own dtype, as ``optax.apply_updates``.
@@ -346,7 +372,10 @@ def apply_updates(qparams, updates, *, seed, step, tensor_ids=None):
       update, e.g. the train loop's step).
     tensor_ids: integers shaped like the params, or ``None`` for each leaf's index in
       ``jax.tree.leaves(qparams, is_leaf=is_quantized)`` (its index among the leaves of the
-      original params).
+      original params) when no leaf is a stack. Each matrix of a stack has its own id
+      (docs/spec.md section 1.3): give a stacked leaf an int ``t`` (its slices get ``t,
+      t + 1, ...``) or an array of ints of its batch shape; by default the ids count
+      matrices, a stack of S slices counting S, in leaf order.
 
   Returns:
     The updated pytree, with the structure and dtypes of ``qparams``.
@@ -370,10 +399,10 @@ def apply_updates(qparams, updates, *, seed, step, tensor_ids=None):
   except (ValueError, TypeError) as e:
     raise ValueError(f"`updates` must have the structure of the params: {e}") from None
   ids = (
-    range(len(flat)) if tensor_ids is None else _per_leaf(tensor_ids, qparams, "tensor_ids", int)
+    _default_ids(flat) if tensor_ids is None else _per_leaf(tensor_ids, qparams, "tensor_ids", int)
   )
   new = [
-    _apply_leaf(p, u, path, seed, step, i)
+    _apply_leaf(p, u, path, seed, step, _slice_ids(i, p, path))
     for (path, p), u, i in zip(flat, flat_updates, ids, strict=True)
   ]
   return treedef.unflatten(new)

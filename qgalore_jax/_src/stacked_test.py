@@ -233,16 +233,28 @@ def test_int8_stack_quantises_and_rounds_each_slice():
   step = jax.jit(functools.partial(apply_updates, seed=5, step=7))
   new = step(qparams, {"kernel": jnp.asarray(update), "bias": jnp.zeros_like(bias)})["kernel"]
   size = 40 * 24
-  tensor_id = 1  # leaves in order: "bias" (0), "kernel" (1)
-  u = py_uniforms(5, 7, tensor_id, L * size)  # one stream over the canonical stack
-  for i in range(L):
+  for i in range(L):  # leaves in order: "bias" (id 0), then one id per slice: 1, 2, 3
     g = np.arange(size) // 256
     scale, zero = np.asarray(q.scale[i])[g], np.asarray(q.zero[i])[g]
     w_new = scale * ((np.asarray(q.codes[i], np.float32) - zero) + update[i].T.reshape(-1) / scale)
-    codes, scales, zeros = naive_sr(w_new, u[i * size : (i + 1) * size], 8, 256)
+    codes, scales, zeros = naive_sr(w_new, py_uniforms(5, 7, 1 + i, size), 8, 256)
     np.testing.assert_array_equal(np.asarray(new.codes[i]), codes)
     np.testing.assert_array_equal(np.asarray(new.scale[i]), scales)
     np.testing.assert_array_equal(np.asarray(new.zero[i]), zeros)
+  # Given the ids of the separate leaves, a stack writes what they would write.
+  separate = {f"w{i}": quantize_params({"w": jnp.asarray(kernel[i])})["w"] for i in range(L)}
+  want = apply_updates(
+    separate, {f"w{i}": jnp.asarray(update[i]) for i in range(L)}, seed=5, step=7,
+    tensor_ids={f"w{i}": 10 * i for i in range(L)},
+  )  # fmt: skip
+  updates = {"kernel": jnp.asarray(update), "bias": jnp.zeros_like(bias)}
+  ids = {"kernel": jnp.array([0, 10, 20]), "bias": 99}
+  got = apply_updates(qparams, updates, seed=5, step=7, tensor_ids=ids)
+  for i in range(L):
+    np.testing.assert_array_equal(got["kernel"].codes[i], want[f"w{i}"].codes)
+  with pytest.raises(ValueError, match=r"\['kernel'\] must be an int or 3 ints"):
+    apply_updates(qparams, {"kernel": jnp.asarray(update), "bias": jnp.zeros_like(bias)},
+                  seed=5, step=7, tensor_ids={"kernel": jnp.array([0, 1]), "bias": 9})  # fmt: skip
 
 
 def test_state_and_int8_weights_resume_bit_exactly(tmp_path):
