@@ -361,7 +361,7 @@ def no_silent_stacks(params, specs, where: str, exclude_hint: str) -> None:
     )
 
 
-def resolve_layouts(params, specs, where: str) -> list:
+def resolve_layouts(params, specs) -> list:
   """The :class:`StackLayout` of each leaf (``None`` where its spec is ``None``)."""
   return [
     None if s is None else s.resolve(tuple(jnp.shape(p)), f"parameter {name}")

@@ -288,7 +288,7 @@ def scale_by_qgalore(
           f" {layout.path_str(path)} of shape {jnp.shape(p)} has no {how}; route it elsewhere"
           " (qgalore_adamw does: its `mask`, or None in `dimension_numbers`)"
         )
-    layouts = layout.resolve_layouts(params, specs, "scale_by_qgalore")
+    layouts = layout.resolve_layouts(params, specs)
     return [lay for lay, m in zip(layouts, masked, strict=True) if not m]
 
   def init_fn(params):
