@@ -115,7 +115,14 @@ class QuantizedWeight(NamedTuple):
 
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
     """The weight ``s * (q - z)`` in the leaf's own shape and ``dtype``."""
-    return self.layout.from_stack(self.dequantize_canonical()).astype(dtype)
+    lay, one = self.layout, self.layout.slice_layout
+
+    def deq(*q):
+      w_MxN = dequantize(QuantizedArray(*q), lay.matrix_shape, self.bits, self.group_size)
+      # Each slice in its own layout: a transpose of the whole stack would be one more copy.
+      return one.from_stack(w_MxN[None]).astype(dtype)
+
+    return lay.from_slices(layout.map_slices(deq, tuple(self._slices())))
 
 
 _ARRAY_FIELDS = ("codes", "scale", "zero")
@@ -314,12 +321,13 @@ def _apply_leaf(p, u, path, seed, step, tensor_id):
   # Each slice draws the uniforms of a separate matrix with its own tensor id.
   ids = jnp.asarray(tensor_id, jnp.uint32).reshape(lay.num_slices)
 
-  def round_slice(codes, scale, zero, u_MxN, slice_id):
+  def round_slice(codes, scale, zero, u, slice_id):
+    u_MxN = lay.slice_layout.to_stack(u)[0]  # transposed here, fused into the update
     w_MxN = _add_update(QuantizedArray(codes, scale, zero), u_MxN, p.bits, p.group_size)
     noise = uniforms(seed, step, slice_id, lay.matrix_shape)
     return quantize(w_MxN, p.bits, p.group_size, noise=noise)
 
-  new = _per_slice(layout.map_slices(round_slice, (*p._slices(), lay.to_stack(u), ids)), lay)
+  new = _per_slice(layout.map_slices(round_slice, (*p._slices(), lay.to_slices(u), ids)), lay)
   return p._replace(codes=new.codes, scale=new.scale, zero=new.zero)
 
 
