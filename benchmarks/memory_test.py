@@ -142,6 +142,7 @@ def test_step_memory_runs_and_donates(tmp_path, monkeypatch):
   cfg = Config(vocab_size=64, d_model=16, d_ff=24, num_layers=1, num_heads=2, seq_len=8)
   monkeypatch.setitem(model.CONFIGS, "test", cfg)
   args = ["--models", "test", "--variants", "qgalore-int8", "--batch", "2", "--seq", "8"]
+  args += ["--layouts", "scanned"]
   step_memory.main([*args, "--rank", "4", "--out", str(tmp_path)])
   result = json.loads((tmp_path / "step_memory.json").read_text())
   assert result["settings"]["batch"] == 2 and result["settings"]["seq"] == 8

@@ -92,11 +92,23 @@ def compile_step(cfg: train.RunConfig, optimizer: str | None, int8_weights: bool
   return step_fn.lower(params, opt_state, (tokens, tokens), step).compile(), params, opt_state
 
 
-def measure(model_name: str, variant: str, batch: int, seq: int, rank: int, gap: int) -> dict:
-  """Compiles one train step on abstract inputs; returns its memory analysis in bytes."""
+def measure(
+  model_name: str, variant: str, batch: int, seq: int, rank: int, gap: int, scan: bool = True
+) -> dict:
+  """Compiles one train step on abstract inputs; returns its memory analysis in bytes.
+
+  ``scan``: the example's blocks under ``nnx.scan`` (its default) or unscanned; optax's
+  GaLore always runs unscanned (``optimizers.UNSCANNED``).
+  """
   description, optimizer, int8_weights = VARIANTS[variant]
   cfg = dataclasses.replace(
-    train.RunConfig(), model=model_name, batch_size=batch, rank=rank, update_proj_gap=gap
+    train.RunConfig(),
+    model=model_name,
+    batch_size=batch,
+    rank=rank,
+    update_proj_gap=gap,
+    scan=scan,
+    optimizer=optimizer or "adamw",
   )
   start = time.perf_counter()
   compiled, params, opt_state = compile_step(cfg, optimizer, int8_weights, seq)
@@ -107,6 +119,7 @@ def measure(model_name: str, variant: str, batch: int, seq: int, rank: int, gap:
   state = nbytes(params) + nbytes(opt_state)
   return {
     "model": model_name,
+    "blocks": "scanned" if cfg.scanned else "unscanned",
     "variant": variant,
     "optimizer": description,
     "int8_weights": int8_weights,
@@ -134,17 +147,19 @@ def to_markdown(rows: list[dict], settings: dict) -> str:
     f" compute; {settings['backend']} ({settings['device']}), jax {settings['jax']},"
     f" {settings['date']}.",
     "",
-    "| model | optimizer | rank | weights | opt state | argument | output | alias (donated)"
-    " | temp | peak | peak vs adamw | XLA peak field |",
-    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "| model | blocks | optimizer | rank | weights | opt state | argument | output"
+    " | alias (donated) | temp | peak | peak vs adamw | XLA peak field |",
+    "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
-  adamw = {r["model"]: r["peak"] for r in rows if r["variant"] == "adamw"}
+  key = lambda r: (r["model"], r["blocks"])
+  adamw = {key(r): r["peak"] for r in rows if r["variant"] == "adamw"}
   for r in rows:
-    ratio = f"{r['peak'] / adamw[r['model']]:.2f}x" if r["model"] in adamw else ""
+    ratio = f"{r['peak'] / adamw[key(r)]:.2f}x" if key(r) in adamw else ""
     field = f"{r['xla_peak_field'] / MB:.1f}" if r["xla_peak_field"] is not None else ""
     donated = f"{r['alias'] / MB:.1f} ({100 * r['donated_fraction']:.0f}%)"
     lines.append(
-      f"| {r['model']} | {r['optimizer']} | {r['rank'] or ''} | {r['weights'] / MB:.1f}"
+      f"| {r['model']} | {r['blocks']} | {r['optimizer']} | {r['rank'] or ''}"
+      f" | {r['weights'] / MB:.1f}"
       f" | {r['opt_state'] / MB:.1f} | {r['argument'] / MB:.1f} | {r['output'] / MB:.1f}"
       f" | {donated} | {r['temp'] / MB:.1f} | **{r['peak'] / MB:.1f}** | {ratio} | {field} |"
     )
@@ -167,6 +182,13 @@ NOTES = """
   space). "forward + backward only" is `jax.value_and_grad` of the example's loss on the
   float32 parameters, no optimizer: its output is the gradients, its temp the model's own
   work space, the floor under every optimizer's peak at this batch.
+- blocks: the example's decoder blocks under `nnx.scan` (its default) or unscanned
+  (`--no-scan`). The model alone needs less scanned (the forward + backward rows); every
+  optimizer needs more, Q-GaLore most. The likely cause: unscanned, XLA may schedule each
+  matrix's update as soon as its gradient exists, inside the backward pass, and free the
+  gradient early; scanned, the backward pass is one loop that returns every layer's
+  gradient at once, and the optimizer then works on whole stacks, with a stack-sized buffer
+  for each of its stages. Layer-wise updates inside the backward loop would remove this.
 """
 
 
@@ -176,18 +198,22 @@ def device_name() -> str:
   return f"{kind} ({platform.machine()})" if device.platform == "cpu" else kind
 
 
-def run(models, variants, batch: int, seq: int, rank: int | None, gap: int) -> dict:
-  """Measures every (model, variant); returns the rows and the settings."""
+def run(
+  models, variants, batch: int, seq: int, rank: int | None, gap: int, layouts=("scanned",)
+) -> dict:
+  """Measures every (model, layout, variant); returns the rows and the settings."""
   rows = []
   for name in models:
     model_rank = rank or RANKS.get(name.upper(), 128)
-    for variant in variants:
-      row = measure(name, variant, batch, seq, model_rank, gap)
-      print(
-        f"{name} {variant}: peak {row['peak'] / MB:.1f} MB, built in {row['build_s']} s",
-        flush=True,
-      )
-      rows.append(row)
+    for layout in layouts:
+      for variant in variants:
+        row = measure(name, variant, batch, seq, model_rank, gap, scan=layout == "scanned")
+        print(
+          f"{name} {row['blocks']} {variant}: peak {row['peak'] / MB:.1f} MB,"
+          f" built in {row['build_s']} s",
+          flush=True,
+        )
+        rows.append(row)
   settings = {
     "batch": batch,
     "seq": seq,
@@ -211,10 +237,25 @@ def main(argv=None):
   parser.add_argument("--seq", type=int, default=256)
   parser.add_argument("--rank", type=int, default=None, help="default: the paper's per model")
   parser.add_argument("--update-proj-gap", type=int, default=200)
+  parser.add_argument(
+    "--layouts",
+    nargs="+",
+    default=["scanned", "unscanned"],
+    choices=["scanned", "unscanned"],
+    help="the example's blocks under nnx.scan (its default) and/or unscanned (--no-scan)",
+  )
   parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
   args = parser.parse_args(argv)
   os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-  result = run(args.models, args.variants, args.batch, args.seq, args.rank, args.update_proj_gap)
+  result = run(
+    args.models,
+    args.variants,
+    args.batch,
+    args.seq,
+    args.rank,
+    args.update_proj_gap,
+    args.layouts,
+  )
   markdown = to_markdown(result["rows"], result["settings"])
   print(markdown)
   args.out.mkdir(parents=True, exist_ok=True)
