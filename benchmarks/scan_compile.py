@@ -32,7 +32,6 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import statistics
 import time
 
@@ -44,6 +43,7 @@ import qgalore_jax
 from benchmarks.llama_shapes import RANKS
 from benchmarks.llama_shapes import nbytes
 from benchmarks.step_memory import abstract_state
+from benchmarks.step_memory import device_name
 from examples.llama import model
 from examples.llama import train
 
@@ -148,12 +148,6 @@ def measure(
   if unscanned != scanned:
     raise ValueError(f"{name}: bytes differ, unscanned {unscanned}, scanned {scanned}")
   return list(rows.values())
-
-
-def device_name() -> str:
-  device = jax.devices()[0]
-  kind = getattr(device, "device_kind", "")
-  return f"{kind} ({platform.machine()})" if device.platform == "cpu" else kind
 
 
 def to_markdown(result: dict) -> str:
