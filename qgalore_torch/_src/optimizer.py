@@ -25,6 +25,7 @@ from qgalore_torch._src import schedule
 from qgalore_torch._src.checks import check_group
 from qgalore_torch._src.checks import check_int
 from qgalore_torch._src.int8 import Int8Weight
+from qgalore_torch._src.layout import as_separate
 from qgalore_torch._src.layout import path_str
 from qgalore_torch._src.layout import stack_layout
 
@@ -59,22 +60,6 @@ def _matrix_zero_state(shape, group, device):
   subspace = schedule.init_subspace(k, group["update_proj_gap"], group["queue_size"], _HOST)
   state.update(subspace._asdict())
   return state
-
-
-def _as_separate(x):
-  """``x`` if it is laid out as a separate tensor would be, else such a copy of it.
-
-  A separate tensor is contiguous and starts on a 64-byte boundary (torch's allocators
-  align at least so). A slice of a stack need not be, and MKL's and cuBLAS's products pick
-  their kernels by the operands' strides and alignment: with MKL 2024.2 on an AVX2 CPU,
-  ``A @ B.T`` rounds differently when ``A`` does not start on a 16-byte boundary. Copying
-  such a slice keeps every slice of a stack bit for bit equal to the same matrix held
-  separately; a stack whose batch axes lead and whose per-slice tensors are multiples of 64
-  bytes is never copied.
-  """
-  if x.is_contiguous() and x.data_ptr() % 64 == 0:
-    return x
-  return x.clone(memory_format=torch.contiguous_format)
 
 
 def _load_moments(state):
@@ -422,7 +407,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
 
     Each slice is updated as a separate matrix would be: its state, parameter and gradient
     are views into the stacked tensors, or copies laid out as a separate tensor is where
-    a view is not (see :func:`_as_separate`); what the update replaced or wrote into a copy
+    a view is not (see :func:`as_separate`); what the update replaced or wrote into a copy
     is copied into the view. A stored moment whose form changes (a state saved with another
     ``moment_bits``) is restacked after the last slice.
     """
@@ -430,10 +415,10 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     restacked, dropped = {}, set()
     for index in layout.indices():
       views = {key: value[index] for key, value in state.items() if key != "step"}
-      matrix_state = {key: _as_separate(view) for key, view in views.items()}
+      matrix_state = {key: as_separate(view) for key, view in views.items()}
       p_view = p_stack[index]
-      p_MxN = _as_separate(p_view)
-      self._update_matrix(matrix_state, p_MxN, _as_separate(grad_stack[index]), *args)
+      p_MxN = as_separate(p_view)
+      self._update_matrix(matrix_state, p_MxN, as_separate(grad_stack[index]), *args)
       if p_MxN is not p_view:
         p_view.copy_(p_MxN)
       dropped |= views.keys() - matrix_state.keys()

@@ -78,7 +78,7 @@ def _stack_and_slices(shape, batch_axes, group, dtype=torch.float32, projector_f
 def _step(layout, stacked, slices, opt, grads_SxMxN):
   stacked.grad = _in_layout(layout, grads_SxMxN, stacked.dtype)
   for p, g in zip(slices, grads_SxMxN, strict=True):
-    p.grad = torch.tensor(g, dtype=p.dtype)  # not a view into the array: see _as_separate
+    p.grad = torch.tensor(g, dtype=p.dtype)  # not a view into the array: see layout.as_separate
   opt.step()
 
 
