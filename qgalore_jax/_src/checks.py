@@ -1,5 +1,6 @@
 """Argument validation shared by the builders: clear errors that name the argument."""
 
+import math
 import numbers
 
 import jax
@@ -66,6 +67,8 @@ def check_number(value, name: str, low=None, high=None, low_open=False, high_ope
     if isinstance(value, (str, bytes, type(None))):
       raise TypeError(f"`{name}` must be a number, got {type(value).__name__} {value!r}")
     return value
+  if not math.isfinite(value):
+    raise ValueError(f"`{name}` must be a finite number, got {value}")
   bad_low = low is not None and (value <= low if low_open else value < low)
   bad_high = high is not None and (value >= high if high_open else value > high)
   if bad_low or bad_high:

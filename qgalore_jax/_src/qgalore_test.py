@@ -424,3 +424,22 @@ def test_min_8bit_size_of_low_rank_moments():
     scale_by_qgalore(min_8bit_size=0)
   with pytest.raises(TypeError, match="min_8bit_size"):
     scale_by_qgalore(min_8bit_size=256.0)
+
+
+NUMERIC_HYPERPARAMETERS = (
+  "b1",
+  "b2",
+  "eps",
+  "weight_decay",
+  "scale",
+  "cos_threshold",
+  "gamma_proj",
+)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("name", ["learning_rate", *NUMERIC_HYPERPARAMETERS])
+def test_numeric_hyperparameters_must_be_finite(name, value):
+  kwargs = {"learning_rate": 1e-3, name: value}
+  with pytest.raises(ValueError, match=rf"`{name}` must be a finite number, got {value}"):
+    qgalore_adamw(**kwargs)

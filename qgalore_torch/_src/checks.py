@@ -4,6 +4,7 @@ Every check raises a ``TypeError`` or ``ValueError`` whose message names the arg
 bad hyperparameter fails at construction time instead of deep inside ``step()``.
 """
 
+import math
 import numbers
 
 import torch
@@ -41,8 +42,8 @@ def check_number(value, name: str, low=None, high=None, low_open=False, high_ope
     if isinstance(value, (str, bytes, type(None), tuple, list)):
       raise TypeError(f"`{name}` must be a number, got {type(value).__name__} {value!r}")
     return value
-  if value != value:
-    raise ValueError(f"`{name}` must be a number, got nan")
+  if not math.isfinite(value):
+    raise ValueError(f"`{name}` must be a finite number, got {value}")
   bad_low = low is not None and (value <= low if low_open else value < low)
   bad_high = high is not None and (value >= high if high_open else value > high)
   if bad_low or bad_high:

@@ -1018,3 +1018,23 @@ def test_bad_min_8bit_size_raises_naming_it(group, kwargs, error):
 def test_bad_projector_fn_raises_naming_it(projector_fn):
   with pytest.raises(TypeError, match="`projector_fn`"):
     QGaLoreAdamW([torch.nn.Parameter(torch.ones(4, 3))], projector_fn=projector_fn)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize(
+  ("key", "where"),
+  [("lr", "kwargs"), ("eps", "kwargs"), ("weight_decay", "kwargs"), ("scale", "group"),
+   ("cos_threshold", "group"), ("gamma_proj", "group")],
+)  # fmt: skip
+def test_numeric_hyperparameters_must_be_finite(key, where, value):
+  group = {"params": [torch.nn.Parameter(torch.ones(4, 3))], "rank": 2}
+  kwargs = {}
+  (group if where == "group" else kwargs)[key] = value
+  with pytest.raises(ValueError, match=rf"`{key}` must be a finite number, got {value}"):
+    QGaLoreAdamW([group], **kwargs)
+
+
+def test_betas_must_be_finite():
+  params = [torch.nn.Parameter(torch.ones(4, 3))]
+  with pytest.raises(ValueError, match=r"`betas\[1\]` must be a finite number, got nan"):
+    QGaLoreAdamW(params, betas=(0.9, float("nan")))
