@@ -236,8 +236,12 @@ class _Int8LinearFunction(torch.autograd.Function):
   def forward(ctx, x, weight, bias):
     ctx.save_for_backward(x, weight)
     ctx.has_bias = bias is not None
-    w = weight.dequantize().to(x.dtype)
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    w = weight.dequantize()
+    if torch.is_autocast_enabled(x.device.type):
+      # Autocast casts the float32 weight itself, as it does nn.Linear's: casting it to
+      # x's dtype first would round it twice (bf16 input, fp16 autocast).
+      return F.linear(x, w, bias)
+    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
   @staticmethod
   def backward(ctx, grad_out):
@@ -247,7 +251,10 @@ class _Int8LinearFunction(torch.autograd.Function):
       grad_x = grad_out @ weight.dequantize().to(grad_out.dtype)
     grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
     if ctx.needs_input_grad[1]:
-      grad_w = grad_2d.T @ x.reshape(-1, x.shape[-1])
+      # Under autocast the forward ran in the autocast dtype, so grad_out has it while the
+      # saved x may be float32: the product runs in grad_out's dtype, as nn.Linear's does
+      # (autograd casts the result to the weight's float32).
+      grad_w = grad_2d.T @ x.reshape(-1, x.shape[-1]).to(grad_2d.dtype)
     if ctx.has_bias and ctx.needs_input_grad[2]:
       grad_b = grad_2d.sum(0)
     return grad_x, grad_w, grad_b

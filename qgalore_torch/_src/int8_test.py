@@ -104,6 +104,32 @@ def test_int8_linear_forward_backward_match_float_linear():
   assert y16.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_under_autocast_matches_nn_linear(dtype, input_dtype):
+  """``Trainer(bf16=True)``: autocast around float32 (or bf16) activations, CPU path."""
+  torch.manual_seed(2)
+  linear = nn.Linear(64, 16)
+  layer = Int8Linear.from_linear(linear)
+  reference = nn.Linear(64, 16)
+  with torch.no_grad():
+    reference.weight.copy_(layer.dequantize())
+    reference.bias.copy_(linear.bias)
+  x = torch.randn(4, 64).to(input_dtype)
+  x_ref = x.clone().requires_grad_(True)
+  x = x.requires_grad_(True)
+  with torch.autocast("cpu", dtype=dtype):
+    y, y_ref = layer(x), reference(x_ref)
+  assert y.dtype == y_ref.dtype == dtype
+  torch.testing.assert_close(y, y_ref)
+  y.float().square().sum().backward()
+  y_ref.float().square().sum().backward()
+  assert layer.weight.grad.dtype == torch.float32 and x.grad.dtype == input_dtype
+  torch.testing.assert_close(layer.weight.grad, reference.weight.grad)
+  torch.testing.assert_close(x.grad, x_ref.grad)
+  torch.testing.assert_close(layer.bias.grad, reference.bias.grad)
+
+
 def test_memory_and_weight_behaviour():
   layer = Int8Linear.from_linear(nn.Linear(512, 1376))  # LLaMA-60M down projection
   stored = sum(t.numel() * t.element_size() for t in layer.weight.quantized())
