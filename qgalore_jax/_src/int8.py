@@ -102,10 +102,7 @@ class QuantizedWeight(NamedTuple):
     return self.layout.reduction[0]
 
   def _slices(self) -> QuantizedArray:
-    num = self.layout.num_slices
-    return QuantizedArray(
-      *(a.reshape(num, a.shape[-1]) for a in (self.codes, self.scale, self.zero))
-    )
+    return QuantizedArray(*map(self.layout.batch_to_slices, (self.codes, self.scale, self.zero)))
 
   def dequantize_canonical(self) -> jax.Array:
     """The float32 canonical stack (S, m, n) of ``s * (q - z)``, one matrix per slice."""
@@ -167,7 +164,7 @@ def _per_leaf(value, params, name: str, leaf_type) -> list:
 
 def _per_slice(quantized: QuantizedArray, lay: StackLayout) -> QuantizedArray:
   """A (S, ...) stack of quantised slices with the leaf's batch shape in front."""
-  return QuantizedArray(*(a.reshape(lay.batch_shape + a.shape[1:]) for a in quantized))
+  return QuantizedArray(*map(lay.slices_to_batch, quantized))
 
 
 @functools.partial(jax.jit, static_argnames=("lay", "bits", "group_size"))

@@ -224,9 +224,20 @@ class StackLayout(NamedTuple):
 
   def from_slices(self, x: jax.Array) -> jax.Array:
     """Inverse of :meth:`to_slices`."""
-    order = self._slices_order()
+    return self._unpermute(x, self._slices_order())
+
+  def _unpermute(self, x: jax.Array, order: tuple[int, ...]) -> jax.Array:
+    """The leaf from ``x``, its axes permuted to ``order`` and flattened in any way."""
     x = x.reshape(tuple(self.shape[a] for a in order))
     return jnp.transpose(x, tuple(int(i) for i in np.argsort(order)))
+
+  def batch_to_slices(self, a: jax.Array) -> jax.Array:
+    """A per-slice state array with the batch shape in front, as (S, ...)."""
+    return a.reshape((self.num_slices, *a.shape[len(self.batch) :]))
+
+  def slices_to_batch(self, a: jax.Array) -> jax.Array:
+    """Inverse of :meth:`batch_to_slices`: (S, ...) with the batch shape in front."""
+    return a.reshape(self.batch_shape + a.shape[1:])
 
   def _order(self, transposed: bool) -> tuple[int, ...]:
     inner = self.reduction + self.output if transposed else self.output + self.reduction
@@ -240,9 +251,7 @@ class StackLayout(NamedTuple):
 
   def from_stack(self, x: jax.Array, transposed: bool = False) -> jax.Array:
     """Inverse of :meth:`to_stack`: a stack (S, m, n) (or (S, n, m)) in the leaf's layout."""
-    order = self._order(transposed)
-    x = x.reshape(tuple(self.shape[a] for a in order))
-    return jnp.transpose(x, tuple(int(i) for i in np.argsort(order)))
+    return self._unpermute(x, self._order(transposed))
 
 
 def map_slices(fn, xs):

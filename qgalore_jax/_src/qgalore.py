@@ -255,11 +255,9 @@ def scale_by_qgalore(
     return direction.astype(g.dtype), mu, nu
 
   def update_leaf(g, mu, nu, stored, subspace, lay, count, count_inc):
-    num, batch_ndim = lay.num_slices, len(lay.batch_shape)
     # State arrays hold the batch shape in front; the update works on (S, ...) stacks.
-    to_slices = lambda t: jax.tree.map(lambda a: a.reshape((num, *a.shape[batch_ndim:])), t)
-    to_batch = lambda t: jax.tree.map(lambda a: a.reshape(lay.batch_shape + a.shape[1:]), t)
-    mu, nu, stored, subspace = to_slices((mu, nu, stored, subspace))
+    to_batch = lambda t: jax.tree.map(lay.slices_to_batch, t)
+    mu, nu, stored, subspace = jax.tree.map(lay.batch_to_slices, (mu, nu, stored, subspace))
     due = schedule.refresh_due(subspace, count)
     stored, subspace = jax.lax.cond(
       jnp.any(due),
@@ -276,10 +274,8 @@ def scale_by_qgalore(
 
   def leaf_layouts(params):
     specs = layout.resolve_specs(params, dimension_numbers, input_axis, "scale_by_qgalore")
-    masked = jax.tree.leaves(
-      jax.tree.map(lambda p: isinstance(p, optax.MaskedNode), params, is_leaf=layout.is_masked)
-    )
     flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=layout.is_masked)[0]
+    masked = [layout.is_masked(p) for _, p in flat]
     for (path, p), s, m in zip(flat, specs, masked, strict=True):
       if s is None and not m:
         how = "dimension numbers" if dimension_numbers is not None else "a 2-D shape"
