@@ -67,7 +67,27 @@ def test_step_speed_runs_and_checks_its_steps(all_2d, breakdown, one_thread):
   assert all(ratio > 0 for ratio in result["ratios"].values())
   assert json.loads(json.dumps(result)) == result
   markdown = torch_step_speed.to_markdown(result)
-  assert markdown.count("\n| ") == len(expected) + 1  # header and one row per case
+  steps, floor = markdown.split("Against the memory-bandwidth floor")
+  assert steps.count("\n| ") == len(expected) + 1  # header and one row per case
+  normal = [name for name in expected if "[" not in name]
+  assert floor.count("\n| ") == len(normal) + 1 and set(result["bandwidth_floor"]) == set(normal)
+
+
+def test_step_speed_bytes_touched_counts_adamw_by_hand():
+  """AdamW reads p, g, m, v and its step counters, and writes p, m, v and the counters."""
+  params = [torch.nn.Parameter(torch.randn(shape)) for shape in ((6, 5), (7,))]
+  grads = [torch.randn_like(p) for p in params]
+
+  def before(opt):
+    for p, g in zip(params, grads, strict=True):
+      p.grad = g
+
+  opt = torch.optim.AdamW(params, foreach=True)
+  before(opt)
+  opt.step()
+  n, counters = 6 * 5 + 7, 2 * 4  # float32 values; one float32 step counter per parameter
+  read, written = torch_step_speed.bytes_touched(opt, params, before)
+  assert (read, written) == (4 * n * 4 + counters, 4 * n * 3 + counters)
 
 
 def test_step_speed_rejects_a_gap_a_normal_step_could_reach():

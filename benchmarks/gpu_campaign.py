@@ -1,18 +1,21 @@
 """One command for a GPU machine: parity, speed, SVD and memory, each phase saved as it ends.
 
-  python -m benchmarks.gpu_campaign --out runs/gpu            # the whole campaign (~10 min)
+  python -m benchmarks.gpu_campaign --out runs/gpu            # the whole campaign (<= 9 min)
   python -m benchmarks.gpu_campaign --out runs/gpu --smoke    # tiny shapes, any device
   python -m benchmarks.gpu_campaign --out runs/gpu --only parity,svd
 
 The phases run in order of value (:data:`PHASES`): ``parity`` (the parity report on the GPU,
 JAX vs torch and GPU vs CPU, then ``pytest -m gpu``), ``speed`` (``update_speed`` and
 ``torch_step_speed`` on the paper's LLaMA shapes), ``svd`` (one refresh-sized
-``compute_projector`` in each library) and ``memory`` (``layerwise_memory`` at LLaMA-7B widths,
-2 and 4 layers, extrapolated to 32). Each phase writes ``<phase>.json`` into ``--out`` when it
-ends, and ``summary.md`` is rewritten after every phase, so a run cut short keeps what it
-finished. A phase that raises is recorded as FAIL with its traceback and the next one runs;
-the exit status is 1 if any phase failed. Without a GPU, only ``--smoke`` runs the phases
-(on the CPU); otherwise each is recorded as SKIPPED and the status is 1.
+``compute_projector`` in each library) and ``memory`` (the JAX step compiled at LLaMA-7B,
+and ``layerwise_memory`` at LLaMA-7B widths, 2 and 4 layers, extrapolated to 32). The
+campaign keeps to ``--budget-s`` (:data:`CAMPAIGN_BUDGET_S`): each phase leaves the later
+ones the time they need (:data:`PHASE_NEED_S`). Each phase writes ``<phase>.json`` into
+``--out`` when it ends, and ``summary.md`` is rewritten after every phase, so a run cut
+short keeps what it finished. A phase that raises is recorded as FAIL with its traceback
+and the next one runs; the exit status is 1 if any phase failed. Without a GPU, only
+``--smoke`` runs the phases (on the CPU); otherwise each is recorded as SKIPPED and the
+status is 1.
 
 The authors' ``q-galore-torch`` and ``galore-torch`` are optional: ``--wheels DIR`` installs
 the wheels in DIR (``pip install --no-deps --no-index``) first; without them the checks
@@ -41,6 +44,7 @@ import torch
 import qgalore_jax
 import qgalore_torch
 from benchmarks import layerwise_memory
+from benchmarks import step_memory
 from benchmarks import torch_step_speed
 from benchmarks import update_speed
 from benchmarks.llama_shapes import CONFIGS
@@ -55,15 +59,17 @@ from parity_tests import report
 
 PHASES = ("parity", "speed", "svd", "memory")
 _REPO = pathlib.Path(__file__).parents[1]
-GPU_SUITES = ("parity_tests", "qgalore_torch", "qgalore_jax")
-PYTEST_TIMEOUT_S = 240
+# The library suites' GPU tests; the parity suites ran above, as the report's components.
+GPU_SUITES = ("qgalore_torch", "qgalore_jax")
+PYTEST_TIMEOUT_S = 120
+PYTEST_WORKERS = 4  # pytest-xdist processes sharing the GPU (JAX does not preallocate)
 # The speed phase's wall-clock budget, shared by its runs in order; a run gets what is left.
-SPEED_BUDGET_S = 240
-# config: (normal-step repeats, refresh-step repeats). A normal step is memory-bound, a few
-# ms on an H100 even at 1B (it moves ~30 bytes per parameter at ~3 TB/s), so its repeats are
-# cheap; the time goes to compiling (JAX) and to refresh steps, one SVD per projected matrix
-# (56 at 60M, 168 at 350M and 1B, 224 at 7B), hence fewer refresh repeats as models grow.
-SPEED_PLAN = {"60M": (51, 3), "350M": (31, 2), "1B": (21, 1), "7B": (11, 1)}
+SPEED_BUDGET_S = 150
+# config: (normal-step repeats, refresh-step repeats). A normal step takes milliseconds (on an
+# H100, 3 to 17 ms at 60M), so its repeats are cheap; the time goes to compiling (JAX) and
+# to refresh steps, one SVD per projected matrix (58 at 60M: 2.1 s on an H100), hence one
+# refresh repeat. With 51/3 repeats, the JAX 60M run alone took 124 s on an H100.
+SPEED_PLAN = {"60M": (21, 1), "350M": (21, 1), "1B": (11, 1), "7B": (11, 1)}
 # Bytes per parameter that a speed run holds at least, all float32: parameters, gradients
 # and AdamW's two moments (torch updates in place); JAX also holds every optimizer's state at
 # once (8-bit AdamW: 2 more) and a jitted AdamW update's outputs (updates, new moments: 12).
@@ -71,9 +77,18 @@ SPEED_PLAN = {"60M": (51, 3), "350M": (31, 2), "1B": (21, 1), "7B": (11, 1)}
 MIN_BYTES_PER_PARAM = {"jax": 30, "torch": 16}
 SVD_SHAPES = {"full": ((4096, 4096), (11008, 4096)), "smoke": ((256, 256), (688, 256))}
 SVD_RANK = {"full": RANKS["7B"], "smoke": 64}
-SVD_REPEATS = 5
+SVD_REPEATS = 3
+# The whole campaign's wall-clock budget (--budget-s), and the seconds each phase is expected
+# to need: a phase gives up what the later chosen phases need, and a phase that would start
+# after the deadline is skipped.
+CAMPAIGN_BUDGET_S = 540
+PHASE_NEED_S = {"parity": 200, "speed": 60, "svd": 30, "memory": 200}
 MEMORY_LAYERS = (2, 4)
 MEMORY_TARGET_LAYERS = 32
+# The JAX step compiled at LLaMA-7B (32 scanned layers, rematerialised blocks) for XLA's
+# buffer assignment on the device: (batch, sequence) as in the paper's two measurements.
+JAX_MEMORY_BATCHES = {"full": ((16, 256), (1, 256)), "smoke": ((2, 16),)}
+PAPER_PEAK_GB = {(16, 256): 15.26, (1, 256): 15.08}
 TINY = {"hidden": 32, "ffn": 48, "layers": 2, "vocab": 64}
 
 
@@ -84,6 +99,13 @@ class Context:
   out: pathlib.Path
   smoke: bool
   dev: core.Device
+  deadline: float = float("inf")  # time.monotonic() by which the campaign should end
+  later: tuple[str, ...] = ()  # the chosen phases after the running one
+
+  def budget(self, cap: float) -> float:
+    """Seconds the running phase may take: ``cap``, less what the later phases need."""
+    reserve = sum(PHASE_NEED_S[name] for name in self.later)
+    return max(10.0, min(cap, self.deadline - time.monotonic() - reserve))
 
   @property
   def torch_device(self) -> str:
@@ -163,12 +185,15 @@ def phase_parity(ctx: Context) -> dict:
   if not ctx.smoke:
     _free_device(ctx)  # the suites' processes need the memory this one still caches
     command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"]
+    if _installed("xdist"):
+      command += ["-n", str(PYTEST_WORKERS)]
     log = folder / "pytest_gpu.txt"
-    code, stdout = _run_logged([*command, *GPU_SUITES], log, PYTEST_TIMEOUT_S)
+    timeout = ctx.budget(PYTEST_TIMEOUT_S)
+    code, stdout = _run_logged([*command, *GPU_SUITES], log, timeout)
     last = stdout.strip().splitlines()[-1] if stdout.strip() else ""
     result["pytest"] = {"returncode": code, "last_line": last, "log": str(log)}
     if code is None:
-      details.append(f"pytest -m gpu timed out after {PYTEST_TIMEOUT_S} s")
+      details.append(f"pytest -m gpu timed out after {timeout:.0f} s")
     else:
       details.append(f"pytest -m gpu: {last or f'exit {code}'}")
   passed = not failed and (result["pytest"] is None or result["pytest"]["returncode"] == 0)
@@ -256,7 +281,8 @@ def phase_speed(ctx: Context) -> dict:
   is left for, or whose configs cannot fit in the device's memory, are recorded as skipped.
   """
   folder = ctx.out / "speed"
-  deadline = time.monotonic() + SPEED_BUDGET_S
+  budget = ctx.budget(SPEED_BUDGET_S)
+  deadline = time.monotonic() + budget
   memory = _device_bytes(ctx)
   runs, notes = [], []
   if not _installed("galore_torch"):
@@ -271,7 +297,7 @@ def phase_speed(ctx: Context) -> dict:
       row |= {"status": "SKIPPED", "reason": f"needs > {need / 2**30:.0f} GiB, device has"}
       row["reason"] += f" {memory / 2**30:.0f} GiB"
     elif left < 10:
-      row |= {"status": "SKIPPED", "reason": f"the phase's {SPEED_BUDGET_S} s budget is spent"}
+      row |= {"status": "SKIPPED", "reason": f"the phase's {budget:.0f} s budget is spent"}
     else:
       command = [sys.executable, "-m", "benchmarks.gpu_campaign", "--speed-child"]
       command.append(json.dumps(settings))
@@ -297,7 +323,7 @@ def phase_speed(ctx: Context) -> dict:
     "status": "FAIL" if failed or not timed else "PASS",
     "details": details,
     "notes": notes,
-    "budget_s": SPEED_BUDGET_S,
+    "budget_s": budget,
     "runs": runs,
   }
 
@@ -403,12 +429,21 @@ def phase_memory(ctx: Context) -> dict:
   """
   hidden, ffn, _ = CONFIGS["7B"]
   width = {"hidden": hidden, "ffn": ffn, "heads": 32, "vocab": VOCAB}
-  settings = {"batch": 2, "seq": 128, "rank": RANKS["7B"]}
+  # The paper's 7B setting: INT8 block weights and 8-bit moments. The two modes run at once
+  # (bytes are per process); on a CPU, one after the other (two threads would compete).
+  paper = {"int8_weights": True, "moment_bits": 8}
+  settings = {"batch": 2, "seq": 128, "rank": RANKS["7B"], "concurrent": True, **paper}
   if ctx.smoke:
     width = {"hidden": 64, "ffn": 128, "heads": 4, "vocab": 256}
-    settings = {"batch": 2, "seq": 16, "rank": 16, "threads": 1}
+    settings = {"batch": 2, "seq": 16, "rank": 16, "threads": 1, **paper}
   folder = ctx.out / "memory"
   folder.mkdir(parents=True, exist_ok=True)
+  notes = []
+  try:  # first: a compile, quick, and saved as it ends if the torch half is cut short
+    jax_rows = jax_step_memory(ctx, folder)
+  except Exception as error:  # the torch half still runs; the phase fails
+    jax_rows = []
+    notes.append(f"JAX step memory failed: {type(error).__name__}: {error}".splitlines()[0])
   points = {}
   for layers in MEMORY_LAYERS:
     config = {**width, "layers": layers}
@@ -428,18 +463,44 @@ def phase_memory(ctx: Context) -> dict:
   normal = fits[f"{primary} normal"]["predicted"] / 2**30
   layerwise = fits[f"{primary} layerwise"]["predicted"] / 2**30
   details = (
-    f"{primary} peak at {MEMORY_TARGET_LAYERS} layers (fit of {MEMORY_LAYERS} layers):"
+    f"torch {primary} peak at {MEMORY_TARGET_LAYERS} layers (fit of {MEMORY_LAYERS} layers):"
     f" normal {normal:.2f} GiB, layer-wise {layerwise:.2f} GiB;"
     f" same weights in both modes: {'yes' if same else 'NO'}"
   )
+  if primary != "cuda_allocated":
+    notes.append("no CUDA: CPU measures fitted instead")
+  details += "; JAX ordinary step, XLA peak: " + ", ".join(
+    f"{r['batch']}x{r['seq']} {r['peak'] / 2**30:.2f} GiB" for r in jax_rows
+  )
   return {
-    "status": "PASS" if same else "FAIL",
+    "status": "PASS" if same and jax_rows else "FAIL",
     "details": details,
-    "notes": [] if primary == "cuda_allocated" else ["no CUDA: CPU measures fitted instead"],
+    "notes": notes,
     "width": width,
     "settings": settings,
     "fits": fits,
+    "jax_step": jax_rows,
+    "paper_peak_gb": {f"{b}x{s}": gb for (b, s), gb in PAPER_PEAK_GB.items()},
   }
+
+
+def jax_step_memory(ctx: Context, folder: pathlib.Path) -> list[dict]:
+  """The JAX train step of the LLaMA example at 7B, compiled for the device, not run.
+
+  ``benchmarks.step_memory.measure`` (INT8 weights, INT4 projector, rank 1024, scanned and
+  rematerialised blocks) lowers the step on abstract inputs, so nothing of the model's size
+  is allocated; the peak is XLA's buffer assignment for the device (arguments + outputs -
+  donated + temporaries). It is the ordinary step: every gradient exists at once.
+  """
+  name, rank = ("tiny", 16) if ctx.smoke else ("7b", RANKS["7B"])
+  rows = []
+  for batch, seq in JAX_MEMORY_BATCHES["smoke" if ctx.smoke else "full"]:
+    row = step_memory.measure(name, "qgalore-int8", batch, seq, rank, gap=200, remat=True)
+    row["device"] = step_memory.device_name()
+    row["paper_peak_gb"] = PAPER_PEAK_GB.get((batch, seq))
+    rows.append(row)
+    _write_json(folder / f"jax_step_memory_{name}.json", rows)
+  return rows
 
 
 # --- the campaign ---------------------------------------------------------------------------
@@ -529,6 +590,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the campaign")
   parser.add_argument("--only", help=f"comma-separated phases among {', '.join(PHASES)}")
   parser.add_argument("--wheels", type=pathlib.Path, help="folder of wheels to install first")
+  parser.add_argument(
+    "--budget-s",
+    type=float,
+    default=CAMPAIGN_BUDGET_S,
+    help=f"wall-clock seconds for the whole campaign (default {CAMPAIGN_BUDGET_S})",
+  )
   parser.add_argument("--speed-child", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.speed_child is None and args.out is None:
@@ -560,7 +627,8 @@ def main(argv: list[str] | None = None) -> int:
   env = environment(dev, args.smoke)
   if not gpu:
     env["no_gpu"] = why
-  ctx = Context(out=args.out, smoke=args.smoke, dev=dev)
+  deadline = time.monotonic() + args.budget_s
+  ctx = Context(out=args.out, smoke=args.smoke, dev=dev, deadline=deadline)
   chosen = args.only or list(PHASES)
   records = {
     name: {"status": "PENDING", "reason": "not run yet"}
@@ -570,15 +638,18 @@ def main(argv: list[str] | None = None) -> int:
   }
   summary = args.out / "summary.md"
   summary.write_text(summary_markdown(env, records, wheels))
-  for name in chosen:
+  for i, name in enumerate(chosen):
     start = time.monotonic()
+    phase_ctx = dataclasses.replace(ctx, later=tuple(chosen[i + 1 :]))
     records[name] = {"status": "RUNNING", "reason": f"started {time.strftime('%H:%M:%S')}"}
     summary.write_text(summary_markdown(env, records, wheels))
     if not gpu and not args.smoke:
       record = {"status": "SKIPPED", "reason": f"no GPU ({why}); --smoke runs on the CPU"}
+    elif start > deadline:
+      record = {"status": "SKIPPED", "reason": f"the campaign's {args.budget_s} s budget is spent"}
     else:
       try:
-        record = PHASE_FUNCTIONS[name](ctx)
+        record = PHASE_FUNCTIONS[name](phase_ctx)
       except Exception as error:  # recorded with its traceback; the next phase runs
         record = {
           "status": "FAIL",

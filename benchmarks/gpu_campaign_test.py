@@ -25,6 +25,8 @@ def test_smoke_campaign_writes_every_phase_and_the_summary(tmp_path):
   assert all(pathlib.Path(run["file"]).exists() for run in speed["runs"])
   memory = json.loads((tmp_path / "memory.json").read_text())
   assert set(memory["fits"]["allocated normal"]["points"]) == {"2", "4"}
+  (jax_step,) = memory["jax_step"]
+  assert jax_step["int8_weights"] and jax_step["remat"] and jax_step["peak"] > jax_step["weights"]
 
 
 def test_a_failing_phase_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch):

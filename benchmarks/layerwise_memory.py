@@ -117,12 +117,12 @@ class TinyLlama(nn.Module):
     return self.lm_head(self.final_norm(x_BxSxD))
 
 
-def make_optimizer(model, rank, gap):
+def make_optimizer(model, rank, gap, moment_bits=None):
   """``QGaLoreAdamW`` projecting q,k,v,o,gate,up,down; AdamW for the rest."""
   matrices = [p for n, p in model.named_parameters() if n.rsplit(".", 2)[-2] in BLOCK_MATRICES]
   others = [p for p in model.parameters() if all(p is not m for m in matrices)]
   groups = [{"params": matrices, "rank": rank, "update_proj_gap": gap}, {"params": others}]
-  return qgalore_torch.QGaLoreAdamW(groups, lr=1e-3, weight_decay=0.01)
+  return qgalore_torch.QGaLoreAdamW(groups, lr=1e-3, weight_decay=0.01, moment_bits=moment_bits)
 
 
 def train_iteration(model, opt, tokens_BxS, mode):
@@ -176,12 +176,46 @@ def _iterations(warmup, measured, device_type):
   return warmup + measured + 1 + (device_type == "cuda")
 
 
-def measure_mode(mode, config, batch, seq, rank, gap, warmup, measured, device, weights_path):
-  """Trains in one mode and returns its peaks (bytes); run it in a fresh process."""
+def measure_mode(
+  mode,
+  config,
+  batch,
+  seq,
+  rank,
+  gap,
+  warmup,
+  measured,
+  device,
+  weights_path,
+  int8_weights=False,
+  moment_bits=None,
+):
+  """Trains in one mode and returns its peaks (bytes); run it in a fresh process.
+
+  ``int8_weights``: q,k,v,o,gate,up,down as ``Int8Linear`` (``quantize_linears``);
+  ``moment_bits=8``: 8-bit Adam moments. On CUDA, deterministic algorithms are enforced
+  (``torch.use_deterministic_algorithms``): the embedding's backward otherwise sums with
+  atomics, in an order that changes from run to run, and the two modes could not be
+  compared bit for bit.
+  """
   device = torch.device(device)
+  stages, last = {}, [time.perf_counter()]
+
+  def mark(stage):
+    """Wall seconds since the previous mark, the device's queued work included."""
+    if device.type == "cuda":
+      torch.cuda.synchronize(device)
+    now = time.perf_counter()
+    stages[stage] = round(now - last[0], 3)
+    last[0] = now
+
+  if device.type == "cuda":
+    torch.use_deterministic_algorithms(True, warn_only=True)
   torch.manual_seed(0)
   model = TinyLlama(**config).to(device)
-  opt = make_optimizer(model, rank, gap)
+  if int8_weights:
+    qgalore_torch.quantize_linears(model, lambda name: name.rsplit(".", 1)[-1] in BLOCK_MATRICES)
+  opt = make_optimizer(model, rank, gap, moment_bits)
   if mode == "layerwise":
     opt.register_layerwise_hooks()
   generator = torch.Generator().manual_seed(1)
@@ -189,8 +223,10 @@ def measure_mode(mode, config, batch, seq, rank, gap, warmup, measured, device, 
   tokens = torch.randint(config["vocab"], (iterations, batch, seq + 1), generator=generator)
   tokens = tokens.to(device)
   rss_model_kib = _proc_status_kib("VmRSS")
+  mark("model and optimizer")
   for i in range(warmup):
     train_iteration(model, opt, tokens[i], mode)
+  mark("warm-up iterations (the first refreshes every projector)")
 
   gc.collect()
   with open("/proc/self/clear_refs", "w") as f:
@@ -199,7 +235,10 @@ def measure_mode(mode, config, batch, seq, rank, gap, warmup, measured, device, 
   start = time.perf_counter()
   for i in range(warmup, warmup + measured):
     train_iteration(model, opt, tokens[i], mode)
+  if device.type == "cuda":
+    torch.cuda.synchronize(device)
   seconds = (time.perf_counter() - start) / measured
+  mark("measured iterations")
   # The kernel folds the live resident set into VmHWM lazily (on unmap, not on every
   # madvise-free), so VmHWM can read a page or two under the VmRSS taken just after the
   # reset. The peak is at least the resident set at either end of the measured window.
@@ -210,6 +249,7 @@ def measure_mode(mode, config, batch, seq, rank, gap, warmup, measured, device, 
   with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
     train_iteration(model, opt, tokens[warmup + measured], mode)
   peaks["allocated"], peak_where = _peak_allocated(prof)
+  mark("profiled iteration")
   if device.type == "cuda":
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -218,7 +258,9 @@ def measure_mode(mode, config, batch, seq, rank, gap, warmup, measured, device, 
     torch.cuda.synchronize(device)
     peaks["cuda_allocated"] = torch.cuda.max_memory_allocated(device) - start_bytes
 
-  torch.save({n: p.detach().cpu() for n, p in model.named_parameters()}, weights_path)
+  # The state dict: INT8 layers save their codes, scales and zeros.
+  torch.save({n: t.detach().cpu() for n, t in model.state_dict().items()}, weights_path)
+  mark("CUDA-measured iteration and saving the weights")
   return {
     "peak_bytes": peaks,
     "rss_after_model_bytes": rss_model_kib * 1024,
@@ -227,6 +269,8 @@ def measure_mode(mode, config, batch, seq, rank, gap, warmup, measured, device, 
     "allocated_peak_during": peak_where,
     "seconds_per_iteration": seconds,
     "svd_counts": sorted({s["svd_count"] for s in opt.projection_stats() if s is not None}),
+    "parameters": sum(p.numel() for p in model.parameters()),
+    "stage_seconds": stages,
   }
 
 
@@ -235,7 +279,8 @@ def _start_child(mode, settings, weights_path, threads):
   command += ["--settings", json.dumps(settings), "--weights", str(weights_path)]
   if threads is not None:
     command += ["--threads", str(threads)]
-  env = {**os.environ, **_MALLOC_ENV}
+  # cuBLAS is deterministic only with a fixed workspace (measure_mode's CUDA determinism).
+  env = {**os.environ, **_MALLOC_ENV, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
   pipe = subprocess.PIPE
   return subprocess.Popen(command, cwd=_REPO, env=env, stdout=pipe, stderr=pipe, text=True)
 
@@ -258,6 +303,8 @@ def run(
   device="cpu",
   threads=None,
   concurrent=False,
+  int8_weights=False,
+  moment_bits=None,
 ):
   """Measures both modes in fresh subprocesses; returns the result as a JSON-ready dict.
 
@@ -274,6 +321,8 @@ def run(
     warmup=warmup,
     measured=measured,
     device=device,
+    int8_weights=int8_weights,
+    moment_bits=moment_bits,
   )
   source = source_version()
   modes, weights = {}, {}
@@ -291,12 +340,12 @@ def run(
   if source_version()["qgalore_torch_sha256"] != source["qgalore_torch_sha256"]:
     raise RuntimeError("qgalore_torch changed while the two modes ran: run again")
   a, b = weights["normal"], weights["layerwise"]
-  max_diff = max(float((a[n] - b[n]).abs().max()) for n in a)
+  max_diff = max(float((a[n].float() - b[n].float()).abs().max()) for n in a)
   measures = list(modes["normal"]["peak_bytes"])
   saving = {
     m: modes["normal"]["peak_bytes"][m] - modes["layerwise"]["peak_bytes"][m] for m in measures
   }
-  num_params = sum(t.numel() for t in a.values())
+  num_params = modes["normal"]["parameters"]
   if torch.device(device).type == "cuda":
     device_name = torch.cuda.get_device_name(device)
   else:
@@ -346,7 +395,9 @@ def to_markdown(result):
     f"Peak memory of one training iteration above its start (parameters and optimizer state"
     f" excluded), LLaMA-like model: hidden {c['hidden']}, ffn {c['ffn']}, {c['layers']} layers,"
     f" vocab {c['vocab']} ({s['parameters']:,} parameters, {_mb(s['gradient_bytes'])} of"
-    f" float32 gradients), batch {s['batch']} x {s['seq']} tokens, rank {s['rank']};"
+    f" float32 gradients), batch {s['batch']} x {s['seq']} tokens, rank {s['rank']},"
+    f" {'INT8' if s.get('int8_weights') else 'float32'} block weights,"
+    f" {s.get('moment_bits') or 32}-bit moments;"
     f" {result['device']}, torch {result['versions']['torch']}, {result['date']}.",
     "",
     "| measure | mode | peak | saving vs normal |",

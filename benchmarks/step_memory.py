@@ -93,12 +93,20 @@ def compile_step(cfg: train.RunConfig, optimizer: str | None, int8_weights: bool
 
 
 def measure(
-  model_name: str, variant: str, batch: int, seq: int, rank: int, gap: int, scan: bool = True
+  model_name: str,
+  variant: str,
+  batch: int,
+  seq: int,
+  rank: int,
+  gap: int,
+  scan: bool = True,
+  remat: bool = False,
 ) -> dict:
   """Compiles one train step on abstract inputs; returns its memory analysis in bytes.
 
   ``scan``: the example's blocks under ``nnx.scan`` (its default) or unscanned; optax's
-  GaLore always runs unscanned (``optimizers.UNSCANNED``).
+  GaLore always runs unscanned (``optimizers.UNSCANNED``). ``remat``: each block's
+  activations recomputed in the backward pass (the example's ``--remat``).
   """
   description, optimizer, int8_weights = VARIANTS[variant]
   cfg = dataclasses.replace(
@@ -108,6 +116,7 @@ def measure(
     rank=rank,
     update_proj_gap=gap,
     scan=scan,
+    remat=remat,
     optimizer=optimizer or "adamw",
   )
   start = time.perf_counter()
@@ -120,6 +129,7 @@ def measure(
   return {
     "model": model_name,
     "blocks": "scanned" if cfg.scanned else "unscanned",
+    "remat": remat,
     "variant": variant,
     "optimizer": description,
     "int8_weights": int8_weights,

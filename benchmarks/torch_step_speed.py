@@ -158,13 +158,20 @@ def _build(name, params, projected, rank, gap):
     galore = {"rank": rank, "update_proj_gap": gap, "scale": 0.25, "proj_type": "std"}
     groups = [{"params": matrices, **galore}, {"params": others}]
     return galore_torch_adamw()(groups, lr=1e-3, weight_decay=0.0, no_deprecation_warning=True)
+  if name == "torch AdamW (fused)":
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=True)
   return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, foreach=True)
 
 
 def optimizers(params, projected, rank, gap, with_galore_torch):
-  """The optimizers to compare, by name; all update the same ``params`` list."""
+  """The optimizers to compare, by name; all update the same ``params`` list.
+
+  On CUDA, ``torch.optim.AdamW(fused=True)`` (one kernel for every parameter) joins them.
+  """
   names = ["QGaLoreAdamW", "QGaLoreAdamW (float proj)", "galore_torch GaLoreAdamW"]
   names = [*names[: 2 + with_galore_torch], "torch AdamW (foreach)"]
+  if params[0].is_cuda:
+    names.append("torch AdamW (fused)")
   return {name: _build(name, params, projected, rank, gap) for name in names}
 
 
@@ -185,6 +192,51 @@ def svd_counts(opt):
 def galore_torch_projectors(opt):
   """galore-torch's current projector tensors, to check that none was replaced."""
   return [s["projector"].ortho_matrix for s in opt.state.values() if "projector" in s]
+
+
+def measure_bandwidth(device, size=2**26, repeats=11):
+  """Bytes per second of a device-to-device copy of ``size`` float32 values.
+
+  The copy reads and writes ``4 * size`` bytes each; the median of ``repeats`` timed
+  copies after one warm-up copy.
+  """
+  src = torch.ones(size, device=device)
+  dst = torch.empty_like(src)
+
+  def copy():
+    if device.type == "cuda":
+      torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    dst.copy_(src)
+    if device.type == "cuda":
+      torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+  copy()
+  return 2 * 4 * size / statistics.median(copy() for _ in range(repeats))
+
+
+def _state_tensors(opt):
+  return [t for state in opt.state.values() for t in state.values() if torch.is_tensor(t)]
+
+
+def bytes_touched(opt, params, before):
+  """``(read, written)``: the bytes one more normal ``opt.step()`` cannot avoid moving.
+
+  It reads the parameters, their gradients and every state tensor; it writes the
+  parameters and the state tensors that the step changes (a projector that is only read,
+  or a counter that stays, costs no write). Found by taking that step on copies' evidence:
+  the state is cloned, the step taken, and the tensors compared.
+  """
+  before(opt)
+  old = [t.clone() for t in _state_tensors(opt)]
+  opt.step()
+  new = _state_tensors(opt)
+  nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
+  grads = [p.grad for p in params if p.grad is not None]
+  changed = [b for a, b in zip(old, new, strict=True) if not torch.equal(a, b)]
+  read = nbytes(params) + nbytes(grads) + nbytes(new)
+  return read, nbytes(params) + nbytes(changed)
 
 
 def time_step(opt, device, before=None):
@@ -303,6 +355,8 @@ def run(
       medians["QGaLoreAdamW (float proj)"] / medians["torch AdamW (foreach)"]
     ),
   }
+  if "torch AdamW (fused)" in medians:
+    ratios["ours / torch AdamW (fused)"] = medians["QGaLoreAdamW"] / medians["torch AdamW (fused)"]
   if with_galore_torch:
     ratios = {
       "ours / galore_torch (normal step; target <= 1.0)": (
@@ -321,6 +375,12 @@ def run(
       ratios[f"ours / galore_torch (normal step, {subset})"] = (
         medians[f"QGaLoreAdamW [{subset}]"] / medians[f"galore_torch GaLoreAdamW [{subset}]"]
       )
+  bandwidth = measure_bandwidth(device)
+  floor = {}
+  for name, opt in normal.items():
+    read, written = bytes_touched(opt, params, every)
+    floor[name] = {"read": read, "written": written, "ms": (read + written) / bandwidth * 1e3}
+  every(None)
   if device.type == "cuda":
     device_name = torch.cuda.get_device_name(device)
   else:
@@ -358,7 +418,34 @@ def run(
     "median_ms": medians,
     "samples_ms": {name: [s * 1e3 for s in samples[name]] for name in cases},
     "ratios": ratios,
+    "bandwidth_bytes_per_s": bandwidth,
+    "bandwidth_floor": floor,
   }
+
+
+def bandwidth_lines(result):
+  """The normal steps against the memory-bandwidth floor, as markdown lines."""
+  floor = result.get("bandwidth_floor")
+  if not floor:
+    return []
+  gbs = result["bandwidth_bytes_per_s"] / 1e9
+  lines = [
+    "",
+    f"Against the memory-bandwidth floor: a device-to-device copy (256 MiB) moved {gbs:.1f}"
+    " GB/s here (bytes read + written). A step's floor is the bytes it cannot avoid moving"
+    " (parameters, gradients and state read; parameters and the state it changes written) at"
+    " that rate.",
+    "",
+    "| optimizer (normal step) | read MB | written MB | floor ms | median ms | x floor |",
+    "|---|---:|---:|---:|---:|---:|",
+  ]
+  for name, row in floor.items():
+    ms = result["median_ms"][name]
+    lines.append(
+      f"| {name} | {row['read'] / 1e6:.1f} | {row['written'] / 1e6:.1f} | {row['ms']:.3f}"
+      f" | {ms:.3f} | {ms / row['ms']:.1f}x |"
+    )
+  return lines
 
 
 def to_markdown(result):
@@ -380,10 +467,11 @@ def to_markdown(result):
   for name, ms in result["median_ms"].items():
     label, _, subset = name.removesuffix("]").partition(" [")
     kind = kinds[subset] if subset else "normal"
-    lines.append(f"| {label} | {kind} | {ms:.1f} | {ms / base:.2f}x |")
+    lines.append(f"| {label} | {kind} | {ms:.3g} | {ms / base:.2f}x |")
   lines.append("")
   for name, ratio in result["ratios"].items():
     lines.append(f"- {name}: **{ratio:.2f}x**")
+  lines += bandwidth_lines(result)
   return "\n".join(lines) + "\n"
 
 
