@@ -67,15 +67,42 @@ def grouped(flat: jax.Array, group_size: int) -> jax.Array:
   return flat.reshape(-1, group_size)
 
 
-def exact_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
-  """``numerator / denominator`` rounded as IEEE division, with the denominator broadcast.
+def _float32_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+  """Float32 division, the denominator behind an optimisation barrier (see below)."""
+  return numerator / jax.lax.optimization_barrier(denominator)
 
-  XLA rewrites ``a / broadcast(b)`` into ``a * broadcast(1 / b)``, which can be 1 ulp off
-  and flip a code at a rounding boundary. Materialising the broadcast behind an
-  optimisation barrier keeps the true division, so codes match torch bit for bit.
+
+def _float64_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+  """The float32 quotient rounded once from the float64 quotient (see below)."""
+  with jax.enable_x64(True):
+    wide = _float32_divide(numerator.astype(jnp.float64), denominator.astype(jnp.float64))
+    return wide.astype(numerator.dtype)
+
+
+def exact_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+  """``numerator / denominator`` correctly rounded, as IEEE float32 division, on every backend.
+
+  Two compiler behaviours would otherwise change a quotient by an ulp and flip a code at a
+  rounding boundary (docs/spec.md section 3.3):
+
+  * XLA rewrites ``a / broadcast(b)`` into ``a * broadcast(1 / b)``. The denominator is
+    materialised behind an optimisation barrier, so the division stays a division.
+  * XLA's GPU backends lower float32 division to an approximate instruction (on NVIDIA GPUs
+    PTX ``div.full.f32``, up to 2 ulp off), where torch's CUDA division is IEEE. On GPUs the
+    quotient is therefore taken in float64, whose division is IEEE there, and rounded once
+    to float32. For float32 operands this double rounding is innocuous (53 >= 2 x 24 + 2
+    bits): the result is the correctly rounded float32 quotient, as on the CPU.
+
+  Both operands are float32; ``denominator`` broadcasts to ``numerator``'s shape.
   """
   denominator = jnp.broadcast_to(denominator, numerator.shape)
-  return numerator / jax.lax.optimization_barrier(denominator)
+  return jax.lax.platform_dependent(
+    numerator,
+    denominator,
+    default=_float32_divide,
+    cuda=_float64_divide,
+    rocm=_float64_divide,
+  )
 
 
 def pack_int4(codes: jax.Array) -> jax.Array:

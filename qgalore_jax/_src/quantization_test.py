@@ -15,6 +15,7 @@ from qgalore_jax import pack_int4
 from qgalore_jax import quantize
 from qgalore_jax import quantized_nbytes
 from qgalore_jax import unpack_int4
+from qgalore_jax._src import quantization
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -178,3 +179,41 @@ def test_quantize_with_noise_is_unbiased_and_checks_its_size():
   assert abs(mean_code - 76.5) < 0.05
   with pytest.raises(ValueError, match="noise"):
     quantize(x, 8, 256, noise=jnp.zeros(255))
+
+
+def test_exact_divide_is_correctly_rounded_on_every_path():
+  """The quotient equals NumPy's IEEE float32 division, on the CPU path and the GPU one.
+
+  The GPU path (float64 quotient, rounded once) runs here on the CPU, so it is checked
+  against the same reference; inputs include divisors 2**b - 1 of every bit width, where
+  a reciprocal multiply is 1 ulp off for some numerators. Quotients stay in the normal
+  range: XLA's CPU backend flushes subnormal results to zero.
+  """
+  rng = np.random.default_rng(0)
+  num = np.concatenate(
+    [
+      rng.standard_normal(50_000),
+      rng.uniform(-1, 1, 50_000) * 10.0 ** rng.integers(-15, 15, 50_000),
+    ]
+  ).astype(np.float32)
+  den = (rng.uniform(0.1, 2.0, num.size) * 10.0 ** rng.integers(-15, 15, num.size)).astype(
+    np.float32
+  )
+  want = num / den
+  for divide in (quantization.exact_divide, quantization._float64_divide):
+    np.testing.assert_array_equal(np.asarray(jax.jit(divide)(num, den)), want)
+  for bits in range(1, 9):
+    q = np.float32(2**bits - 1)
+    got = jax.jit(lambda x, q=q: quantization.exact_divide(x, jnp.float32(q)))(num)
+    np.testing.assert_array_equal(np.asarray(got), num / q)
+  reciprocal = num * (np.float32(1) / np.float32(15))
+  assert np.any(reciprocal != num / np.float32(15))  # the inputs can tell the two apart
+
+
+def test_exact_divide_takes_the_float64_path_on_gpus():
+  """Lowered for CUDA and ROCm (no GPU needed): a float64 division, rounded to float32."""
+  x = np.ones(8, np.float32)
+  for platform, wide in (("cpu", False), ("cuda", True), ("rocm", True)):
+    traced = jax.jit(quantization.exact_divide).trace(x, x)
+    text = traced.lower(lowering_platforms=(platform,)).as_text()
+    assert ("stablehlo.divide" in text) and (("xf64>" in text) == wide), platform
