@@ -35,6 +35,7 @@ from qgalore_jax._src.quantization import QuantizedArray
 from qgalore_jax._src.quantization import dequantize
 from qgalore_jax._src.quantization import exact_divide
 from qgalore_jax._src.quantization import grouped
+from qgalore_jax._src.quantization import pack_int4
 from qgalore_jax._src.quantization import quantize
 from qgalore_jax._src.quantization import unpack_int4
 
@@ -304,6 +305,25 @@ def _add_update(p: QuantizedArray, update_MxN: jax.Array, bits: int, group_size:
   return w_new.reshape(-1)[:size].reshape(update_MxN.shape)
 
 
+def _keep_unchanged_groups(
+  old: QuantizedArray, new: QuantizedArray, update_MxN: jax.Array, bits: int, group_size: int
+) -> QuantizedArray:
+  """``new``, except that groups whose update is all zero keep ``old``'s codes, scale, zero.
+
+  Re-quantising an unchanged group would move its codes: the group's dequantised range can be
+  narrower than the one it was quantised from, so its scale shrinks. docs/spec.md section 6.2.
+  """
+  size = update_MxN.size
+  still = jnp.all(grouped(update_MxN.reshape(-1), group_size) == 0, axis=1)
+  codes = lambda q: unpack_int4(q.codes, size) if bits <= 4 else q.codes
+  merged = jnp.where(jnp.repeat(still, group_size)[:size], codes(old), codes(new))
+  return QuantizedArray(
+    codes=pack_int4(merged) if bits <= 4 else merged,
+    scale=jnp.where(still, old.scale, new.scale),
+    zero=jnp.where(still, old.zero, new.zero),
+  )
+
+
 def _apply_leaf(p, u, path, seed, step, tensor_id):
   if u is None:
     return p
@@ -320,9 +340,11 @@ def _apply_leaf(p, u, path, seed, step, tensor_id):
 
   def round_slice(codes, scale, zero, u, slice_id):
     u_MxN = lay.slice_layout.to_stack(u)[0]  # transposed here, fused into the update
-    w_MxN = _add_update(QuantizedArray(codes, scale, zero), u_MxN, p.bits, p.group_size)
+    old = QuantizedArray(codes, scale, zero)
+    w_MxN = _add_update(old, u_MxN, p.bits, p.group_size)
     noise = uniforms(seed, step, slice_id, lay.matrix_shape)
-    return quantize(w_MxN, p.bits, p.group_size, noise=noise)
+    new = quantize(w_MxN, p.bits, p.group_size, noise=noise)
+    return _keep_unchanged_groups(old, new, u_MxN, p.bits, p.group_size)
 
   new = _per_slice(layout.map_slices(round_slice, (*p._slices(), lay.to_slices(u), ids)), lay)
   return p._replace(codes=new.codes, scale=new.scale, zero=new.zero)
@@ -365,8 +387,10 @@ def apply_updates(qparams, updates, *, seed, step, tensor_ids=None):
   with ``u`` from :func:`uniforms` keyed by ``(seed, step, tensor id, element)`` (one id
   per matrix: per slice of a stack), so
   :math:`\mathbb{E}[s'(q' - z')] = w'`: an update much smaller than a quantisation step
-  survives in expectation (round-to-nearest would drop it). Other leaves get
-  ``p + update`` in their own dtype, as ``optax.apply_updates``.
+  survives in expectation (round-to-nearest would drop it). A group whose update is all
+  zero keeps its codes, scale and zero bit for bit, so zero updates (e.g. the non-final
+  micro-steps of ``optax.MultiSteps``) change nothing. Other leaves get ``p + update`` in
+  their own dtype, as ``optax.apply_updates``.
 
   Args:
     qparams: a pytree from :func:`quantize_params`.

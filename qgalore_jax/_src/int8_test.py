@@ -67,6 +67,50 @@ def test_apply_updates_matches_naive_reference(input_axis):
   assert new["w"].shape == leaf.shape and new["w"].input_axis == input_axis
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_zero_updates_leave_codes_bit_identical(bits):
+  """50 all-zero updates change nothing; a partly zero update re-rounds only its other groups.
+
+  Without the rule, re-quantising an unchanged group moved codes (about 9 of 131,072 after
+  50 zero updates under optax.MultiSteps), because its dequantised range can be narrower than
+  the range it was quantised from. docs/spec.md section 6.2.
+  """
+  rng = np.random.default_rng(3)
+  leaf = rng.normal(size=(70, 30)).astype(np.float32)  # 2100 elements: a partial last group
+  qparams = quantize_params({"w": jnp.asarray(leaf)}, bits=bits, group_size=64)
+  step = jax.jit(lambda q, u, t: apply_updates(q, u, seed=5, step=t))
+  zeros = {"w": jnp.zeros_like(leaf)}
+  q = qparams
+  for t in range(50):
+    q = step(q, zeros, jnp.int32(t))
+  for field in ("codes", "scale", "zero"):
+    np.testing.assert_array_equal(np.asarray(getattr(q["w"], field)), getattr(qparams["w"], field))
+  # Every third group (in the canonical (out, in) order of docs/spec.md) gets an update.
+  update_mxn = (rng.normal(size=(30, 70)) * 0.01).astype(np.float32).reshape(-1)
+  moving = np.arange(update_mxn.size) // 64 % 3 == 0  # every third group moves
+  update_mxn = np.where(moving, update_mxn, np.float32(0))
+  new = step(qparams, {"w": jnp.asarray(update_mxn.reshape(30, 70).T)}, jnp.int32(0))
+  old = qparams["w"]
+  codes_old = np.asarray(old.codes)
+  if bits == 4:
+    codes_old = np.stack([codes_old & 15, codes_old >> 4], axis=1).reshape(-1)[: leaf.size]
+  g = np.arange(leaf.size) // 64
+  scale, zero = np.asarray(old.scale)[g], np.asarray(old.zero)[g]
+  w_new = scale * ((codes_old.astype(np.float32) - zero) + update_mxn / scale)
+  codes, scales, zeros_ = naive_sr(w_new, py_uniforms(5, 0, 0, leaf.size), bits, 64)
+  still = ~moving[::64]
+  codes = np.where(~moving, codes_old, codes)
+  scales = np.where(still, np.asarray(old.scale), scales)
+  zeros_ = np.where(still, np.asarray(old.zero), zeros_)
+  got = np.asarray(new["w"].codes)
+  if bits == 4:
+    got = np.stack([got & 15, got >> 4], axis=1).reshape(-1)[: leaf.size]
+  np.testing.assert_array_equal(got, codes)
+  np.testing.assert_array_equal(np.asarray(new["w"].scale), scales)
+  np.testing.assert_array_equal(np.asarray(new["w"].zero), zeros_)
+  assert np.any(np.asarray(new["w"].scale) != np.asarray(old.scale))  # the others did move
+
+
 def test_quantize_params_layout_and_memory():
   kernel = jax.random.normal(jax.random.key(0), (512, 1376))  # LLaMA-60M up-projection
   params = {"kernel": kernel, "bias": jnp.zeros(1376), "scale3d": jnp.ones((2, 2, 2))}
@@ -276,3 +320,20 @@ def test_int8_train_step_has_aux_and_optax_optimizer():
   train_step = int8_train_step(loss_fn, tx, has_aux=True)
   qparams, opt_state, _, aux = train_step(qparams, opt_state, _mlp_problem(), jnp.int32(0))
   assert float(aux) == 1.0 and is_quantized(qparams["w"])
+
+
+def test_multisteps_micro_steps_leave_int8_codes_unchanged():
+  """``optax.MultiSteps``: the non-final micro-steps return zero updates; codes stay put."""
+  k = jax.random.split(jax.random.key(8), 2)
+  params = {"w1": jax.random.normal(k[0], (16, 64)) / 4, "w2": jax.random.normal(k[1], (64, 4))}
+  loss_fn = lambda p, batch: jnp.mean((jnp.tanh(batch[0] @ p["w1"]) @ p["w2"] - batch[1]) ** 2)
+  qparams = quantize_params(params, group_size=64)
+  tx = optax.MultiSteps(qgalore_adamw(1e-2, rank=4, update_proj_gap=20), every_k_schedule=4)
+  opt_state = tx.init(dequantize_params(qparams))
+  train_step = int8_train_step(loss_fn, tx, seed=0)
+  snapshot = lambda q: [np.asarray(getattr(q[n], f)) for n in q for f in ("codes", "scale", "zero")]
+  for t in range(8):
+    before = snapshot(qparams)
+    qparams, opt_state, _ = train_step(qparams, opt_state, _mlp_problem(), jnp.int32(t))
+    same = all(np.array_equal(a, b) for a, b in zip(before, snapshot(qparams), strict=True))
+    assert same == (t % 4 != 3), t  # only every fourth call applies an update

@@ -196,8 +196,9 @@ def apply_int8_update(weight: Int8Weight, update: torch.Tensor, *, seed, step, t
     w' = s (q - z) + \Delta, \quad (s', z') = \text{groupwise}(w'), \quad
     q' = \text{clamp}(\lfloor w' / s' + u \rfloor + z', 0, 255)
 
-  with ``u`` from :func:`uniforms`, so :math:`\mathbb{E}[s'(q' - z')] = w'`. The same
-  inputs give the same codes as ``qgalore_jax.apply_updates``.
+  with ``u`` from :func:`uniforms`, so :math:`\mathbb{E}[s'(q' - z')] = w'`. A group whose
+  update is all zero keeps its codes, scale and zero bit for bit. The same inputs give the
+  same codes as ``qgalore_jax.apply_updates``.
 
   Args:
     weight: the :class:`Int8Weight` to update.
@@ -222,10 +223,26 @@ def apply_int8_update(weight: Int8Weight, update: torch.Tensor, *, seed, step, t
       f"update has shape {tuple(update.shape)}, but the weight has shape {tuple(weight.shape)}"
     )
   w_new = add_update(weight, update)
-  weight.assign_(
-    stochastic_round(
-      w_new, seed=seed, step=step, tensor_id=tensor_id, bits=BITS, group_size=weight.group_size
-    )
+  new = stochastic_round(
+    w_new, seed=seed, step=step, tensor_id=tensor_id, bits=BITS, group_size=weight.group_size
+  )
+  weight.assign_(keep_unchanged_groups(weight.quantized(), new, update, weight.group_size))
+
+
+def keep_unchanged_groups(old, new, update, group_size):
+  """``new``, except that groups whose update is all zero keep ``old``'s codes, scale, zero.
+
+  Re-quantising an unchanged group would move its codes: the group's dequantised range can be
+  narrower than the one it was quantised from, so its scale shrinks. docs/spec.md section 6.2.
+  No host synchronisation: the choice is a ``torch.where``.
+  """
+  size = old.codes.numel()
+  still = (grouped(update.detach().reshape(-1), group_size) == 0).all(dim=1)
+  per_code = still.repeat_interleave(group_size)[:size]
+  return QuantizedTensor(
+    codes=torch.where(per_code, old.codes, new.codes),
+    scale=torch.where(still, old.scale, new.scale),
+    zero=torch.where(still, old.zero, new.zero),
   )
 
 

@@ -49,6 +49,39 @@ def test_bit_identical_to_jax():
     np.testing.assert_array_equal(np.asarray(qparams["w"].zero), layer.weight.zero.numpy())
 
 
+def test_zero_updates_leave_codes_bit_identical():
+  """50 all-zero updates change nothing (docs/spec.md section 6.2); without the rule codes move."""
+  torch.manual_seed(4)
+  weight = Int8Weight.from_float(torch.randn(70, 30), group_size=64)
+  before = [t.clone() for t in weight.quantized()]
+  for t in range(50):
+    apply_int8_update(weight, torch.zeros(70, 30), seed=5, step=t, tensor_id=0)
+  for got, want in zip(weight.quantized(), before, strict=True):
+    assert torch.equal(got, want)
+
+
+def test_partly_zero_update_is_bit_identical_to_jax():
+  """Groups with a zero update keep their codes, the others re-round: as in qgalore_jax."""
+  jnp = pytest.importorskip("jax.numpy")
+  qgalore_jax = pytest.importorskip("qgalore_jax")
+  rng = np.random.default_rng(6)
+  w0 = rng.normal(size=(70, 30)).astype(np.float32)  # (out, in); 2100 weights, group 64
+  update = (rng.normal(size=w0.shape) * 0.01).astype(np.float32).reshape(-1)
+  update = np.where(np.arange(update.size) // 64 % 3 == 0, update, np.float32(0)).reshape(70, 30)
+  weight = Int8Weight.from_float(torch.from_numpy(w0), group_size=64)
+  qparams = qgalore_jax.quantize_params({"w": jnp.asarray(w0)}, input_axis=1, group_size=64)
+  before = weight.codes.clone()
+  for t in range(3):
+    apply_int8_update(weight, torch.from_numpy(update), seed=5, step=t, tensor_id=0)
+    qparams = qgalore_jax.apply_updates(qparams, {"w": jnp.asarray(update)}, seed=5, step=t)
+    for field in ("codes", "scale", "zero"):
+      got = getattr(weight, field).numpy()
+      np.testing.assert_array_equal(got, np.asarray(getattr(qparams["w"], field)))
+  still = torch.from_numpy(np.arange(w0.size) // 64 % 3 != 0)
+  assert torch.equal(weight.codes[still], before[still])
+  assert not torch.equal(weight.codes[~still], before[~still])
+
+
 def test_stochastic_rounding_is_unbiased():
   """100 updates of 0.05 of a quantisation step keep ~all of their sum."""
   torch.manual_seed(0)
