@@ -8,6 +8,7 @@ from qgalore_torch._src.generator import uniforms
 from qgalore_torch._src.int8 import Int8Linear
 from qgalore_torch._src.int8 import Int8Weight
 from qgalore_torch._src.int8 import apply_int8_update
+from qgalore_torch._src.int8 import dequantize_linears
 from qgalore_torch._src.int8 import quantize_linears
 from qgalore_torch._src.int8 import stochastic_round
 from qgalore_torch._src.moments import QuantizedMoment
@@ -39,6 +40,7 @@ __all__ = (
   "apply_int8_update",
   "compute_projector",
   "dequantize",
+  "dequantize_linears",
   "dequantize_moment",
   "pack_int4",
   "project",

@@ -435,3 +435,55 @@ def quantize_linears(
     parent = model.get_submodule(parent_name)
     setattr(parent, child, Int8Linear.from_linear(module, group_size))
   return [name for name, _ in chosen]
+
+
+def dequantize_linears(
+  model: nn.Module, predicate: Callable[[str], bool] | None = None, *, dtype=torch.float32
+) -> list[str]:
+  """Replaces the :class:`Int8Linear` modules of ``model`` by plain ``nn.Linear``, in place.
+
+  The inverse of :func:`quantize_linears`, for export: afterwards ``model.state_dict()``
+  holds ordinary ``weight`` tensors, so a model trained with INT8 layers saves and loads
+  like any other (``torch.save``, ``save_pretrained`` / ``from_pretrained``). Each weight is
+  the layer's dequantised ``s * (q - z)`` (docs/spec.md section 6.1) cast to ``dtype``; the
+  bias is the layer's own tensor. Build a new optimizer after this call if training goes on.
+
+  Args:
+    model: the model to convert.
+    predicate: called with each ``Int8Linear``'s qualified name; the layer is replaced when
+      it returns True. Default: every ``Int8Linear``.
+    dtype: the floating dtype of the new weights.
+
+  Returns:
+    The qualified names of the replaced modules, in ``named_modules`` order.
+
+  Example:
+    >>> import torch
+    >>> from qgalore_torch import dequantize_linears, quantize_linears
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> quantize_linears(model)
+    ['0', '2']
+    >>> dequantize_linears(model)
+    ['0', '2']
+    >>> sorted(model.state_dict())
+    ['0.bias', '0.weight', '2.bias', '2.weight']
+  """
+  if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+    raise TypeError(f"`dtype` must be a floating torch.dtype, got {dtype!r}")
+  if isinstance(model, Int8Linear):
+    raise TypeError("`model` is itself an Int8Linear: use nn.Linear with model.dequantize()")
+  chosen = [
+    (name, module)
+    for name, module in model.named_modules()
+    if isinstance(module, Int8Linear) and (predicate is None or predicate(name))
+  ]
+  for name, module in chosen:
+    weight = module.dequantize().to(dtype)
+    linear = nn.Linear(
+      module.in_features, module.out_features, bias=False, device="meta", dtype=dtype
+    )
+    linear.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
+    linear.bias = module.bias
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, linear)
+  return [name for name, _ in chosen]

@@ -17,6 +17,7 @@ from qgalore_torch import Int8Weight
 from qgalore_torch import QGaLoreAdamW
 from qgalore_torch import apply_int8_update
 from qgalore_torch import dequantize
+from qgalore_torch import dequantize_linears
 from qgalore_torch import quantize
 from qgalore_torch import quantize_linears
 from qgalore_torch import stochastic_round
@@ -298,3 +299,74 @@ def test_state_dict_round_trip_resumes_identically():
   assert torch.equal(model[2].weight.codes, resumed[2].weight.codes)
   with pytest.raises(RuntimeError, match="weight_scale"):
     resumed.load_state_dict({k: v for k, v in saved["model"].items() if k != "2.weight_scale"})
+
+
+def test_dequantize_linears_exports_plain_linear_weights(tmp_path):
+  """After training with INT8 layers, the exported float model computes the same outputs."""
+  model = _model()
+  _train(model, _optimizer(model), 5)
+  x, _ = _data()
+  want = model(x)
+  shapes = {0: (64, 16), 2: (64, 64)}
+  expected = {i: dequantize(model[i].weight.quantized(), shape, 8) for i, shape in shapes.items()}
+  bias = model[0].bias
+  assert dequantize_linears(model) == ["0", "2"]
+  assert all(type(model[i]) is nn.Linear for i in (0, 2, 4)) and model[0].bias is bias
+  for i, weight in expected.items():
+    assert type(model[i].weight) is nn.Parameter and torch.equal(model[i].weight, weight)
+  torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+  torch.save(model.state_dict(), tmp_path / "model.pt")
+  fresh = nn.Sequential(
+    nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4)
+  )
+  fresh.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True), strict=True)
+  torch.testing.assert_close(fresh(x), want, rtol=0, atol=0)
+
+
+def test_dequantize_linears_dtype_predicate_and_bad_input():
+  model = _model()
+  assert dequantize_linears(model, lambda name: name == "2", dtype=torch.bfloat16) == ["2"]
+  assert isinstance(model[0], Int8Linear) and model[2].weight.dtype == torch.bfloat16
+  with pytest.raises(TypeError, match="dtype"):
+    dequantize_linears(model, dtype=torch.int8)
+  with pytest.raises(TypeError, match="Int8Linear"):
+    dequantize_linears(model[0])
+
+
+def test_hugging_face_round_trip_after_int8_training(tmp_path):
+  """A LLaMA trained with INT8 projections saves and loads with save/from_pretrained.
+
+  Without the export, ``from_pretrained`` re-initialises the 7 projections of every layer
+  (their keys are ``weight_codes``, ``weight_scale``, ``weight_zero``).
+  """
+  transformers = pytest.importorskip("transformers")
+  config = transformers.LlamaConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=32,
+  )
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(config)
+  names = quantize_linears(model, lambda name: name.endswith("_proj"))
+  assert len(names) == 7 * 2
+  projections = [p for n, p in model.named_parameters() if "_proj" in n]
+  others = [p for n, p in model.named_parameters() if "_proj" not in n]
+  opt = QGaLoreAdamW([{"params": projections, "rank": 4}, {"params": others}], lr=1e-3)
+  tokens = torch.randint(64, (2, 16), generator=torch.Generator().manual_seed(1))
+  for _ in range(3):
+    model(tokens, labels=tokens).loss.backward()
+    opt.step()
+    opt.zero_grad()
+  model.eval()
+  with torch.no_grad():
+    want = model(tokens).logits
+  assert dequantize_linears(model) == names
+  model.save_pretrained(tmp_path)
+  loaded, info = transformers.LlamaForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+  with torch.no_grad():
+    torch.testing.assert_close(loaded.eval()(tokens).logits, want)
