@@ -337,3 +337,36 @@ def test_multisteps_micro_steps_leave_int8_codes_unchanged():
     qparams, opt_state, _ = train_step(qparams, opt_state, _mlp_problem(), jnp.int32(t))
     same = all(np.array_equal(a, b) for a, b in zip(before, snapshot(qparams), strict=True))
     assert same == (t % 4 != 3), t  # only every fourth call applies an update
+
+
+def test_apply_if_finite_skips_a_nan_step_whole_with_int8_weights():
+  """``optax.apply_if_finite`` around ``qgalore_adamw``: a NaN batch changes no code or state.
+
+  The wrapper returns zero updates on a non-finite step and keeps the inner state; zero
+  updates leave INT8 codes bit-identical (docs/spec.md section 6.2), so the step is skipped
+  whole, and the wrapper counts it. The next finite step trains on.
+  """
+  k = jax.random.split(jax.random.key(9), 2)
+  params = {"w1": jax.random.normal(k[0], (16, 64)) / 4, "w2": jax.random.normal(k[1], (64, 4))}
+  loss_fn = lambda p, batch: jnp.mean((jnp.tanh(batch[0] @ p["w1"]) @ p["w2"] - batch[1]) ** 2)
+  qparams = quantize_params(params, group_size=64)
+  inner = qgalore_adamw(1e-2, rank=4, update_proj_gap=2)
+  tx = optax.apply_if_finite(inner, max_consecutive_errors=5)
+  opt_state = tx.init(dequantize_params(qparams))
+  train_step = int8_train_step(loss_fn, tx, seed=0)
+  x, y = _mlp_problem()
+  for t in range(3):
+    qparams, opt_state, _ = train_step(qparams, opt_state, (x, y), jnp.int32(t))
+  leaves = lambda tree: [np.asarray(a) for a in jax.tree.leaves(tree)]
+  before_q, before_state = leaves(qparams), leaves(opt_state.inner_state)
+  nan_batch = (x.at[0, 0].set(jnp.nan), y)
+  qparams, opt_state, loss = train_step(qparams, opt_state, nan_batch, jnp.int32(3))
+  assert not np.isfinite(float(loss))
+  for a, b in zip(leaves(qparams), before_q, strict=True):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(leaves(opt_state.inner_state), before_state, strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert int(opt_state.notfinite_count) == 1 and int(opt_state.total_notfinite) == 1
+  qparams, opt_state, loss = train_step(qparams, opt_state, (x, y), jnp.int32(4))
+  assert np.isfinite(float(loss)) and int(opt_state.notfinite_count) == 0
+  assert any(not np.array_equal(a, b) for a, b in zip(leaves(qparams), before_q, strict=True))
