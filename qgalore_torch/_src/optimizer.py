@@ -338,6 +338,12 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     return hook
 
   def _init_state(self, p, group):
+    """Puts :meth:`_zero_state` into ``self.state[p]``."""
+    self.state[p].update(self._zero_state(p, group))
+
+  @staticmethod
+  @torch.no_grad()
+  def _zero_state(p, group):
     """Zero state for ``p``: step, moments and, for projected matrices, projector and schedule.
 
     A plain parameter's float32 moments are shaped and strided like it. A projected
@@ -346,8 +352,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     matrix's state per slice: each tensor with the batch shape in front (docs/spec.md
     section 1.3).
     """
-    state = self.state[p]
-    state["step"] = torch.zeros([], dtype=torch.float32, device=_HOST)
+    state = {"step": torch.zeros([], dtype=torch.float32, device=_HOST)}
     if "rank" not in group:
       moment_bits, min_size = group["moment_bits"], group["min_8bit_size"]
       zeros = [
@@ -355,13 +360,14 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         for s in _SIGNED
       ]
       moments.to_state(state, zeros)
-      return
+      return state
     layout = _stack_layout(p, group)
     matrix = _matrix_zero_state(layout.matrix_shape, group, p.device)
     batch_shape = layout.batch_shape
     if batch_shape:
       matrix = {k: v.expand(*batch_shape, *v.shape).clone() for k, v in matrix.items()}
     state.update(matrix)
+    return state
 
   def _update(self, p, group, tensor_id):
     if p.grad.is_sparse:
@@ -467,7 +473,18 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     bf16); here every tensor keeps its saved dtype, the schedule and ``step`` stay on the
     CPU and the rest moves to the parameter's device. A key that a saved param group lacks
     takes the constructor's value.
+
+    The state must fit this optimizer (docs/spec.md section 7.4): a group saved with other
+    structural settings (``rank`` or none, ``batch_axes``, ``proj_bits``,
+    ``proj_group_size``, ``queue_size``), or a state tensor whose key, shape or dtype
+    differs from what this optimizer creates for the parameter, raises ``ValueError``
+    naming the group, the parameter and the setting, and leaves the optimizer as it was.
+    Other hyperparameters (``lr``, ``betas``, ...) are restored from the saved groups, as
+    torch's optimizers do. The moments may have been saved in either form (float32 or
+    8-bit): they take the group's form at the next step.
     """
+    _check_saved_groups(self.param_groups, state_dict["param_groups"])
+    before = self.state, self.param_groups
     super().load_state_dict(state_dict)
     for group in self.param_groups:  # keys a group saved by an older version lacks
       for key, value in self.defaults.items():
@@ -480,6 +497,35 @@ class QGaLoreAdamW(torch.optim.Optimizer):
           key: value.to(device=_HOST if key in _HOST_KEYS else p.device, copy=True)
           for key, value in state_dict["state"][i].items()
         }
+    try:
+      self._check_loaded_state()
+    except ValueError:
+      self.state, self.param_groups = before
+      raise
+
+  def _check_loaded_state(self):
+    """Every loaded state tensor has the key, shape and dtype that :meth:`_zero_state` makes."""
+    for index, group in enumerate(self.param_groups):
+      for i, p in enumerate(group["params"]):
+        if not self.state.get(p):
+          continue
+        got, want = self.state[p], self._zero_state(p, group)
+        where = f"{path_str(index, i)} (shape {tuple(p.shape)})"
+        keys = lambda state: sorted(k for k in state if not k.endswith("_absmax"))
+        if keys(got) != keys(want):
+          raise ValueError(
+            f"the saved state of {where} has keys {keys(got)}, but this optimizer keeps"
+            f" {keys(want)}: the state_dict comes from another configuration"
+          )
+        for key in keys(want):
+          value = want[key]
+          dtype_differs = key not in _MOMENT_KEYS and got[key].dtype != value.dtype
+          if got[key].shape != value.shape or dtype_differs:
+            raise ValueError(
+              f"the saved state of {where} has {key!r} of shape {tuple(got[key].shape)} and"
+              f" dtype {got[key].dtype}, but this optimizer makes {tuple(value.shape)} and"
+              f" {value.dtype}: the state_dict comes from another model or configuration"
+            )
 
   def projection_stats(self):
     """Per-matrix refresh statistics, for logging (reads tensors: call outside the step).
@@ -510,6 +556,38 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         else:
           stats.append(per_slice[0])
     return stats
+
+
+# Settings that shape the state: a state_dict saved with other values cannot be loaded.
+# (``moment_bits`` and ``min_8bit_size`` are not among them: the moments take the form the
+# group asks for at the next step, whichever form they were saved in.)
+_STRUCTURAL_KEYS = ("rank", "batch_axes", "proj_bits", "proj_group_size", "queue_size")
+# The moments' stored form (float32, or 8-bit codes with absmax) may differ from a fresh
+# state's; only their shape must match.
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+_ABSENT = object()
+
+
+def _check_saved_groups(groups, saved_groups):
+  """Raises ``ValueError`` where a saved group's structural setting differs from this one's."""
+  if len(groups) != len(saved_groups):
+    raise ValueError(
+      f"the state_dict has {len(saved_groups)} param groups, this optimizer {len(groups)}"
+    )
+  show = lambda v: "none" if v is _ABSENT else repr(v)
+  for index, (group, saved) in enumerate(zip(groups, saved_groups, strict=True)):
+    for key in _STRUCTURAL_KEYS:
+      mine, theirs = group.get(key, _ABSENT), saved.get(key, _ABSENT)
+      if key == "batch_axes":
+        mine, theirs = tuple(group.get(key, ())), tuple(saved.get(key, ()))
+      elif key != "rank" and theirs is _ABSENT:
+        continue  # saved by an older version: the constructor's value applies
+      if mine != theirs:
+        raise ValueError(
+          f"param group {index} of the state_dict was saved with {key}={show(theirs)}, but"
+          f" this optimizer's has {key}={show(mine)}: build the optimizer with the saved"
+          f" settings, or leave its state fresh"
+        )
 
 
 def _matrix_stats(state, index):

@@ -1,6 +1,7 @@
 """Tests of QGaLoreAdamW against a naive NumPy Q-GaLore (docs/spec.md sections 1-5, 7)."""
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -1038,3 +1039,62 @@ def test_betas_must_be_finite():
   params = [torch.nn.Parameter(torch.ones(4, 3))]
   with pytest.raises(ValueError, match=r"`betas\[1\]` must be a finite number, got nan"):
     QGaLoreAdamW(params, betas=(0.9, float("nan")))
+
+
+def _saved_state(shape=(16, 12), **group):
+  w = torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+  opt = QGaLoreAdamW([{"params": [w], "rank": 4, **group}], lr=1e-2)
+  w.grad = torch.ones(shape)
+  opt.step()
+  return opt.state_dict()
+
+
+@pytest.mark.parametrize(
+  "saved, built, message",
+  [
+    ({}, {"rank": 8}, "rank=4, but this optimizer's has rank=8"),
+    ({}, {"proj_bits": None}, "proj_bits=4, but this optimizer's has proj_bits=None"),
+    ({"proj_group_size": 32}, {}, "proj_group_size=32, but this optimizer's has"),
+    ({"queue_size": 3}, {}, "queue_size=3"),
+  ],
+)
+def test_state_dict_of_another_configuration_is_refused(saved, built, message):
+  """A clear error, and the optimizer keeps its own state (no silent reshape)."""
+  state_dict = _saved_state(**saved)
+  w = torch.nn.Parameter(torch.zeros(16, 12))
+  opt = QGaLoreAdamW([{"params": [w], "rank": 4, **built}], lr=1e-2)
+  w.grad = torch.ones(16, 12)
+  opt.step()
+  before = {k: v.clone() for k, v in opt.state[w].items()}
+  with pytest.raises(ValueError, match=re.escape(message)):
+    opt.load_state_dict(state_dict)
+  assert all(torch.equal(opt.state[w][k], v) for k, v in before.items())
+
+
+def test_state_dict_of_a_plain_group_into_a_projected_one_is_refused():
+  state_dict = _saved_state()
+  state_dict["param_groups"][0].pop("rank")
+  w = torch.nn.Parameter(torch.zeros(16, 12))
+  opt = QGaLoreAdamW([{"params": [w], "rank": 4}], lr=1e-2)
+  with pytest.raises(ValueError, match="saved with rank=none, but this optimizer's has rank=4"):
+    opt.load_state_dict(state_dict)
+
+
+def test_state_dict_of_another_model_is_refused_naming_the_parameter():
+  """Same settings, other shapes: the state tensors cannot fit; the old state stays."""
+  state_dict = _saved_state(shape=(16, 12))
+  w = torch.nn.Parameter(torch.zeros(20, 12))
+  opt = QGaLoreAdamW([{"params": [w], "rank": 4}], lr=1e-2)
+  lr_before = opt.param_groups[0]["lr"]
+  with pytest.raises(ValueError, match=re.escape("param group 0: params[0] (shape (20, 12))")):
+    opt.load_state_dict(state_dict)
+  assert not opt.state and opt.param_groups[0]["lr"] == lr_before
+
+
+def test_state_dict_with_other_moment_bits_still_loads():
+  """Moments convert to the group's form at the next step (see the test above)."""
+  state_dict = _saved_state(moment_bits=8, min_8bit_size=1)
+  w = torch.nn.Parameter(torch.zeros(16, 12))
+  opt = QGaLoreAdamW([{"params": [w], "rank": 4}], lr=1e-2)
+  opt.load_state_dict(state_dict)
+  assert opt.state[w]["exp_avg"].dtype == torch.uint8
