@@ -1,0 +1,118 @@
+"""Faults and awkward inputs (docs/reliability.md): what a user gets, checked.
+
+The twin of ``qgalore_jax/_src/faults_test.py``. References: NumPy least squares for "it
+still trains", the spec's clamped rank ``min(rank, m, n)`` (docs/spec.md section 1.1) for the
+state's shapes, and section 4.3 for a refresh whose basis is not finite.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from qgalore_torch import QGaLoreAdamW
+from qgalore_torch import compute_projector
+
+
+def _least_squares(shape, dtype, seed=0):
+  """``|x W^T - y|^2`` for an (out, in) ``W``; returns (loss_fn, W, best) with NumPy's optimum."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(64, shape[1]))
+  y = x @ rng.normal(size=(shape[1], shape[0]))
+  best = float(np.mean((x @ np.linalg.lstsq(x, y, rcond=None)[0] - y) ** 2))
+  xt, yt = torch.from_numpy(x).to(dtype), torch.from_numpy(y).to(dtype)
+  w = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
+  return lambda: ((xt @ w.T - yt).float() ** 2).mean(), w, best
+
+
+def _train(opt, loss_fn, steps):
+  losses = []
+  for _ in range(steps):
+    loss = loss_fn()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    losses.append(loss.item())
+  return losses
+
+
+@pytest.mark.parametrize(
+  "shape, rank",
+  [((6, 8), 10), ((6, 8), 6), ((1, 40), 4), ((40, 1), 4), ((1, 1), 3)],
+  ids=["rank over both sides", "rank equal to a side", "1 x n", "n x 1", "1 x 1"],
+)
+def test_awkward_shapes_clamp_the_rank_and_train(shape, rank):
+  loss_fn, w, best = _least_squares(shape, torch.float32)
+  opt = QGaLoreAdamW([{"params": [w], "rank": rank, "update_proj_gap": 5}], lr=5e-2)
+  losses = _train(opt, loss_fn, 150)
+  r = min(rank, *shape)
+  mu = opt.state[w]["exp_avg"]  # the low-rank first moment, docs/spec.md section 1.1
+  assert r in mu.shape and mu.numel() == r * max(shape)
+  assert opt.projection_stats()[0]["svd_count"] >= 1
+  assert losses[-1] < 0.2 * losses[0] and np.isfinite(losses[-1])
+  assert losses[-1] >= best - 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_other_float_dtypes_keep_their_dtype_and_train(dtype):
+  loss_fn, w, _ = _least_squares((12, 16), dtype)
+  opt = QGaLoreAdamW([{"params": [w], "rank": 4, "update_proj_gap": 10}], lr=1e-1)
+  losses = _train(opt, loss_fn, 150)
+  assert w.dtype == dtype and opt.state[w]["exp_avg"].dtype == torch.float32
+  assert np.all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0]
+
+
+def test_all_zero_gradients_leave_the_weights_and_refresh():
+  """A zero gradient is a valid SVD input: the weight stays and the projector is finite."""
+  w = torch.nn.Parameter(torch.full((6, 8), 0.5))
+  opt = QGaLoreAdamW([{"params": [w], "rank": 2, "update_proj_gap": 1}], lr=1e-2)
+  for _ in range(3):
+    w.grad = torch.zeros(6, 8)
+    opt.step()
+  assert torch.equal(w.detach(), torch.full((6, 8), 0.5))
+  assert opt.projection_stats()[0]["svd_count"] == 3
+  assert all(torch.isfinite(v).all() for v in opt.state[w].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["NaN basis", "inf basis"])
+def test_a_non_finite_basis_from_the_svd_is_rejected(bad):
+  """An SVD that returns garbage (the projector_fn seam): the refresh is skipped and retried.
+
+  docs/spec.md section 4.3: the stored projector and schedule stay as they were.
+  """
+  poisoned = [False]
+
+  def projector_fn(grad, rank):
+    basis = compute_projector(grad, rank)
+    return torch.full_like(basis, bad) if poisoned[0] else basis
+
+  w = torch.nn.Parameter(torch.ones(6, 8))
+  opt = QGaLoreAdamW(
+    [{"params": [w], "rank": 2, "update_proj_gap": 2}], lr=1e-2, projector_fn=projector_fn
+  )
+  grad = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+  w.grad = grad.clone()
+  opt.step()  # step 0: a good refresh
+  w.grad = grad.clone()
+  opt.step()  # step 1: no refresh
+  before = {k: v.clone() for k, v in opt.state[w].items() if k != "step"}
+  before = {k: v for k, v in before.items() if k not in ("exp_avg", "exp_avg_sq")}
+  poisoned[0] = True
+  w.grad = grad.clone()
+  opt.step()  # step 2: a refresh, rejected
+  for key, value in before.items():
+    assert torch.equal(opt.state[w][key], value), key
+  assert torch.isfinite(w).all()
+  assert opt.projection_stats()[0]["svd_count"] == 1
+
+
+def test_an_svd_that_raises_surfaces_its_error():
+  """A projector_fn that fails (e.g. a solver that does not converge) is not swallowed."""
+
+  def fails(grad, rank):
+    raise torch.linalg.LinAlgError("SVD did not converge")
+
+  w = torch.nn.Parameter(torch.ones(6, 8))
+  opt = QGaLoreAdamW([{"params": [w], "rank": 2}], projector_fn=fails)
+  w.grad = torch.ones(6, 8)
+  with pytest.raises(torch.linalg.LinAlgError, match="did not converge"):
+    opt.step()
