@@ -2,7 +2,11 @@
 
 import dataclasses
 import json
+import pathlib
 import shutil
+import subprocess
+import sys
+import time
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -174,3 +178,51 @@ def test_blocks_are_scanned_unless_asked_not_to():
   assert cfg.scan and not cfg.remat
   cfg, _ = train.parse_args(["--no-scan", "--remat"])
   assert not cfg.scan and cfg.remat
+
+
+_SAVE_FOREVER = """
+import pathlib, sys
+import numpy as np
+import orbax.checkpoint as ocp
+from examples.llama import train
+
+with ocp.CheckpointManager(pathlib.Path(sys.argv[1])) as manager:
+  step = 0
+  while True:
+    step += 1
+    value = np.full((2_000_000,), step, np.float32)  # 8 MB of the step's value
+    train.save_checkpoint(manager, step, {"w": value}, {"mu": value})
+    print(step, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_save_killed_half_way_leaves_the_last_complete_checkpoint(tmp_path):
+  """SIGKILL a process while orbax writes a checkpoint: the latest one restores whole.
+
+  The parent kills the child while an orbax temporary folder exists, that is, in the middle
+  of a save; ``restore_checkpoint`` then returns the last complete step, which resumes
+  exactly (see ``test_checkpoint_resume_gives_the_identical_next_loss``).
+  """
+  root = pathlib.Path(__file__).parents[2]
+  for _ in range(2):
+    child = subprocess.Popen(
+      [sys.executable, "-c", _SAVE_FOREVER, str(tmp_path)],
+      cwd=root,
+      stdout=subprocess.PIPE,
+      text=True,
+    )
+    done = int(child.stdout.readline())
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # kill while a save is in progress
+      if any("tmp" in f.name for f in tmp_path.iterdir()):
+        break
+    child.kill()
+    child.wait()
+    assert time.monotonic() < deadline, "never saw a save in progress"
+    fresh = {"w": np.zeros(2_000_000, np.float32)}
+    with ocp.CheckpointManager(tmp_path) as manager:
+      params, opt_state, step, _ = train.restore_checkpoint(manager, fresh, {"mu": fresh["w"]})
+    assert step >= done
+    np.testing.assert_array_equal(params["w"], np.full(2_000_000, step, np.float32))
+    np.testing.assert_array_equal(opt_state["mu"], params["w"])

@@ -2,7 +2,10 @@
 
 import dataclasses
 import json
+import pathlib
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -118,3 +121,53 @@ def test_compare_without_matplotlib_prints_and_writes_the_table(tmp_path, capsys
   assert table in captured.out
   assert "plot skipped: matplotlib is not installed (pip install matplotlib)\n" in captured.err
   assert not (tmp_path / "compare.png").exists()
+
+
+_SAVE_FOREVER = """
+import pathlib, sys, torch
+from examples.torch_llama import train
+
+class Holder:  # stands in for the model, optimizer and scheduler: 8 MB of the step's value
+  def __init__(self, step):
+    self.step = step
+
+  def state_dict(self):
+    return {"w": torch.full((2_000_000,), float(self.step))}
+
+path, step = pathlib.Path(sys.argv[1]), 0
+while True:
+  step += 1
+  train.save_checkpoint(path, step, Holder(step), Holder(step), Holder(step))
+  print(step, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_save_killed_half_way_leaves_the_last_complete_checkpoint(tmp_path):
+  """SIGKILL a process in the middle of a save: the checkpoint still loads whole.
+
+  The parent watches the folder and kills the child while some file in it is partly
+  written. ``save_checkpoint`` writes a temporary file and renames it, so
+  ``checkpoint.pt`` is then the last complete save (which ``train.load_checkpoint``
+  resumes exactly, see the test above); a direct ``torch.save`` would leave it truncated.
+  """
+  path = tmp_path / "checkpoint.pt"
+  root = pathlib.Path(__file__).parents[2]
+  for _ in range(3):
+    child = subprocess.Popen(
+      [sys.executable, "-c", _SAVE_FOREVER, str(path)], cwd=root, stdout=subprocess.PIPE, text=True
+    )
+    done = int(child.stdout.readline())  # one complete save: its size is a whole file's
+    whole = path.stat().st_size
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # kill while a file is partly written
+      sizes = [f.stat().st_size for f in tmp_path.iterdir() if f.exists()]
+      if any(0 < size < whole for size in sizes):
+        break
+    child.kill()
+    child.wait()
+    assert time.monotonic() < deadline, "never saw a save in progress"
+    state = torch.load(path, weights_only=True)
+    assert state["step"] >= done
+    for part in ("model", "optimizer", "scheduler"):
+      assert torch.equal(state[part]["w"], torch.full((2_000_000,), float(state["step"])))
