@@ -61,6 +61,7 @@ import types
 import torch
 
 import qgalore_torch
+from benchmarks import tables
 from benchmarks.llama_shapes import BLOCK_MATRICES
 from benchmarks.llama_shapes import CONFIGS
 from benchmarks.llama_shapes import RANKS
@@ -436,16 +437,8 @@ def bandwidth_lines(result):
     " (parameters, gradients and state read; parameters and the state it changes written) at"
     " that rate.",
     "",
-    "| optimizer (normal step) | read MB | written MB | floor ms | median ms | x floor |",
-    "|---|---:|---:|---:|---:|---:|",
   ]
-  for name, row in floor.items():
-    ms = result["median_ms"][name]
-    lines.append(
-      f"| {name} | {row['read'] / 1e6:.1f} | {row['written'] / 1e6:.1f} | {row['ms']:.3f}"
-      f" | {ms:.3f} | {ms / row['ms']:.1f}x |"
-    )
-  return lines
+  return lines + tables.floor_rows(floor, result["median_ms"])
 
 
 def to_markdown(result):

@@ -53,6 +53,7 @@ import optax
 from optax.contrib import GaLoreDimensionNumbers
 
 import qgalore_jax
+from benchmarks import tables
 from benchmarks.llama_shapes import CONFIGS
 from benchmarks.llama_shapes import RANKS
 from benchmarks.llama_shapes import SPEED_CONFIGS
@@ -424,16 +425,8 @@ def bandwidth_lines(result):
     " its updates depend on them; it writes the updates and the state it changes) at that"
     " rate. A ratio near 1 is a memory-bound step that wastes no traffic.",
     "",
-    "| optimizer (normal step) | read MB | written MB | floor ms | median ms | x floor |",
-    "|---|---:|---:|---:|---:|---:|",
   ]
-  for name, row in floor.items():
-    ms = result["median_ms"][name]
-    lines.append(
-      f"| {name} | {row['read'] / 1e6:,.0f} | {row['written'] / 1e6:,.0f} |"
-      f" {row['ms']:.1f} | {ms:.1f} | {ms / row['ms']:.2f}x |"
-    )
-  return lines
+  return lines + tables.floor_rows(floor, result["median_ms"])
 
 
 def to_markdown(result):

@@ -1,8 +1,10 @@
 """The CUDA paths of INT8 weights, ``Int8Linear`` and layer-wise updates (docs/spec.md section 6).
 
 Each test runs the same inputs on the CPU and on the GPU, or the same training in two modes
-on the GPU. References: the CPU path (already held to the naive references of ``int8_test``),
-``nn.Linear`` under autocast, and the ordinary ``step()``. Every test skips without CUDA.
+on the GPU. References: the CPU path (already held to the naive references of ``int8_test``)
+and the ordinary ``step()``. ``Int8Linear`` under CUDA autocast is the CUDA case of
+``int8_test.test_int8_linear_under_autocast_matches_nn_linear``. Every test skips without
+CUDA.
 """
 
 import copy
@@ -67,31 +69,6 @@ def test_int8_linear_forward_backward_match_cpu():
     results[device] = [t.detach().cpu() for t in (y, xd.grad, layer.weight.grad, layer.bias.grad)]
   for got, want in zip(results["cuda"], results["cpu"], strict=True):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
-def test_int8_linear_under_cuda_autocast_matches_nn_linear(dtype, input_dtype):
-  """``Trainer(bf16=True)`` on a GPU: autocast around float32 (or bf16) activations."""
-  torch.manual_seed(2)
-  layer = Int8Linear.from_linear(nn.Linear(64, 16).cuda())
-  reference = nn.Linear(64, 16).cuda()
-  with torch.no_grad():
-    reference.weight.copy_(layer.dequantize())
-    reference.bias.copy_(layer.bias)
-  x = torch.randn(4, 64, device="cuda").to(input_dtype)
-  x_ref = x.clone().requires_grad_(True)
-  x = x.requires_grad_(True)
-  with torch.autocast("cuda", dtype=dtype):
-    y, y_ref = layer(x), reference(x_ref)
-  assert y.dtype == y_ref.dtype == dtype
-  torch.testing.assert_close(y, y_ref)
-  y.float().square().sum().backward()
-  y_ref.float().square().sum().backward()
-  assert layer.weight.grad.dtype == torch.float32 and x.grad.dtype == input_dtype
-  torch.testing.assert_close(layer.weight.grad, reference.weight.grad)
-  torch.testing.assert_close(x.grad, x_ref.grad)
-  torch.testing.assert_close(layer.bias.grad, reference.bias.grad)
 
 
 def _cuda_model():

@@ -138,21 +138,31 @@ def test_int8_linear_forward_backward_match_float_linear():
   assert y16.dtype == torch.bfloat16
 
 
+CUDA = pytest.param(
+  "cuda",
+  marks=[
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+  ],
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
-def test_int8_linear_under_autocast_matches_nn_linear(dtype, input_dtype):
-  """``Trainer(bf16=True)``: autocast around float32 (or bf16) activations, CPU path."""
+def test_int8_linear_under_autocast_matches_nn_linear(dtype, input_dtype, device):
+  """``Trainer(bf16=True)``: autocast around float32 (or bf16) activations, CPU and CUDA."""
   torch.manual_seed(2)
-  linear = nn.Linear(64, 16)
+  linear = nn.Linear(64, 16, device=device)
   layer = Int8Linear.from_linear(linear)
-  reference = nn.Linear(64, 16)
+  reference = nn.Linear(64, 16, device=device)
   with torch.no_grad():
     reference.weight.copy_(layer.dequantize())
     reference.bias.copy_(linear.bias)
-  x = torch.randn(4, 64).to(input_dtype)
+  x = torch.randn(4, 64, device=device).to(input_dtype)
   x_ref = x.clone().requires_grad_(True)
   x = x.requires_grad_(True)
-  with torch.autocast("cpu", dtype=dtype):
+  with torch.autocast(device, dtype=dtype):
     y, y_ref = layer(x), reference(x_ref)
   assert y.dtype == y_ref.dtype == dtype
   torch.testing.assert_close(y, y_ref)
