@@ -83,7 +83,7 @@ def exact_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
   """``numerator / denominator`` correctly rounded, as IEEE float32 division, on every backend.
 
   Two compiler behaviours would otherwise change a quotient by an ulp and flip a code at a
-  rounding boundary (docs/spec.md section 3.3):
+  rounding boundary (docs/spec.md section 3.4):
 
   * XLA rewrites ``a / broadcast(b)`` into ``a * broadcast(1 / b)``. The denominator is
     materialised behind an optimisation barrier, so the division stays a division.

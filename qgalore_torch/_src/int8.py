@@ -226,10 +226,10 @@ def apply_int8_update(weight: Int8Weight, update: torch.Tensor, *, seed, step, t
   new = stochastic_round(
     w_new, seed=seed, step=step, tensor_id=tensor_id, bits=BITS, group_size=weight.group_size
   )
-  weight.assign_(keep_unchanged_groups(weight.quantized(), new, update, weight.group_size))
+  weight.assign_(_keep_unchanged_groups(weight.quantized(), new, update, weight.group_size))
 
 
-def keep_unchanged_groups(old, new, update, group_size):
+def _keep_unchanged_groups(old, new, update, group_size):
   """``new``, except that groups whose update is all zero keep ``old``'s codes, scale, zero.
 
   Re-quantising an unchanged group would move its codes: the group's dequantised range can be
