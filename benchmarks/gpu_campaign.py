@@ -8,7 +8,8 @@ The phases run in order of value (:data:`PHASES`): ``parity`` (the parity report
 JAX vs torch and GPU vs CPU, then ``pytest -m gpu``), ``speed`` (``update_speed`` and
 ``torch_step_speed`` on the paper's LLaMA shapes), ``svd`` (one refresh-sized
 ``compute_projector`` in each library) and ``memory`` (the JAX step compiled at LLaMA-7B,
-and ``layerwise_memory`` at LLaMA-7B widths, 2 and 4 layers, extrapolated to 32). The
+and ``layerwise_memory`` at LLaMA-7B widths, 2 and 4 layers, extrapolated to 32), then
+``conds`` (what one ``lax.cond`` per matrix costs a jitted step on the device). The
 campaign keeps to ``--budget-s`` (:data:`CAMPAIGN_BUDGET_S`): each phase leaves the later
 ones the time they need (:data:`PHASE_NEED_S`). Each phase writes ``<phase>.json`` into
 ``--out`` when it ends, and ``summary.md`` is rewritten after every phase, so a run cut
@@ -57,7 +58,7 @@ from parity_tests import generator
 from parity_tests import quantiser
 from parity_tests import report
 
-PHASES = ("parity", "speed", "svd", "memory")
+PHASES = ("parity", "speed", "svd", "memory", "conds")
 _REPO = pathlib.Path(__file__).parents[1]
 # The library suites' GPU tests; the parity suites ran above, as the report's components.
 GPU_SUITES = ("qgalore_torch", "qgalore_jax")
@@ -82,7 +83,9 @@ SVD_REPEATS = 3
 # to need: a phase gives up what the later chosen phases need, and a phase that would start
 # after the deadline is skipped.
 CAMPAIGN_BUDGET_S = 540
-PHASE_NEED_S = {"parity": 200, "speed": 60, "svd": 30, "memory": 200}
+PHASE_NEED_S = {"parity": 200, "speed": 60, "svd": 30, "memory": 200, "conds": 20}
+# The conds phase: as many conditionals as a LLaMA-60M update has projected matrices.
+CONDS = {"full": 58, "smoke": 4}
 MEMORY_LAYERS = (2, 4)
 MEMORY_TARGET_LAYERS = 32
 # The JAX step compiled at LLaMA-7B (32 scanned layers, rematerialised blocks) for XLA's
@@ -505,11 +508,61 @@ def jax_step_memory(ctx: Context, folder: pathlib.Path) -> list[dict]:
 
 # --- the campaign ---------------------------------------------------------------------------
 
+# --- conds ----------------------------------------------------------------------------------
+
+
+def phase_conds(ctx: Context) -> dict:
+  """What one ``lax.cond`` per matrix costs in a jitted step, when no branch is taken.
+
+  ``qgalore_adamw`` decides each matrix's refresh with its own ``lax.cond`` (docs/spec.md
+  section 4). On an H100 its normal step at 60M shapes took 13.7 ms where the two GaLore
+  matmuls and AdamW alone took 3.4 ms. This phase times a jitted function over 58 matrices
+  of 512 x 1376 floats, each behind a ``lax.cond`` whose (device-side) predicate is false,
+  against the same function without the conditionals. The difference per conditional is
+  the overhead a refresh decision adds to a normal step on this device.
+  """
+  n = CONDS["smoke" if ctx.smoke else "full"]
+  shape = (32, 64) if ctx.smoke else (512, 1376)
+  with core.on(ctx.dev):
+    xs = [jax.numpy.full(shape, float(i), jax.numpy.float32) for i in range(n)]
+    due = jax.numpy.zeros(n, bool)
+
+    def refresh(x):  # the branch not taken: a matrix product, standing in for the SVD
+      return x @ x.T @ x
+
+    def normal(x):
+      return x * 2.0
+
+    with_conds = jax.jit(
+      lambda xs, due: [jax.lax.cond(due[i], refresh, normal, x) for i, x in enumerate(xs)]
+    )
+    plain = jax.jit(lambda xs, due: [normal(x) for x in xs])
+    times = {}
+    for name, fn in (("with conds", with_conds), ("without", plain)):
+      call = functools.partial(lambda fn: jax.block_until_ready(fn(xs, due)), fn)
+      median, _ = _median_s(call, warmup=3, repeats=51)
+      times[name] = median * 1e3
+  per_cond_us = (times["with conds"] - times["without"]) / n * 1e3
+  return {
+    "status": "PASS",
+    "details": (
+      f"{n} matrices {shape[0]}x{shape[1]}: {times['with conds']:.3f} ms with one lax.cond"
+      f" each, {times['without']:.3f} ms without: {per_cond_us:.1f} us per conditional"
+    ),
+    "notes": [],
+    "matrices": n,
+    "shape": list(shape),
+    "median_ms": times,
+    "per_cond_us": per_cond_us,
+  }
+
+
 PHASE_FUNCTIONS = {
   "parity": phase_parity,
   "speed": phase_speed,
   "svd": phase_svd,
   "memory": phase_memory,
+  "conds": phase_conds,
 }
 
 
