@@ -539,8 +539,7 @@ def phase_conds(ctx: Context) -> dict:
     plain = jax.jit(lambda xs, due: [normal(x) for x in xs])
     times = {}
     for name, fn in (("with conds", with_conds), ("without", plain)):
-      call = functools.partial(lambda fn: jax.block_until_ready(fn(xs, due)), fn)
-      median, _ = _median_s(call, warmup=3, repeats=51)
+      median, _ = _median_s(lambda fn=fn: jax.block_until_ready(fn(xs, due)), warmup=3, repeats=51)
       times[name] = median * 1e3
   per_cond_us = (times["with conds"] - times["without"]) / n * 1e3
   return {

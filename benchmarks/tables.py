@@ -1,6 +1,31 @@
 """Markdown pieces shared by the speed benchmarks (framework-free)."""
 
 
+def bandwidth_lines(result: dict, measured: str, counted: str) -> list[str]:
+  """The normal steps of ``result`` against the memory-bandwidth floor, as markdown lines.
+
+  Args:
+    result: a speed benchmark's result, with ``bandwidth_bytes_per_s``, ``bandwidth_floor``
+      (see :func:`floor_rows`) and ``median_ms``; no lines if it has no floor.
+    measured: what moved the bytes of the measured bandwidth, e.g. "a jitted STREAM triad".
+    counted: which bytes a step's floor counts, appended after "the bytes it cannot avoid
+      moving".
+
+  Returns:
+    A paragraph, then the table of :func:`floor_rows`.
+  """
+  floor = result.get("bandwidth_floor")
+  if not floor:
+    return []
+  gbs = result["bandwidth_bytes_per_s"] / 1e9
+  text = (
+    f"Against the memory-bandwidth floor: {measured} moved {gbs:.1f} GB/s here. A step's"
+    f" floor is the bytes it cannot avoid moving {counted} at that rate. A ratio near 1 is a"
+    " memory-bound step that wastes no traffic."
+  )
+  return ["", text, "", *floor_rows(floor, result["median_ms"])]
+
+
 def floor_rows(floor: dict, median_ms: dict) -> list[str]:
   """The table of each normal step against its memory-bandwidth floor.
 

@@ -426,19 +426,11 @@ def run(
 
 def bandwidth_lines(result):
   """The normal steps against the memory-bandwidth floor, as markdown lines."""
-  floor = result.get("bandwidth_floor")
-  if not floor:
-    return []
-  gbs = result["bandwidth_bytes_per_s"] / 1e9
-  lines = [
-    "",
-    f"Against the memory-bandwidth floor: a device-to-device copy (256 MiB) moved {gbs:.1f}"
-    " GB/s here (bytes read + written). A step's floor is the bytes it cannot avoid moving"
-    " (parameters, gradients and state read; parameters and the state it changes written) at"
-    " that rate.",
-    "",
-  ]
-  return lines + tables.floor_rows(floor, result["median_ms"])
+  return tables.bandwidth_lines(
+    result,
+    measured="a device-to-device copy (256 MiB, bytes read + written)",
+    counted="(parameters, gradients and state read; parameters and the state it changes written)",
+  )
 
 
 def to_markdown(result):

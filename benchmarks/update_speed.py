@@ -413,20 +413,12 @@ def _quartiles(samples):
 
 def bandwidth_lines(result):
   """The normal steps against the memory-bandwidth floor, as markdown lines."""
-  floor = result.get("bandwidth_floor")
-  if not floor:
-    return []
-  gbs = result["bandwidth_bytes_per_s"] / 1e9
-  lines = [
-    "",
-    f"Against the memory-bandwidth floor: a jitted STREAM triad (`a + 2 b`, 256 MiB vectors)"
-    f" moved {gbs:.1f} GB/s here. A step's floor is the bytes it cannot avoid moving"
-    " (`bytes_touched`: it reads the gradients and its whole state, and the parameters if"
-    " its updates depend on them; it writes the updates and the state it changes) at that"
-    " rate. A ratio near 1 is a memory-bound step that wastes no traffic.",
-    "",
-  ]
-  return lines + tables.floor_rows(floor, result["median_ms"])
+  return tables.bandwidth_lines(
+    result,
+    measured="a jitted STREAM triad (`a + 2 b`, 256 MiB vectors)",
+    counted="(`bytes_touched`: it reads the gradients and its whole state, and the parameters"
+    " if its updates depend on them; it writes the updates and the state it changes)",
+  )
 
 
 def to_markdown(result):

@@ -67,15 +67,15 @@ def grouped(flat: jax.Array, group_size: int) -> jax.Array:
   return flat.reshape(-1, group_size)
 
 
-def _float32_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
-  """Float32 division, the denominator behind an optimisation barrier (see below)."""
+def _barrier_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+  """Division in the operands' dtype, the denominator behind an optimisation barrier."""
   return numerator / jax.lax.optimization_barrier(denominator)
 
 
 def _float64_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
   """The float32 quotient rounded once from the float64 quotient (see below)."""
   with jax.enable_x64(True):
-    wide = _float32_divide(numerator.astype(jnp.float64), denominator.astype(jnp.float64))
+    wide = _barrier_divide(numerator.astype(jnp.float64), denominator.astype(jnp.float64))
     return wide.astype(numerator.dtype)
 
 
@@ -99,7 +99,7 @@ def exact_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
   return jax.lax.platform_dependent(
     numerator,
     denominator,
-    default=_float32_divide,
+    default=_barrier_divide,
     cuda=_float64_divide,
     rocm=_float64_divide,
   )

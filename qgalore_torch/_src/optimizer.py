@@ -504,14 +504,18 @@ class QGaLoreAdamW(torch.optim.Optimizer):
       raise
 
   def _check_loaded_state(self):
-    """Every loaded state tensor has the key, shape and dtype that :meth:`_zero_state` makes."""
+    """Every loaded state tensor has the key, shape and dtype that :meth:`_zero_state` makes.
+
+    The expected state is built on the meta device: shapes and dtypes, no memory.
+    """
+    keys = lambda state: sorted(k for k in state if not k.endswith("_absmax"))
     for index, group in enumerate(self.param_groups):
       for i, p in enumerate(group["params"]):
         if not self.state.get(p):
           continue
-        got, want = self.state[p], self._zero_state(p, group)
+        got = self.state[p]
+        want = self._zero_state(torch.empty_like(p, device="meta"), group)
         where = f"{path_str(index, i)} (shape {tuple(p.shape)})"
-        keys = lambda state: sorted(k for k in state if not k.endswith("_absmax"))
         if keys(got) != keys(want):
           raise ValueError(
             f"the saved state of {where} has keys {keys(got)}, but this optimizer keeps"
