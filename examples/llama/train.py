@@ -249,8 +249,9 @@ def train(cfg: RunConfig, progress: bool = True, wrap_step=None) -> dict:
         tokens_per_s = tokens_per_step * (done - window_step) / (now - window_t0)
         window_t0, window_step = now, done
         train_curve.append((done, loss))
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-        log({"step": done, "train_loss": loss, "tokens_per_s": tokens_per_s})
+        skipped = optimizers.skipped_steps(opt_state)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", skipped=skipped)
+        log({"step": done, "train_loss": loss, "tokens_per_s": tokens_per_s, "skipped": skipped})
       if done % cfg.eval_every == 0 or done == cfg.steps:
         eval_loss = evaluate(eval_step, params, heldout)
         eval_curve.append((done, eval_loss))
@@ -274,6 +275,7 @@ def train(cfg: RunConfig, progress: bool = True, wrap_step=None) -> dict:
     "weight_bytes": tree_bytes(params),
     "opt_bytes": tree_bytes(opt_state),
     "svd_count": optimizers.svd_count(cfg.optimizer, opt_state, cfg.steps, num_projected, low_rank),
+    "skipped_steps": optimizers.skipped_steps(opt_state),
     "wall_s": wall_s,
     "train_curve": train_curve,
     "eval_curve": eval_curve,

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -44,6 +45,15 @@ def test_train_step_reduces_loss(name):
     params, opt_state, loss = step_fn(params, opt_state, (tokens[:, :-1], tokens[:, 1:]), step)
     losses.append(float(loss))
   assert losses[-1] < 0.5 * losses[0]
+  # Every optimizer of the example is guarded: a batch whose gradients are NaN (a token id
+  # past the vocabulary reads a NaN embedding row) is skipped whole and counted.
+  before = [np.asarray(x) for x in jax.tree.leaves(params)]
+  bad = tokens.copy()
+  bad[0, 0] = TEST_MODEL.vocab_size
+  params, opt_state, loss = step_fn(params, opt_state, (bad[:, :-1], bad[:, 1:]), cfg.steps)
+  assert not np.isfinite(float(loss)) and optimizers.skipped_steps(opt_state) == 1
+  for a, b in zip(jax.tree.leaves(params), before, strict=True):
+    np.testing.assert_array_equal(np.asarray(a), b)
 
 
 def train_steps(cfg, float_weights: bool = False):
