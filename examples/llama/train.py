@@ -180,7 +180,8 @@ def restore_checkpoint(manager: ocp.CheckpointManager, params, opt_state):
   """``(params, opt_state, step, data_position)`` of the latest checkpoint.
 
   ``params`` and ``opt_state`` are a fresh run's: they give the structure, shapes and
-  dtypes to restore into.
+  dtypes to restore into. A checkpoint whose arrays have other shapes (saved with another
+  model, optimizer or rank) raises ``ValueError`` naming the arrays, before orbax reads any.
   """
   target = {
     "params": params,
@@ -189,11 +190,34 @@ def restore_checkpoint(manager: ocp.CheckpointManager, params, opt_state):
     "data_position": np.array(0, np.int64),
   }
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  got = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+  step = manager.latest_step()
+  _check_saved_shapes(manager, step, abstract)
+  got = manager.restore(step, args=ocp.args.StandardRestore(abstract))
   restored_opt_state = jax.tree.map(
     lambda fresh, saved: fresh if saved is None else saved, opt_state, got["opt_state"]
   )
   return got["params"], restored_opt_state, int(got["step"]), int(got["data_position"])
+
+
+def _check_saved_shapes(manager: ocp.CheckpointManager, step: int, abstract) -> None:
+  """Raises ``ValueError`` naming every array whose saved shape differs from ``abstract``'s."""
+  saved = {
+    leaf.name: tuple(leaf.shape)
+    for leaf in jax.tree.leaves(manager.item_metadata(step))
+    if hasattr(leaf, "shape")
+  }
+  differ = []
+  for path, want in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+    name = jax.tree_util.keystr(path, simple=True, separator=".")
+    if name in saved and saved[name] != tuple(want.shape):
+      differ.append(f"{name} saved {saved[name]}, this run {tuple(want.shape)}")
+  if differ:
+    raise ValueError(
+      f"checkpoint {step} in {manager.directory} was saved by another configuration"
+      f" (model, optimizer or rank); {len(differ)} arrays differ: {'; '.join(differ[:3])}"
+      f"{f'; and {len(differ) - 3} more' if len(differ) > 3 else ''}. Resume with the saved"
+      " settings, or train into another --out-dir"
+    )
 
 
 def evaluate(eval_step, params, heldout) -> float:

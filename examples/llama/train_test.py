@@ -141,6 +141,17 @@ def test_restore_checkpoint_returns_step_and_data_position(tmp_path):
   np.testing.assert_array_equal(got_params["lm_head"]["kernel"], params["lm_head"]["kernel"])
 
 
+def test_a_checkpoint_of_another_rank_is_refused_naming_the_arrays(tmp_path):
+  """Restoring a rank-8 state into a rank-4 run: a ValueError naming a low-rank moment."""
+  cfg = dataclasses.replace(CFG, optimizer="qgalore")
+  _, params, opt_state, _, _ = train.init_state(cfg)
+  _, _, other_state, _, _ = train.init_state(dataclasses.replace(cfg, rank=4))
+  with ocp.CheckpointManager(tmp_path) as manager:
+    train.save_checkpoint(manager, 2, params, opt_state)
+    with pytest.raises(ValueError, match=r"another configuration.*mu\..*saved \(1, 32, 8\)"):
+      train.restore_checkpoint(manager, params, other_state)
+
+
 def test_memory_counts_low_rank_state_and_int8_weights():
   opt_bytes, weight_bytes = {}, {}
   for name in optimizers.ALL_NAMES:

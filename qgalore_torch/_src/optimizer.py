@@ -278,8 +278,14 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     super().add_param_group(param_group)
 
   @torch.no_grad()
+  @torch.compiler.disable
   def step(self, closure=None):
     """Updates every parameter that has a gradient.
+
+    Under ``torch.compile`` (of ``step`` itself or of a train step that calls it) the step
+    runs eagerly, as one graph break that never recompiles: it computes the same bits as
+    without compilation, which inductor's re-fused arithmetic would not (docs/spec.md
+    section 5.6), and its per-matrix refresh decisions are CPU reads, not graph code.
 
     With ``skip_nonfinite``, the step first checks that every gradient is finite, one flag
     per device. Where the CPU can read the flag without waiting for an accelerator (every
