@@ -454,6 +454,12 @@ def int8_train_step(
   buffers for the new ones: the float weights exist only inside the step. Works with any
   pytree: plain dicts, linen params, or an ``nnx.State`` from ``nnx.split``.
 
+  To skip steps whose gradients are not all finite, build ``optimizer`` with
+  ``qgalore_adamw(..., skip_nonfinite=True)`` (or wrap any optax optimizer in
+  ``optax.apply_if_finite``): such a step returns zero updates, which leave every INT8
+  code, scale and zero bit-identical, and the optimizer's state counts it
+  (docs/spec.md section 4.3.1).
+
   Args:
     loss_fn: ``loss_fn(params, batch)`` returning a scalar loss (or ``(loss, aux)`` if
       ``has_aux``), where ``params`` has the structure of the float params.
