@@ -13,6 +13,10 @@ from qgalore_jax import projector_side
 from qgalore_jax import quantize
 from qgalore_jax import sign_canonical
 from qgalore_jax import unpack_int4
+from qgalore_jax._src.generator import sketch
+from qgalore_jax._src.projector import randomized_projector
+from qgalore_jax._src.projector import sketch_shape
+from qgalore_jax._src.projector import warm_start
 
 
 def numpy_sign_canonical(rows):
@@ -135,3 +139,63 @@ def test_quantiser_matches_authors_on_identical_input(authors_projector_cls):
   np.testing.assert_array_equal(np.asarray(unpack_int4(q.codes, basis.size)), codes.reshape(-1))
   np.testing.assert_array_equal(np.asarray(q.scale), scales.reshape(-1).numpy())
   np.testing.assert_array_equal(np.asarray(q.zero), zeros.reshape(-1).numpy())
+
+
+def numpy_range_finder(g, rank, start, iters):
+  """docs/spec.md section 2.6 in float64 NumPy: Halko et al.'s subspace iteration, small SVD."""
+  a = g if g.shape[0] >= g.shape[1] else g.T
+  q = np.linalg.qr(a @ start)[0]
+  for _ in range(iters):
+    q = np.linalg.qr(a @ np.linalg.qr(a.T @ q)[0])[0]
+  return numpy_sign_canonical(np.linalg.svd(q.T @ a, full_matrices=False)[2][:rank])
+
+
+def gapped(m, n, rank, seed=0):
+  """A matrix whose top ``rank`` singular values (10..5) stand far above the rest (<= 0.01)."""
+  rng = np.random.default_rng(seed)
+  u = np.linalg.qr(rng.normal(size=(m, m)))[0]
+  v = np.linalg.qr(rng.normal(size=(n, n)))[0]
+  k = min(m, n)
+  s = np.concatenate([np.linspace(10.0, 5.0, rank), np.linspace(0.01, 0.001, k - rank)])
+  return ((u[:, :k] * s) @ v[:, :k].T).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", [(48, 20), (20, 48)], ids=str)
+@pytest.mark.parametrize("iters", [0, 2])
+def test_randomized_projector_matches_numpy_range_finder(shape, iters):
+  g = well_conditioned(*shape, seed=3).astype(np.float32)
+  k = min(shape)
+  start = np.random.default_rng(1).choice([-1.0, 1.0], size=(k, 12)).astype(np.float32)
+  got = jax.jit(randomized_projector, static_argnums=(1, 3))(jnp.asarray(g), 4, start, iters)
+  want = numpy_range_finder(g.astype(np.float64), 4, start.astype(np.float64), iters)
+  assert got.shape == (4, k) and got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), want, atol=5e-5)
+  np.testing.assert_allclose(np.asarray(got @ got.T), np.eye(4), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(64, 24), (24, 64)], ids=str)
+def test_randomized_projector_captures_the_top_subspace_of_a_gapped_matrix(shape):
+  g = gapped(*shape, rank=6)
+  start = np.asarray(sketch(0, 0, 0, 0, sketch_shape(shape, 6, 4)))
+  basis = np.asarray(randomized_projector(jnp.asarray(g), 6, jnp.asarray(start), 1))
+  exact = numpy_sign_canonical(np.asarray(compute_projector(jnp.asarray(g), 6)))
+  a = g if shape[0] >= shape[1] else g.T
+  energy = lambda b: np.linalg.norm(a.astype(np.float64) @ b.T.astype(np.float64))
+  assert abs(energy(basis) / energy(exact) - 1) < 1e-5
+  np.testing.assert_allclose(basis, exact, atol=1e-4)  # the same vectors, sign rule included
+
+
+def test_randomized_projector_with_the_whole_space_is_the_full_svd():
+  g = well_conditioned(30, 12, seed=4).astype(np.float32)
+  start = np.asarray(sketch(0, 0, 0, 0, sketch_shape(g.shape, 5, 100)))
+  assert start.shape == (12, 12)  # l = min(r + oversample, k)
+  basis = randomized_projector(jnp.asarray(g), 5, jnp.asarray(start), 0)
+  np.testing.assert_allclose(np.asarray(basis), np.asarray(compute_projector(g, 5)), atol=2e-5)
+
+
+def test_warm_start_replaces_the_leading_columns():
+  sketch_KxL = jnp.ones((5, 4))
+  previous_RxK = jnp.arange(10.0).reshape(2, 5)
+  want = np.ones((5, 4))
+  want[:, :2] = np.arange(10.0).reshape(2, 5).T
+  np.testing.assert_array_equal(np.asarray(warm_start(sketch_KxL, previous_RxK)), want)

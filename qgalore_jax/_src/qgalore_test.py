@@ -7,12 +7,19 @@ import optax
 import pytest
 
 from qgalore_jax import STATIC_ARGS
+from qgalore_jax import DimensionNumbers
 from qgalore_jax import QuantizedArray
 from qgalore_jax import ScaleByQGaLoreState
+from qgalore_jax import compute_projector
+from qgalore_jax import dequantize
 from qgalore_jax import projection_stats
 from qgalore_jax import qgalore_adamw
 from qgalore_jax import quantized_nbytes
 from qgalore_jax import scale_by_qgalore
+from qgalore_jax._src.generator import sketch
+from qgalore_jax._src.projector import randomized_projector
+from qgalore_jax._src.projector import sketch_shape
+from qgalore_jax._src.projector import warm_start
 
 # ---------------------------------------------------------------------------------------
 # A deliberately naive reference: docs/spec.md sections 1-5 written out with NumPy, one matrix at a
@@ -342,6 +349,13 @@ def test_stored_forms_are_arrays_only():
     ({"b1": 1.0}, ValueError, "b1"),
     ({"eps": -1.0}, ValueError, "eps"),
     ({"weight_decay": -0.1}, ValueError, "weight_decay"),
+    ({"svd_method": "lanczos"}, ValueError, "svd_method.*'full', 'randomized', 'subspace'"),
+    ({"svd_method": None}, ValueError, "svd_method"),
+    ({"oversample": -1}, ValueError, "oversample"),
+    ({"oversample": 1.5}, TypeError, "oversample"),
+    ({"power_iters": -1}, ValueError, "power_iters"),
+    ({"subspace_iters": 0}, ValueError, "subspace_iters"),
+    ({"seed": -1}, ValueError, "seed"),
   ],
 )
 def test_bad_hyperparameters(kwargs, err, match):
@@ -443,3 +457,87 @@ def test_numeric_hyperparameters_must_be_finite(name, value):
   kwargs = {"learning_rate": 1e-3, name: value}
   with pytest.raises(ValueError, match=rf"`{name}` must be a finite number, got {value}"):
     qgalore_adamw(**kwargs)
+
+
+def test_projector_fn_needs_the_full_method():
+  with pytest.raises(ValueError, match=r"projector_fn.*svd_method='full'"):
+    qgalore_adamw(1e-3, svd_method="randomized", projector_fn=compute_projector)
+
+
+def _stack_grads(seed):
+  """Gradients of a 2-D leaf and a (3, 12, 20) stack with a clear spectral gap."""
+  rng = np.random.default_rng(seed)
+  low = lambda *s: rng.normal(size=(*s[:-1], 3)) @ rng.normal(size=(3, s[-1]))
+  return {
+    "a": jnp.asarray(low(16, 10) + 1e-3 * rng.normal(size=(16, 10)), jnp.float32),
+    "bias": jnp.asarray(rng.normal(size=(10,)), jnp.float32),
+    "w": jnp.asarray(low(3, 12, 20) + 1e-3 * rng.normal(size=(3, 12, 20)), jnp.float32),
+  }
+
+
+STACK_DN = {"a": DimensionNumbers(0, 1), "bias": None, "w": DimensionNumbers(1, 2, 0)}
+
+
+def test_refresh_methods_key_each_slice_and_match_a_naive_refresh():
+  """Each matrix's first refresh is the range finder of its own sketch: keyed by (seed, step 0,
+  its leaf's index among the params' leaves, its slice index), docs/spec.md section 2.6.
+  ("subspace" runs "randomized" on a first refresh, so this checks both.)"""
+  params = jax.tree.map(jnp.zeros_like, _stack_grads(0))
+  kw = dict(rank=2, oversample=3, power_iters=1, seed=9, proj_bits=None)
+  tx = qgalore_adamw(1e-2, svd_method="subspace", dimension_numbers=STACK_DN, **kw)
+  grads = _stack_grads(1)
+  _, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  stored = state[0].inner_states["qgalore"].inner_state.projector
+  leaf_ids = {"a": 0, "bias": 1, "w": 2}  # jax.tree.leaves order: a, bias, w
+  for name, g_MxN, slice_index, got in [
+    ("a", grads["a"].T, 0, stored["a"]),
+    *(("w", grads["w"][s].T, s, stored["w"][s]) for s in range(3)),
+  ]:
+    shape = sketch_shape(g_MxN.shape, 2, 3)
+    start = sketch(9, 0, leaf_ids[name], slice_index, shape)
+    want = randomized_projector(g_MxN, 2, start, 1)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+def test_subspace_refresh_warm_starts_from_the_stored_projector():
+  params = {"w": jnp.zeros((20, 12))}
+  tx = scale_by_qgalore(rank=2, update_proj_gap=1, svd_method="subspace", oversample=2, seed=3)
+  # No spectral gap in the second gradient: the start block then shows in the result.
+  second = np.random.default_rng(0).normal(size=(20, 12)).astype(np.float32)
+  grads = [{"w": _stack_grads(1)["w"][0].T}, {"w": jnp.asarray(second)}]
+  update = jax.jit(tx.update)
+  stored = lambda state: QuantizedArray(*(field["w"] for field in state.projector))
+  _, state = update(grads[0], tx.init(params), params)
+  previous = dequantize(stored(state), (2, 12), 4, 256)
+  _, state = update(grads[1], state, params)
+  start = warm_start(sketch(3, 1, 0, 0, (12, 4)), previous)
+  want = randomized_projector(grads[1]["w"].T, 2, start, 1)
+  got = dequantize(stored(state), (2, 12), 4, 256)
+  step = float(stored(state).scale.max())
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=step / 2 + 1e-5)
+  cold = randomized_projector(grads[1]["w"].T, 2, sketch(3, 1, 0, 0, (12, 4)), 1)
+  assert np.abs(np.asarray(got) - np.asarray(cold)).max() > 0.05  # the start mattered
+
+
+def test_refresh_methods_resume_exactly_and_keep_the_projector_on_nan():
+  params = jax.tree.map(jnp.zeros_like, _stack_grads(0))
+  tx = qgalore_adamw(
+    1e-2, rank=2, update_proj_gap=2, svd_method="subspace", dimension_numbers=STACK_DN
+  )
+  update = jax.jit(tx.update)
+  state = tx.init(params)
+  for t in range(3):
+    _, state = update(_stack_grads(t), state, params)
+  saved = jax.tree.map(np.asarray, state)  # a checkpoint: plain arrays
+  runs = []
+  for resumed in (state, jax.tree.map(jnp.asarray, saved)):
+    for t in range(3, 6):
+      _, resumed = update(_stack_grads(t), resumed, params)
+    runs.append(resumed)
+  jax.tree.map(np.testing.assert_array_equal, *runs)
+  before = runs[0][0].inner_states["qgalore"].inner_state
+  nan = jax.tree.map(lambda g: jnp.full_like(g, jnp.nan), _stack_grads(0))
+  _, after = update(nan, runs[0], params)  # step 6 refreshes
+  after = after[0].inner_states["qgalore"].inner_state
+  jax.tree.map(np.testing.assert_array_equal, after.projector, before.projector)
+  jax.tree.map(np.testing.assert_array_equal, after.subspace, before.subspace)
