@@ -144,15 +144,16 @@ def randomized_projector(
 ) -> jax.Array:
   r"""The sign-canonical float32 ``basis_RxK`` by a range finder from ``start_KxL``.
 
-  Halko, Martinsson and Tropp's randomized subspace iteration (their algorithms 4.4 and
-  5.1) on ``A``, the canonical gradient read so that the basis lives in its columns:
-  ``A = G`` (D x k, "right") or ``A = G^T`` ("left"), with ``D >= k``. Then
+  Halko, Martinsson and Tropp's power-iterated range finder (their algorithms 4.3 and
+  5.1, orthonormalised after each power iteration) on ``A``, the canonical gradient read
+  so that the basis lives in its columns: ``A = G`` (D x k, "right") or ``A = G^T``
+  ("left"), with ``D >= k``. Then
 
   .. math::
 
-    Q = 	ext{qr}(A X); \quad 	ext{iters times: } Q = 	ext{qr}(A\,	ext{qr}(A^	op Q));
-    \quad 	ext{basis} = 	ext{sign}(	ext{top } r 	ext{ rows of } V^	op), \;
-    Q^	op A = U \Sigma V^	op
+    Q = \text{qr}(A X); \quad \text{iters times: } Q = \text{qr}(A (A^\top Q));
+    \quad \text{basis} = \text{sign}(\text{top } r \text{ rows of } V^\top), \;
+    Q^\top A = U \Sigma V^\top
 
   Every QR is a reduced Householder QR and the last SVD is thin, all in float32
   (docs/spec.md section 2.6). With ``X`` a random sketch this is the ``"randomized"``
@@ -179,7 +180,7 @@ def randomized_projector(
 
   References:
     Halko, Martinsson and Tropp, `Finding structure with randomness
-    <https://arxiv.org/abs/0909.4061>`_, algorithms 4.4 and 5.1, 2011.
+    <https://arxiv.org/abs/0909.4061>`_, algorithms 4.3 and 5.1, 2011.
   """
   shape = grad_MxN.shape
   r = effective_rank(shape, rank)
@@ -187,8 +188,7 @@ def randomized_projector(
   a_DxK = g_MxN if projector_side(shape) == RIGHT else g_MxN.T
   q_DxL = _orthonormal(a_DxK @ start_KxL)
   for _ in range(iters):
-    q_KxL = _orthonormal(a_DxK.T @ q_DxL)
-    q_DxL = _orthonormal(a_DxK @ q_KxL)
+    q_DxL = _orthonormal(a_DxK @ (a_DxK.T @ q_DxL))
   _, _, vt_LxK = jnp.linalg.svd(q_DxL.T @ a_DxK, full_matrices=False)
   return sign_canonical(vt_LxK[:r])
 

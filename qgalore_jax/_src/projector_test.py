@@ -142,11 +142,11 @@ def test_quantiser_matches_authors_on_identical_input(authors_projector_cls):
 
 
 def numpy_range_finder(g, rank, start, iters):
-  """docs/spec.md section 2.6 in float64 NumPy: Halko et al.'s subspace iteration, small SVD."""
+  """docs/spec.md section 2.6 in float64 NumPy: Halko et al.'s power iteration, small SVD."""
   a = g if g.shape[0] >= g.shape[1] else g.T
   q = np.linalg.qr(a @ start)[0]
   for _ in range(iters):
-    q = np.linalg.qr(a @ np.linalg.qr(a.T @ q)[0])[0]
+    q = np.linalg.qr(a @ (a.T @ q))[0]
   return numpy_sign_canonical(np.linalg.svd(q.T @ a, full_matrices=False)[2][:rank])
 
 

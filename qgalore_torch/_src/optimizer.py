@@ -243,6 +243,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         f"`projector_fn` must be a callable or None, got {type(projector_fn).__name__}"
       )
     self.projector_fn = proj.compute_projector if projector_fn is None else projector_fn
+    self._projector_fn_given = projector_fn is not None
     defaults = dict(
       lr=lr,
       betas=betas,
@@ -279,7 +280,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     merged = {**self.defaults, **param_group}
     check_group(merged, index)
     check_choice(merged["svd_method"], "svd_method", proj.SVD_METHODS)
-    if self.projector_fn is not proj.compute_projector and merged["svd_method"] != "full":
+    if self._projector_fn_given and merged["svd_method"] != "full":
       raise ValueError(
         f"param group {index}: `projector_fn` replaces the full SVD, so it needs"
         f" svd_method='full', got svd_method={merged['svd_method']!r}; give one or the other"

@@ -112,9 +112,10 @@ def randomized_projector(
 ) -> torch.Tensor:
   r"""The sign-canonical float32 ``basis_RxK`` by a range finder from ``start_KxL``.
 
-  Halko, Martinsson and Tropp's randomized subspace iteration (their algorithms 4.4 and
-  5.1) on ``A = G`` (D x k, "right") or ``A = G^T`` ("left"), ``D >= k``:
-  ``Q = qr(A X)``; ``iters`` times ``Q = qr(A qr(A^T Q))``; the basis is the sign-canonical
+  Halko, Martinsson and Tropp's power-iterated range finder (their algorithms 4.3 and
+  5.1, orthonormalised after each power iteration) on ``A = G`` (D x k, "right") or
+  ``A = G^T`` ("left"), ``D >= k``:
+  ``Q = qr(A X)``; ``iters`` times ``Q = qr(A (A^T Q))``; the basis is the sign-canonical
   top r rows of ``V^T`` in the thin SVD ``Q^T A = U S V^T``. Every QR is a reduced
   Householder QR, all in float32 (docs/spec.md section 2.6). The twin of
   ``qgalore_jax._src.projector.randomized_projector``.
@@ -131,7 +132,7 @@ def randomized_projector(
 
   References:
     Halko, Martinsson and Tropp, `Finding structure with randomness
-    <https://arxiv.org/abs/0909.4061>`_, algorithms 4.4 and 5.1, 2011.
+    <https://arxiv.org/abs/0909.4061>`_, algorithms 4.3 and 5.1, 2011.
   """
   shape = tuple(grad_MxN.shape)
   r = effective_rank(shape, rank)
@@ -139,8 +140,7 @@ def randomized_projector(
   a_DxK = g_MxN if projector_side(shape) == RIGHT else g_MxN.T
   q_DxL = _orthonormal(a_DxK @ start_KxL)
   for _ in range(iters):
-    q_KxL = _orthonormal(a_DxK.T @ q_DxL)
-    q_DxL = _orthonormal(a_DxK @ q_KxL)
+    q_DxL = _orthonormal(a_DxK @ (a_DxK.T @ q_DxL))
   _, _, vt_LxK = torch.linalg.svd(q_DxL.T @ a_DxK, full_matrices=False)
   return sign_canonical(vt_LxK[:r])
 
