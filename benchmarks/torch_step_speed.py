@@ -1,8 +1,9 @@
 """Speed of one ``QGaLoreAdamW.step()`` on the paper's LLaMA-60M or -130M parameter shapes.
 
 The twin of ``benchmarks/update_speed.py``. Times ``step()`` of ``qgalore_torch.QGaLoreAdamW``
-(INT4 projector, and ``proj_bits=None``), galore-torch 1.0's pure-torch ``GaLoreAdamW`` (its
-``adamw.py``: same rank, gap and scale 0.25, ``proj_type="std"``) and
+(INT4 projector, ``proj_bits=None``, and under ``torch.compile``), galore-torch 1.0's
+pure-torch ``GaLoreAdamW`` (its ``adamw.py``: same rank, gap and scale 0.25,
+``proj_type="std"``) and
 ``torch.optim.AdamW(foreach=True)`` on the parameter shapes of the paper's LLaMA-60M (hidden
 512, ffn 1376, 8 layers) or LLaMA-130M (hidden 768, ffn 2048, 12 layers), vocab 32000, in torch
 layout, (out, in). The rank defaults to the paper's for the config (128 for 60M, 256 for
@@ -76,6 +77,7 @@ REFRESH_REPEATS = {"60M": 3, "130M": 1}
 # The breakdown: a normal step with gradients on only some of the parameters.
 SUBSETS = {"matrices only": lambda proj: proj, "others only": lambda proj: not proj}
 _GALORE_FILES = "_galore_torch_files"
+COMPILED = "QGaLoreAdamW (torch.compile)"
 
 
 def torch_param_shapes(hidden, ffn, layers, vocab=VOCAB):
@@ -152,9 +154,12 @@ def _build(name, params, projected, rank, gap):
   if name.startswith("QGaLoreAdamW"):
     groups = [{"params": matrices, "rank": rank}, {"params": others}]
     proj_bits = None if "float" in name else 4
-    return qgalore_torch.QGaLoreAdamW(
+    opt = qgalore_torch.QGaLoreAdamW(
       groups, lr=1e-3, weight_decay=0.0, update_proj_gap=gap, proj_bits=proj_bits
     )
+    if "compile" in name:
+      opt.step = torch.compile(opt.step)
+    return opt
   if name.startswith("galore_torch"):
     galore = {"rank": rank, "update_proj_gap": gap, "scale": 0.25, "proj_type": "std"}
     groups = [{"params": matrices, **galore}, {"params": others}]
@@ -167,10 +172,11 @@ def _build(name, params, projected, rank, gap):
 def optimizers(params, projected, rank, gap, with_galore_torch):
   """The optimizers to compare, by name; all update the same ``params`` list.
 
-  On CUDA, ``torch.optim.AdamW(fused=True)`` (one kernel for every parameter) joins them.
+  ``COMPILED`` is ours with ``opt.step = torch.compile(opt.step)``. On CUDA,
+  ``torch.optim.AdamW(fused=True)`` (one kernel for every parameter) joins them.
   """
   names = ["QGaLoreAdamW", "QGaLoreAdamW (float proj)", "galore_torch GaLoreAdamW"]
-  names = [*names[: 2 + with_galore_torch], "torch AdamW (foreach)"]
+  names = [*names[: 2 + with_galore_torch], COMPILED, "torch AdamW (foreach)"]
   if params[0].is_cuda:
     names.append("torch AdamW (fused)")
   return {name: _build(name, params, projected, rank, gap) for name in names}
@@ -306,7 +312,7 @@ def run(
     reset_step_counters(opt)
 
   normal = optimizers(params, projected, rank, gap, with_galore_torch)
-  galore_names = [name for name in normal if "GaLore" in name and "float" not in name]
+  galore_names = [name for name in ("QGaLoreAdamW", "galore_torch GaLoreAdamW") if name in normal]
   cases = {name: (opt, every) for name, opt in normal.items()}
   for name in galore_names:
     cases[f"{name} [refresh]"] = (_build(name, params, projected, rank, gap), refresh_all)
@@ -351,6 +357,7 @@ def run(
       raise RuntimeError(f"{name}: a timed normal step refreshed its projector")
 
   ratios = {
+    "ours under torch.compile / ours (normal step)": medians[COMPILED] / medians["QGaLoreAdamW"],
     "ours / torch AdamW (foreach)": medians["QGaLoreAdamW"] / medians["torch AdamW (foreach)"],
     "ours (float proj) / torch AdamW (foreach)": (
       medians["QGaLoreAdamW (float proj)"] / medians["torch AdamW (foreach)"]

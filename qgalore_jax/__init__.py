@@ -4,6 +4,7 @@ See ``docs/spec.md`` (the numerical contract) and arXiv 2407.08296 (the method).
 """
 
 from qgalore_jax._src.alias import qgalore_adamw
+from qgalore_jax._src.alias import skipped_steps
 from qgalore_jax._src.checks import STATIC_ARGS
 from qgalore_jax._src.generator import uniforms
 from qgalore_jax._src.int8 import QuantizedWeight
@@ -70,6 +71,7 @@ __all__ = (
   "scale_by_adam_8bit",
   "scale_by_qgalore",
   "sign_canonical",
+  "skipped_steps",
   "stochastic_round",
   "uniforms",
   "unpack_int4",

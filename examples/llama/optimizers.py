@@ -11,6 +11,10 @@
 - ``qgalore-8bit``: ``qgalore`` with 8-bit block-wise Adam moments (``moment_bits=8``), the
   paper's 8-bit Adam; not in ``NAMES`` (``--optimizer qgalore-8bit`` or ``--optimizers``).
 
+Every one is guarded against non-finite gradients: a step whose gradients hold a NaN or an
+infinity is skipped whole and counted (``qgalore_adamw(skip_nonfinite=True)``, and
+``optax.apply_if_finite`` around the others; ``skipped_steps`` reads the count).
+
 The low-rank ones project only the attention and MLP matrices (q, k, v, o, gate, up,
 down), as the authors do; embeddings, norms and the head get Adam. All use the paper's
 ``b2 = 0.95``, no weight decay and GaLore's ``scale = 0.25``.
@@ -80,7 +84,7 @@ def build(
       ``galore`` with a scanned model.
   """
   if name == "adamw":
-    return optax.adamw(learning_rate, b2=B2, weight_decay=0.0), False
+    return _guarded(optax.adamw(learning_rate, b2=B2, weight_decay=0.0)), False
   if name == "galore":
     if llama is not None and llama.scanned:
       raise ValueError(f"galore cannot train a scanned model: {UNSCANNED['galore']}")
@@ -96,7 +100,7 @@ def build(
       base_optimizer=optax.scale_by_adam(b2=B2),
       weight_dimension_numbers=dims,
     )
-    return tx, False
+    return _guarded(tx), False
   if name in QGALORE_VARIANTS:
     if llama is None:
       raise ValueError(f"{name} needs the model, to know which matrices to project")
@@ -108,10 +112,21 @@ def build(
       update_proj_gap=low_rank.update_proj_gap,
       scale=SCALE,
       dimension_numbers=model.dimension_numbers(llama),
+      skip_nonfinite=True,
       **kwargs,
     )
     return tx, int8_weights
   raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(ALL_NAMES)}")
+
+
+def _guarded(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``tx`` skipping every non-finite step, as ``qgalore_adamw(skip_nonfinite=True)`` does."""
+  return optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
+
+
+def skipped_steps(opt_state) -> int:
+  """Steps skipped so far for non-finite gradients (every optimizer here is guarded)."""
+  return int(qgalore_jax.skipped_steps(opt_state))
 
 
 def svd_count(name: str, opt_state, steps: int, num_projected: int, low_rank: LowRank) -> int:

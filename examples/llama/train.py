@@ -180,7 +180,8 @@ def restore_checkpoint(manager: ocp.CheckpointManager, params, opt_state):
   """``(params, opt_state, step, data_position)`` of the latest checkpoint.
 
   ``params`` and ``opt_state`` are a fresh run's: they give the structure, shapes and
-  dtypes to restore into.
+  dtypes to restore into. A checkpoint whose arrays have other shapes (saved with another
+  model, optimizer or rank) raises ``ValueError`` naming the arrays, before orbax reads any.
   """
   target = {
     "params": params,
@@ -189,11 +190,34 @@ def restore_checkpoint(manager: ocp.CheckpointManager, params, opt_state):
     "data_position": np.array(0, np.int64),
   }
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  got = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+  step = manager.latest_step()
+  _check_saved_shapes(manager, step, abstract)
+  got = manager.restore(step, args=ocp.args.StandardRestore(abstract))
   restored_opt_state = jax.tree.map(
     lambda fresh, saved: fresh if saved is None else saved, opt_state, got["opt_state"]
   )
   return got["params"], restored_opt_state, int(got["step"]), int(got["data_position"])
+
+
+def _check_saved_shapes(manager: ocp.CheckpointManager, step: int, abstract) -> None:
+  """Raises ``ValueError`` naming every array whose saved shape differs from ``abstract``'s."""
+  saved = {
+    leaf.name: tuple(leaf.shape)
+    for leaf in jax.tree.leaves(manager.item_metadata(step))
+    if hasattr(leaf, "shape")
+  }
+  differ = []
+  for path, want in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+    name = jax.tree_util.keystr(path, simple=True, separator=".")
+    if name in saved and saved[name] != tuple(want.shape):
+      differ.append(f"{name} saved {saved[name]}, this run {tuple(want.shape)}")
+  if differ:
+    raise ValueError(
+      f"checkpoint {step} in {manager.directory} was saved by another configuration"
+      f" (model, optimizer or rank); {len(differ)} arrays differ: {'; '.join(differ[:3])}"
+      f"{f'; and {len(differ) - 3} more' if len(differ) > 3 else ''}. Resume with the saved"
+      " settings, or train into another --out-dir"
+    )
 
 
 def evaluate(eval_step, params, heldout) -> float:
@@ -249,8 +273,9 @@ def train(cfg: RunConfig, progress: bool = True, wrap_step=None) -> dict:
         tokens_per_s = tokens_per_step * (done - window_step) / (now - window_t0)
         window_t0, window_step = now, done
         train_curve.append((done, loss))
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-        log({"step": done, "train_loss": loss, "tokens_per_s": tokens_per_s})
+        skipped = optimizers.skipped_steps(opt_state)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", skipped=skipped)
+        log({"step": done, "train_loss": loss, "tokens_per_s": tokens_per_s, "skipped": skipped})
       if done % cfg.eval_every == 0 or done == cfg.steps:
         eval_loss = evaluate(eval_step, params, heldout)
         eval_curve.append((done, eval_loss))
@@ -274,6 +299,7 @@ def train(cfg: RunConfig, progress: bool = True, wrap_step=None) -> dict:
     "weight_bytes": tree_bytes(params),
     "opt_bytes": tree_bytes(opt_state),
     "svd_count": optimizers.svd_count(cfg.optimizer, opt_state, cfg.steps, num_projected, low_rank),
+    "skipped_steps": optimizers.skipped_steps(opt_state),
     "wall_s": wall_s,
     "train_curve": train_curve,
     "eval_curve": eval_curve,

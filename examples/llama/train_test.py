@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -44,6 +45,15 @@ def test_train_step_reduces_loss(name):
     params, opt_state, loss = step_fn(params, opt_state, (tokens[:, :-1], tokens[:, 1:]), step)
     losses.append(float(loss))
   assert losses[-1] < 0.5 * losses[0]
+  # Every optimizer of the example is guarded: a batch whose gradients are NaN (a token id
+  # past the vocabulary reads a NaN embedding row) is skipped whole and counted.
+  before = [np.asarray(x) for x in jax.tree.leaves(params)]
+  bad = tokens.copy()
+  bad[0, 0] = TEST_MODEL.vocab_size
+  params, opt_state, loss = step_fn(params, opt_state, (bad[:, :-1], bad[:, 1:]), cfg.steps)
+  assert not np.isfinite(float(loss)) and optimizers.skipped_steps(opt_state) == 1
+  for a, b in zip(jax.tree.leaves(params), before, strict=True):
+    np.testing.assert_array_equal(np.asarray(a), b)
 
 
 def train_steps(cfg, float_weights: bool = False):
@@ -129,6 +139,17 @@ def test_restore_checkpoint_returns_step_and_data_position(tmp_path):
     got_params, _, step, position = train.restore_checkpoint(manager, params, opt_state)
   assert (step, position) == (5, 5)
   np.testing.assert_array_equal(got_params["lm_head"]["kernel"], params["lm_head"]["kernel"])
+
+
+def test_a_checkpoint_of_another_rank_is_refused_naming_the_arrays(tmp_path):
+  """Restoring a rank-8 state into a rank-4 run: a ValueError naming a low-rank moment."""
+  cfg = dataclasses.replace(CFG, optimizer="qgalore")
+  _, params, opt_state, _, _ = train.init_state(cfg)
+  _, _, other_state, _, _ = train.init_state(dataclasses.replace(cfg, rank=4))
+  with ocp.CheckpointManager(tmp_path) as manager:
+    train.save_checkpoint(manager, 2, params, opt_state)
+    with pytest.raises(ValueError, match=r"another configuration.*mu\..*saved \(1, 32, 8\)"):
+      train.restore_checkpoint(manager, params, other_state)
 
 
 def test_memory_counts_low_rank_state_and_int8_weights():

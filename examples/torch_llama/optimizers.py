@@ -9,6 +9,8 @@
 The low-rank ones project only the attention and MLP matrices (q, k, v, o, gate, up,
 down); embeddings, norms and the head get Adam. All use the paper's ``b2 = 0.95``, no weight
 decay and GaLore's ``scale = 0.25``, and the peak learning rates tuned for the Flax example.
+Ours skip a step whose gradients are not all finite, whole, and count it
+(``skip_nonfinite=True``; ``skipped_steps`` reads the count).
 """
 
 import dataclasses
@@ -74,8 +76,14 @@ def build(
       proj_bits=4 if quantised else None,
       gamma_proj=2 if quantised else 1,
       seed=seed,
+      skip_nonfinite=True,
     )
   raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(NAMES)}")
+
+
+def skipped_steps(optimizer: torch.optim.Optimizer) -> int:
+  """Steps skipped for non-finite gradients (0 for ``torch.optim.AdamW``, which never skips)."""
+  return optimizer.skipped_steps if isinstance(optimizer, qgalore_torch.QGaLoreAdamW) else 0
 
 
 def svd_count(optimizer: torch.optim.Optimizer) -> int:

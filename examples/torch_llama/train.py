@@ -207,6 +207,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     "weight_bytes": weight_bytes(llama),
     "opt_bytes": opt_bytes(optimizer),
     "svd_count": optimizers.svd_count(optimizer),
+    "skipped_steps": optimizers.skipped_steps(optimizer),
     "wall_s": wall_s,
     "train_curve": train_curve,
     "eval_curve": eval_curve,

@@ -15,7 +15,9 @@ import optax
 from qgalore_jax._src import layout
 from qgalore_jax._src import moments
 from qgalore_jax._src.checks import check_number
+from qgalore_jax._src.checks import static_hint
 from qgalore_jax._src.layout import path_str
+from qgalore_jax._src.qgalore import _unwrap
 from qgalore_jax._src.qgalore import scale_by_qgalore
 
 
@@ -65,6 +67,7 @@ def qgalore_adamw(
   mu_dtype: Any | None = None,
   moment_bits: int | None = None,
   min_8bit_size: int = moments.MIN_QUANTIZED_SIZE,
+  skip_nonfinite: bool = False,
   projector_fn: Callable[[jax.Array, int], jax.Array] | None = None,
   svd_method: str = "full",
   oversample: int = 16,
@@ -117,6 +120,13 @@ def qgalore_adamw(
       paper's 8-bit Adam. Moments under ``min_8bit_size`` elements or not 2-D stay
       float32.
     min_8bit_size: see :func:`scale_by_qgalore`; applies to every leaf's moments.
+    skip_nonfinite: if ``True``, a step whose gradients hold a NaN or an infinity anywhere
+      is skipped whole: the updates are zero (which leaves INT8 weights bit-identical under
+      :func:`apply_updates`, docs/spec.md section 6.2) and the state, projectors and
+      schedules included, stays as it was. The chain is wrapped in
+      ``optax.apply_if_finite``, which counts the skips in its state (read them with
+      :func:`skipped_steps`); every such step is skipped, however many in a row. The twin
+      of ``QGaLoreAdamW(skip_nonfinite=True)``.
     projector_fn: see :func:`scale_by_qgalore`: the hook for a reference SVD in parity
       tests or another projector in research (``None``: :func:`compute_projector`).
     svd_method: ``"full"`` (default), ``"randomized"`` or ``"subspace"``: how a refresh
@@ -193,8 +203,52 @@ def qgalore_adamw(
     names = ["qgalore" if s else "adam" for s in selected]
     return jax.tree.unflatten(jax.tree.structure(params), names)
 
-  return optax.chain(
+  if not isinstance(skip_nonfinite, bool):
+    raise TypeError(
+      f"`skip_nonfinite` must be a bool, got {type(skip_nonfinite).__name__}"
+      f" {skip_nonfinite!r}{static_hint(skip_nonfinite, 'skip_nonfinite')}"
+    )
+  tx = optax.chain(
     optax.partition({"qgalore": galore, "adam": adam}, labels),
     optax.add_decayed_weights(weight_decay),
     optax.scale_by_learning_rate(learning_rate),
   )
+  if skip_nonfinite:
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=_NEVER_GIVE_UP)
+  return tx
+
+
+# ``optax.apply_if_finite`` applies a non-finite update after more consecutive errors than
+# this; its count is an int32, which never exceeds it.
+_NEVER_GIVE_UP = 2**31 - 1
+
+
+def skipped_steps(opt_state) -> jax.Array:
+  """Steps skipped for non-finite gradients so far, from an ``optax.apply_if_finite`` state.
+
+  Args:
+    opt_state: the state of ``qgalore_adamw(..., skip_nonfinite=True)``, or of any optimizer
+      with one ``optax.apply_if_finite`` inside (e.g. under ``optax.inject_hyperparams``
+      or ``flax.nnx.Optimizer``).
+
+  Returns:
+    The int32 count (``total_notfinite``); the twin of ``QGaLoreAdamW.skipped_steps``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from qgalore_jax import qgalore_adamw, skipped_steps
+    >>> params = {"w": jnp.ones((8, 4))}
+    >>> tx = qgalore_adamw(1e-3, rank=2, skip_nonfinite=True)
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({"w": jnp.full((8, 4), jnp.nan)}, state, params)
+    >>> int(skipped_steps(state))
+    1
+  """
+  is_guard = lambda x: isinstance(x, optax.ApplyIfFiniteState)
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=is_guard) if is_guard(s)]
+  if len(found) != 1:
+    raise ValueError(
+      f"expected one optax.apply_if_finite state in `opt_state`, found {len(found)}: build"
+      " the optimizer with skip_nonfinite=True"
+    )
+  return _unwrap(found[0].total_notfinite)

@@ -1,4 +1,4 @@
-"""Tests of the user alias's routing of the seams: ``projector_fn`` and ``min_8bit_size``."""
+"""Tests of the user alias: routing of the seams (``projector_fn``, ``min_8bit_size``), guard."""
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +10,7 @@ from qgalore_jax import STATIC_ARGS
 from qgalore_jax import ScaleByAdam8bitState
 from qgalore_jax import ScaleByQGaLoreState
 from qgalore_jax import qgalore_adamw
+from qgalore_jax import skipped_steps
 
 
 def _inner(state, cls):
@@ -75,3 +76,17 @@ def test_seams_are_static_under_inject_hyperparams():
 def test_bad_seam_arguments(kwargs, error, match):
   with pytest.raises(error, match=match):
     qgalore_adamw(1e-3, **kwargs)
+
+
+def test_skip_nonfinite_is_validated_and_static_under_inject_hyperparams():
+  with pytest.raises(TypeError, match="skip_nonfinite"):
+    qgalore_adamw(1e-3, skip_nonfinite=1)
+  params = {"w": jnp.ones((8, 4))}
+  tx = optax.inject_hyperparams(qgalore_adamw, static_args=STATIC_ARGS)(
+    learning_rate=1e-2, rank=2, skip_nonfinite=True
+  )
+  state = tx.init(params)
+  _, state = tx.update({"w": jnp.full((8, 4), jnp.inf)}, state, params)
+  assert int(skipped_steps(state)) == 1
+  with pytest.raises(ValueError, match=r"apply_if_finite.*skip_nonfinite=True"):
+    skipped_steps(qgalore_adamw(1e-3).init(params))

@@ -22,6 +22,7 @@ STATIC_ARGS = (
   "mu_dtype",
   "moment_bits",
   "min_8bit_size",
+  "skip_nonfinite",
   "projector_fn",
   "svd_method",
   "oversample",

@@ -17,6 +17,7 @@ from qgalore_jax import is_quantized
 from qgalore_jax import qgalore_adamw
 from qgalore_jax import quantize
 from qgalore_jax import quantize_params
+from qgalore_jax import skipped_steps
 from qgalore_jax._src.generator_test import py_uniforms
 
 
@@ -339,19 +340,23 @@ def test_multisteps_micro_steps_leave_int8_codes_unchanged():
     assert same == (t % 4 != 3), t  # only every fourth call applies an update
 
 
-def test_apply_if_finite_skips_a_nan_step_whole_with_int8_weights():
+@pytest.mark.parametrize("guard", ["apply_if_finite", "skip_nonfinite"])
+def test_apply_if_finite_skips_a_nan_step_whole_with_int8_weights(guard):
   """``optax.apply_if_finite`` around ``qgalore_adamw``: a NaN batch changes no code or state.
 
   The wrapper returns zero updates on a non-finite step and keeps the inner state; zero
   updates leave INT8 codes bit-identical (docs/spec.md section 6.2), so the step is skipped
-  whole, and the wrapper counts it. The next finite step trains on.
+  whole, and the wrapper counts it. The next finite step trains on. ``skip_nonfinite=True``
+  is the same guard, built in, and skips however many steps in a row.
   """
   k = jax.random.split(jax.random.key(9), 2)
   params = {"w1": jax.random.normal(k[0], (16, 64)) / 4, "w2": jax.random.normal(k[1], (64, 4))}
   loss_fn = lambda p, batch: jnp.mean((jnp.tanh(batch[0] @ p["w1"]) @ p["w2"] - batch[1]) ** 2)
   qparams = quantize_params(params, group_size=64)
-  inner = qgalore_adamw(1e-2, rank=4, update_proj_gap=2)
-  tx = optax.apply_if_finite(inner, max_consecutive_errors=5)
+  if guard == "apply_if_finite":
+    tx = optax.apply_if_finite(qgalore_adamw(1e-2, rank=4, update_proj_gap=2), 5)
+  else:
+    tx = qgalore_adamw(1e-2, rank=4, update_proj_gap=2, skip_nonfinite=True)
   opt_state = tx.init(dequantize_params(qparams))
   train_step = int8_train_step(loss_fn, tx, seed=0)
   x, y = _mlp_problem()
@@ -360,13 +365,15 @@ def test_apply_if_finite_skips_a_nan_step_whole_with_int8_weights():
   leaves = lambda tree: [np.asarray(a) for a in jax.tree.leaves(tree)]
   before_q, before_state = leaves(qparams), leaves(opt_state.inner_state)
   nan_batch = (x.at[0, 0].set(jnp.nan), y)
-  qparams, opt_state, loss = train_step(qparams, opt_state, nan_batch, jnp.int32(3))
+  skips = 1 if guard == "apply_if_finite" else 7  # more than apply_if_finite's 5 above
+  for t in range(3, 3 + skips):
+    qparams, opt_state, loss = train_step(qparams, opt_state, nan_batch, jnp.int32(t))
   assert not np.isfinite(float(loss))
   for a, b in zip(leaves(qparams), before_q, strict=True):
     np.testing.assert_array_equal(a, b)
   for a, b in zip(leaves(opt_state.inner_state), before_state, strict=True):
     np.testing.assert_array_equal(a, b)
-  assert int(opt_state.notfinite_count) == 1 and int(opt_state.total_notfinite) == 1
+  assert int(opt_state.notfinite_count) == skips and int(skipped_steps(opt_state)) == skips
   qparams, opt_state, loss = train_step(qparams, opt_state, (x, y), jnp.int32(4))
   assert np.isfinite(float(loss)) and int(opt_state.notfinite_count) == 0
   assert any(not np.array_equal(a, b) for a, b in zip(leaves(qparams), before_q, strict=True))

@@ -119,3 +119,40 @@ def test_cuda_layerwise_hooks_match_step_with_int8_weights(moment_bits):
         assert torch.equal(got, want)
     else:
       torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_skip_nonfinite_on_cuda_skips_like_the_cpu_and_normal_steps_do_not_synchronise():
+  """``skip_nonfinite`` with CUDA gradients: masked updates, the flag read one step later.
+
+  The reference is the CPU run, where the flag is read at once and a bad step touches
+  nothing. Normal steps on CUDA run under ``set_sync_debug_mode("error")``: reading the
+  previous step's flag waits on an event behind a copy to pinned memory, not on the stream.
+  """
+  gen = torch.Generator().manual_seed(4)
+  init = [torch.randn(40, 24, generator=gen), torch.randn(40, generator=gen)]
+  grads = [[torch.randn(p.shape, generator=gen) for p in init] for _ in range(6)]
+  grads[3][0][2, 5] = float("nan")  # a normal step (gap 4): the masked path on CUDA
+  runs = {}
+  for device in ("cpu", "cuda"):
+    params = [nn.Parameter(p.to(device)) for p in init]
+    opt = QGaLoreAdamW(
+      [{"params": params[:1], "rank": 4}, {"params": params[1:]}],
+      lr=1e-2,
+      update_proj_gap=4,
+      skip_nonfinite=True,
+    )
+    for t, step_grads in enumerate(grads):
+      for p, g in zip(params, step_grads, strict=True):
+        p.grad = g.to(device)
+      refreshes = (t if t <= 3 else t - 1) % 4 == 0  # the skipped call 3 does not count
+      torch.cuda.set_sync_debug_mode("default" if device == "cpu" or refreshes else "error")
+      try:
+        opt.step()
+      finally:
+        torch.cuda.set_sync_debug_mode("default")
+    runs[device] = [p.detach().cpu() for p in params], opt.skipped_steps, opt.state[params[0]]
+  (cpu_params, cpu_skips, cpu_state), (cuda_params, cuda_skips, cuda_state) = runs.values()
+  assert cpu_skips == cuda_skips == 1
+  assert float(cpu_state["step"]) == float(cuda_state["step"]) == 5.0
+  for got, want in zip(cuda_params, cpu_params, strict=True):
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-3)

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from qgalore_torch import Int8Linear
+from qgalore_torch import Int8Weight
 from qgalore_torch import QGaLoreAdamW
 from qgalore_torch import compute_projector
+from qgalore_torch._src import optimizer as optimizer_module
 
 
 def _least_squares(shape, dtype, seed=0):
@@ -116,3 +119,117 @@ def test_an_svd_that_raises_surfaces_its_error():
   w.grad = torch.ones(6, 8)
   with pytest.raises(torch.linalg.LinAlgError, match="did not converge"):
     opt.step()
+
+
+# --- skip_nonfinite: a non-finite step skipped whole ---------------------------------------
+
+
+def _skip_model(int8, moment_bits):
+  """A projected matrix (float or INT8), a stack of two (batch_axes) and a plain bias."""
+  torch.manual_seed(0)
+  layer = torch.nn.Linear(24, 40)
+  if int8:
+    layer = Int8Linear.from_linear(layer, group_size=64)
+  stack = torch.nn.Parameter(torch.randn(2, 16, 12))
+  groups = [
+    {"params": [layer.weight], "rank": 4},
+    {"params": [stack], "rank": 3, "batch_axes": (0,)},
+    {"params": [layer.bias]},
+  ]
+  opt = QGaLoreAdamW(
+    groups,
+    lr=1e-2,
+    update_proj_gap=3,
+    moment_bits=moment_bits,
+    min_8bit_size=16,
+    skip_nonfinite=True,
+  )
+  return opt, [layer.weight, stack, layer.bias]
+
+
+def _snapshot(opt, params):
+  """Every tensor of the parameters and their state, cloned, in a fixed order."""
+  tensors = []
+  for p in params:
+    tensors += [t.clone() for t in (p.quantized() if isinstance(p, Int8Weight) else [p.detach()])]
+    tensors += [v.clone() for k, v in sorted(opt.state[p].items()) if k != "skipped_steps"]
+  return tensors
+
+
+def _run(opt, params, grads):
+  for grad in grads:
+    for p, g in zip(params, grad, strict=True):
+      p.grad = g.clone()
+    opt.step()
+
+
+def _gradients(params, steps, seed=1):
+  gen = torch.Generator().manual_seed(seed)
+  return [[torch.randn(p.shape, generator=gen) for p in params] for _ in range(steps)]
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["read at once", "read next step"])
+@pytest.mark.parametrize("int8, moment_bits", [(False, None), (True, None), (True, 8)])
+@pytest.mark.parametrize("bad_step", [0, 3, 4], ids=["first refresh", "refresh", "normal"])
+def test_skip_nonfinite_skips_a_step_whole(monkeypatch, deferred, int8, moment_bits, bad_step):
+  """A NaN or inf anywhere skips the whole step: the run equals one that never saw it.
+
+  The reference is the same optimizer fed the same gradients without the bad step, bit for
+  bit: weights (INT8 codes), moments (8-bit codes), projectors, schedules and ``step``.
+  ``deferred`` forces the path of accelerator gradients: masked updates, with the flag read
+  at the start of the next step.
+  """
+  if deferred:
+    monkeypatch.setattr(optimizer_module, "_reads_freely", lambda flags: False)
+  opt, params = _skip_model(int8, moment_bits)
+  ref_opt, ref_params = _skip_model(int8, moment_bits)
+  grads = _gradients(params, 7)
+  bad = [g.clone() for g in grads[bad_step]]
+  bad[bad_step % 3].view(-1)[5] = float("nan") if bad_step % 2 else float("inf")
+  _run(opt, params, [*grads[:bad_step], bad, *grads[bad_step:]])
+  _run(ref_opt, ref_params, grads)
+  assert opt.skipped_steps == 1 and ref_opt.skipped_steps == 0
+  for got, want in zip(_snapshot(opt, params), _snapshot(ref_opt, ref_params), strict=True):
+    assert torch.equal(got, want)
+  assert opt.projection_stats() == ref_opt.projection_stats()
+
+
+def test_skip_nonfinite_counts_consecutive_skips_and_survives_a_state_dict(monkeypatch):
+  monkeypatch.setattr(optimizer_module, "_reads_freely", lambda flags: False)
+  opt, params = _skip_model(False, None)
+  _run(opt, params, _gradients(params, 1))
+  nan = [torch.full(p.shape, float("nan")) for p in params]
+  _run(opt, params, [nan, nan, nan])
+  saved = opt.state_dict()  # reads the last step's pending flag first
+  assert [float(saved["state"][i]["step"]) for i in range(3)] == [1.0, 1.0, 1.0]
+  assert [float(saved["state"][i]["skipped_steps"]) for i in range(3)] == [3.0, 3.0, 3.0]
+  fresh, fresh_params = _skip_model(False, None)
+  fresh.load_state_dict(saved)
+  assert fresh.skipped_steps == 3
+  plain = QGaLoreAdamW(  # a state with skip counts loads into an optimizer without the option
+    [
+      {"params": [fresh_params[0]], "rank": 4},
+      {"params": [fresh_params[1]], "rank": 3, "batch_axes": (0,)},
+      {"params": [fresh_params[2]]},
+    ],
+    update_proj_gap=3,
+  )
+  plain.load_state_dict(saved)
+
+
+def test_without_skip_nonfinite_a_nan_reaches_the_moments():
+  """The default follows torch's optimizers: nothing is checked, the NaN propagates."""
+  w = torch.nn.Parameter(torch.ones(8, 6))
+  opt = QGaLoreAdamW([{"params": [w], "rank": 2}], lr=1e-2)
+  w.grad = torch.full((8, 6), float("nan"))
+  opt.step()
+  assert torch.isnan(opt.state[w]["exp_avg"]).all() and opt.skipped_steps == 0
+
+
+def test_skip_nonfinite_is_validated_and_refused_in_layerwise_mode():
+  w = torch.nn.Parameter(torch.ones(8, 6))
+  with pytest.raises(TypeError, match="skip_nonfinite"):
+    QGaLoreAdamW([w], skip_nonfinite=1)
+  opt = QGaLoreAdamW([w], skip_nonfinite=True)
+  with pytest.raises(ValueError, match=r"skip_nonfinite.*layer-wise"):
+    opt.register_layerwise_hooks()

@@ -30,10 +30,13 @@ from qgalore_torch._src.int8 import Int8Weight
 from qgalore_torch._src.layout import as_separate
 from qgalore_torch._src.layout import path_str
 from qgalore_torch._src.layout import stack_layout
+from qgalore_torch._src.quantization import QuantizedTensor
 
 _HOST = torch.device("cpu")
 _SCHEDULE_KEYS = schedule.SubspaceState._fields
-_HOST_KEYS = ("step", *_SCHEDULE_KEYS)
+_SKIPPED = "skipped_steps"  # steps skipped for a non-finite gradient (``skip_nonfinite``)
+_PER_TENSOR_KEYS = ("step", _SKIPPED)  # one value per parameter, also for a stack
+_HOST_KEYS = (*_PER_TENSOR_KEYS, *_SCHEDULE_KEYS)
 _SIGNED = (True, False)  # the map of each moment: signed for exp_avg, unsigned for exp_avg_sq
 _STATS_KEYS = ("gap", "svd_count", "num_cosines", "mean_cosine")
 
@@ -182,6 +185,11 @@ class QGaLoreAdamW(torch.optim.Optimizer):
       above; Dettmers et al.'s 8-bit Adam, which the paper's memory figures assume).
     min_8bit_size: with ``moment_bits=8``, moments with fewer elements stay float32
       (bitsandbytes' name for the same rule; >= 1).
+    skip_nonfinite: if ``True``, a step in which any gradient holds a NaN or an infinity is
+      skipped whole: weights (INT8 codes included), moments, projectors, schedules and
+      ``step`` stay as they were, and the skip is counted in each updated parameter's state
+      (``skipped_steps``, read with :attr:`skipped_steps`). See :meth:`step` for how this
+      avoids a device synchronisation. Not available in layer-wise mode.
     projector_fn: ``projector_fn(grad_MxN, rank) -> basis_RxK``, called on refresh steps
       with the float32 (m, n) gradient; returns the float32 (r, k) sign-canonical basis, the
       contract of :func:`~qgalore_torch.compute_projector` (the default, ``None``). The hook
@@ -235,9 +243,16 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     subspace_iters=1,
     moment_bits=None,
     min_8bit_size=moments.MIN_QUANTIZED_SIZE,
+    skip_nonfinite=False,
     projector_fn=None,
   ):
     check_int(seed, "seed", minimum=0)
+    if not isinstance(skip_nonfinite, bool):
+      raise TypeError(
+        f"`skip_nonfinite` must be a bool, got {type(skip_nonfinite).__name__} {skip_nonfinite!r}"
+      )
+    self.skip_nonfinite = skip_nonfinite
+    self._pending = None  # a masked step whose finiteness the CPU has not read yet
     if projector_fn is not None and not callable(projector_fn):
       raise TypeError(
         f"`projector_fn` must be a callable or None, got {type(projector_fn).__name__}"
@@ -295,8 +310,24 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     super().add_param_group(param_group)
 
   @torch.no_grad()
+  @torch.compiler.disable
   def step(self, closure=None):
     """Updates every parameter that has a gradient.
+
+    Under ``torch.compile`` (of ``step`` itself or of a train step that calls it) the step
+    runs eagerly, as one graph break that never recompiles: it computes the same bits as
+    without compilation, which inductor's re-fused arithmetic would not (docs/spec.md
+    section 5.6), and its per-matrix refresh decisions are CPU reads, not graph code.
+
+    With ``skip_nonfinite``, the step first checks that every gradient is finite, one flag
+    per device. Where the CPU can read the flag without waiting for an accelerator (every
+    gradient on the CPU), or must wait anyway (a refresh is due: its SVD synchronises), a
+    non-finite step touches nothing but the skip count. Otherwise each parameter is updated
+    and then put back where the flag is false (``torch.where``, one copy of the parameter
+    and its state alive at a time), and the CPU reads the flag at the start of the next
+    step, ``state_dict``, :meth:`projection_stats` or :attr:`skipped_steps`, when the
+    accelerator is long past it (on CUDA through pinned memory and an event: no stall), to
+    undo the ``step`` count of a skipped step.
 
     Args:
       closure: optional callable that re-evaluates the model and returns the loss.
@@ -308,10 +339,98 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     if closure is not None:
       with torch.enable_grad():
         loss = closure()
-    for tensor_id, group, p in self._indexed_params():
-      if p.grad is not None:
+    todo = [(i, group, p) for i, group, p in self._indexed_params() if p.grad is not None]
+    if not self.skip_nonfinite:
+      for tensor_id, group, p in todo:
         self._update(p, group, tensor_id)
+      return loss
+    self._resolve_pending()
+    if not todo:
+      return loss
+    ok = _finite_flags([p.grad for _, _, p in todo])
+    if _reads_freely(ok) or any(self._refresh_due(p, g) for _, g, p in todo):
+      if all(bool(flag) for flag in ok.values()):
+        for tensor_id, group, p in todo:
+          self._update(p, group, tensor_id)
+      else:
+        for _, group, p in todo:
+          self._count_skip(p, group)
+      return loss
+    for tensor_id, group, p in todo:
+      self._masked_update(p, group, tensor_id, ok[p.device])
+    self._pending = (_PendingFlag(next(iter(ok.values()))), [(p, g) for _, g, p in todo])
     return loss
+
+  def _refresh_due(self, p, group):
+    """Whether any matrix of ``p`` refreshes at its next step (reads CPU tensors only)."""
+    if "rank" not in group:
+      return False
+    state = self.state.get(p)
+    if not state:
+      return True
+    subspace = schedule.SubspaceState(*(state[key] for key in _SCHEDULE_KEYS))
+    return bool(schedule.refresh_due(subspace, state["step"]).any())
+
+  def _count_skip(self, p, group):
+    """Counts a skipped step in ``p``'s state (created first: a skip is state too)."""
+    if not self.state[p]:
+      self._init_state(p, group)
+    state = self.state[p]
+    state[_SKIPPED] = state.get(_SKIPPED, torch.zeros([], dtype=torch.float32)) + 1
+
+  def _masked_update(self, p, group, tensor_id, ok):
+    """:meth:`_update`, then the old parameter and state back wherever ``ok`` is false."""
+    if not self.state[p]:
+      self._init_state(p, group)
+    state = self.state[p]
+    old_state = {k: v.clone() for k, v in state.items() if k not in _HOST_KEYS}
+    int8 = isinstance(p, Int8Weight)
+    old_p = QuantizedTensor(*(t.clone() for t in p.quantized())) if int8 else p.clone()
+    self._update(p, group, tensor_id)
+    if int8:
+      p.assign_(functional._where(ok, p.quantized(), old_p))
+    else:
+      p.copy_(torch.where(ok, p, old_p))
+    form_changed = old_state.keys() != {k for k in state if k not in _HOST_KEYS} or any(
+      state[k].shape != v.shape or state[k].dtype != v.dtype for k, v in old_state.items()
+    )
+    if form_changed and not bool(ok):  # moments loaded in another form: read the flag now
+      state.update(old_state)
+      for key in list(state):
+        if key not in old_state and key not in _HOST_KEYS:
+          del state[key]
+      state["step"] = state["step"] - 1
+      self._count_skip(p, group)
+    elif not form_changed:
+      for key, old in old_state.items():
+        state[key] = torch.where(ok, state[key], old)
+
+  def _resolve_pending(self):
+    """Reads the flag of the last masked step; if it was skipped, undoes its ``step`` counts."""
+    if self._pending is None:
+      return
+    flag, updated = self._pending
+    self._pending = None
+    if not flag.read():
+      for p, group in updated:
+        self.state[p]["step"] = self.state[p]["step"] - 1
+        self._count_skip(p, group)
+
+  @property
+  def skipped_steps(self):
+    """Steps skipped for a non-finite gradient (``skip_nonfinite``), as an int.
+
+    The count of the parameter that counted most (every parameter counts the same when
+    all of them have gradients at every step); 0 before any skip.
+    """
+    self._resolve_pending()
+    counts = [int(s[_SKIPPED]) for s in self.state.values() if _SKIPPED in s]
+    return max(counts, default=0)
+
+  def state_dict(self):
+    """torch's ``state_dict``, once a pending ``skip_nonfinite`` flag is read (see :meth:`step`)."""
+    self._resolve_pending()
+    return super().state_dict()
 
   def _indexed_params(self):
     """``(tensor_id, group, param)`` for every parameter, ids counted across the groups.
@@ -348,6 +467,12 @@ class QGaLoreAdamW(torch.optim.Optimizer):
       Zhao et al., `GaLore <https://arxiv.org/abs/2403.03507>`_, section 4.2, 2024.
     """
     check_int(accumulation_steps, "accumulation_steps")
+    if self.skip_nonfinite:
+      raise ValueError(
+        "`skip_nonfinite` needs every gradient of a step before the first update, which"
+        " layer-wise mode updates as they arrive: build the optimizer with"
+        " skip_nonfinite=False to use layer-wise hooks"
+      )
     return [
       p.register_post_accumulate_grad_hook(
         self._layerwise_hook(group, accumulation_steps, tensor_id)
@@ -458,7 +583,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     p_stack, grad_stack = layout.to_stack(p), layout.to_stack(grad)
     restacked, dropped = {}, set()
     for slice_index, index in enumerate(layout.indices()):
-      views = {key: value[index] for key, value in state.items() if key != "step"}
+      views = {key: value[index] for key, value in state.items() if key not in _PER_TENSOR_KEYS}
       matrix_state = {key: as_separate(view) for key, view in views.items()}
       p_view = p_stack[index]
       p_MxN = as_separate(p_view)
@@ -546,6 +671,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     8-bit): they take the group's form at the next step.
     """
     _check_saved_groups(self.param_groups, state_dict["param_groups"])
+    self._pending = None  # a flag of the state being replaced
     before = self.state, self.param_groups
     super().load_state_dict(state_dict)
     for group in self.param_groups:  # keys a group saved by an older version lacks
@@ -570,7 +696,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
 
     The expected state is built on the meta device: shapes and dtypes, no memory.
     """
-    keys = lambda state: sorted(k for k in state if not k.endswith("_absmax"))
+    keys = lambda state: sorted(k for k in state if not k.endswith("_absmax") and k != _SKIPPED)
     for index, group in enumerate(self.param_groups):
       for i, p in enumerate(group["params"]):
         if not self.state.get(p):
@@ -654,6 +780,39 @@ def _check_saved_groups(groups, saved_groups):
           f" this optimizer's has {key}={show(mine)}: build the optimizer with the saved"
           f" settings, or leave its state fresh"
         )
+
+
+def _reads_freely(flags):
+  """Whether the CPU can read the ``{device: flag}`` of :func:`_finite_flags` without waiting."""
+  return all(device.type == "cpu" for device in flags)
+
+
+def _finite_flags(grads):
+  """``{device: 0-d bool}``: whether every gradient is finite, on each gradients' device."""
+  by_device = {}
+  for g in grads:
+    by_device.setdefault(g.device, []).append(torch.isfinite(g).all())
+  local = {d: torch.stack(flags).all() for d, flags in by_device.items()}
+  if len(local) == 1:
+    return local
+  return {d: torch.stack([f.to(d) for f in local.values()]).all() for d in local}
+
+
+class _PendingFlag:
+  """A device flag the CPU reads later; on CUDA copied to pinned memory behind an event."""
+
+  def __init__(self, flag):
+    self._flag, self._event = flag, None
+    if flag.device.type == "cuda":
+      self._flag = torch.empty([], dtype=torch.bool, pin_memory=True)
+      self._flag.copy_(flag, non_blocking=True)
+      self._event = torch.cuda.Event()
+      self._event.record()
+
+  def read(self):
+    if self._event is not None:
+      self._event.synchronize()
+    return bool(self._flag)
 
 
 def _matrix_stats(state, index):

@@ -12,6 +12,7 @@ from qgalore_torch._src import functional
 from qgalore_torch._src import generator
 from qgalore_torch._src import moments_test
 from qgalore_torch._src import projector as proj
+from qgalore_torch._src.int8 import Int8Linear
 from qgalore_torch._src.optimizer import QGaLoreAdamW
 from qgalore_torch._src.projector_test import naive_sign_rule
 from qgalore_torch._src.quantization_test import brute_force_quantize
@@ -1178,3 +1179,61 @@ def test_subspace_refresh_resumes_exactly():
   for i, state in after[1].items():
     for key, value in state.items():
       torch.testing.assert_close(resumed.state_dict()["state"][i][key], value, atol=0, rtol=0)
+
+
+def _compile_case(int8):
+  """Two linear layers (float or ``Int8Linear``) under ``QGaLoreAdamW``, refreshing every 2."""
+  torch.manual_seed(0)
+  layers = [torch.nn.Linear(32, 32) for _ in range(2)]
+  if int8:
+    layers = [Int8Linear.from_linear(layer, group_size=64) for layer in layers]
+  model = torch.nn.Sequential(*layers)
+  groups = [
+    {"params": [layer.weight for layer in layers], "rank": 4, "update_proj_gap": 2},
+    {"params": [layer.bias for layer in layers]},
+  ]
+  return model, QGaLoreAdamW(groups, lr=1e-2, seed=3, skip_nonfinite=True)
+
+
+def _model_bits(model):
+  """Every stored tensor of ``model`` (INT8 codes, scales and zeros included), cloned."""
+  return [t.clone() for t in model.state_dict().values()]
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
+def test_compiled_step_runs_the_eager_step(int8):
+  """``torch.compile(opt.step)`` and a compiled train step: no error, no recompilation, the
+  bits of the eager step (refreshes, INT8 rounding and the non-finite guard included).
+
+  The reference is the same model and optimizer stepped without compilation. The train
+  step compiles with ``aot_eager`` (Dynamo and AOT autograd, without inductor's code
+  generation, so that the model's own arithmetic stays that of eager).
+  """
+  x = torch.randn(8, 32, generator=torch.Generator().manual_seed(1))
+  eager_model, eager_opt = _compile_case(int8)
+  step_model, step_opt = _compile_case(int8)
+  train_model, train_opt = _compile_case(int8)
+
+  def train_step(model, opt):
+    opt.zero_grad()
+    loss = model(x).square().mean()
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+  compiled_step = torch.compile(step_opt.step)
+  compiled_train_step = torch.compile(train_step, backend="aot_eager")
+  # One compilation of torch's step wrapper per optimizer (two), never one more per step.
+  torch._dynamo.reset()
+  with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+    for _ in range(5):
+      want = train_step(eager_model, eager_opt)
+      step_opt.zero_grad()
+      step_model(x).square().mean().backward()
+      compiled_step()
+      got = compiled_train_step(train_model, train_opt)
+      assert torch.equal(got, want)
+  for model in (step_model, train_model):
+    for a, b in zip(_model_bits(model), _model_bits(eager_model), strict=True):
+      assert torch.equal(a, b)
+  assert step_opt.projection_stats() == eager_opt.projection_stats()
