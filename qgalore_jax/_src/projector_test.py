@@ -160,37 +160,50 @@ def gapped(m, n, rank, seed=0):
   return ((u[:, :k] * s) @ v[:, :k].T).astype(np.float32)
 
 
-@pytest.mark.parametrize("shape", [(48, 20), (20, 48)], ids=str)
-@pytest.mark.parametrize("iters", [0, 2])
-def test_randomized_projector_matches_numpy_range_finder(shape, iters):
-  g = well_conditioned(*shape, seed=3).astype(np.float32)
-  k = min(shape)
-  start = np.random.default_rng(1).choice([-1.0, 1.0], size=(k, 12)).astype(np.float32)
-  got = jax.jit(randomized_projector, static_argnums=(1, 3))(jnp.asarray(g), 4, start, iters)
-  want = numpy_range_finder(g.astype(np.float64), 4, start.astype(np.float64), iters)
-  assert got.shape == (4, k) and got.dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(got), want, atol=5e-5)
-  np.testing.assert_allclose(np.asarray(got @ got.T), np.eye(4), atol=1e-5)
+def numpy_top_rows(g, rank):
+  """The exact sign-canonical top-r basis, from NumPy's float64 SVD."""
+  u, _, vt = np.linalg.svd(g.astype(np.float64), full_matrices=False)
+  return numpy_sign_canonical(vt[:rank] if g.shape[0] >= g.shape[1] else u[:, :rank].T)
 
 
-@pytest.mark.parametrize("shape", [(64, 24), (24, 64)], ids=str)
-def test_randomized_projector_captures_the_top_subspace_of_a_gapped_matrix(shape):
-  g = gapped(*shape, rank=6)
-  start = np.asarray(sketch(0, 0, 0, 0, sketch_shape(shape, 6, 4)))
-  basis = np.asarray(randomized_projector(jnp.asarray(g), 6, jnp.asarray(start), 1))
-  exact = numpy_sign_canonical(np.asarray(compute_projector(jnp.asarray(g), 6)))
-  a = g if shape[0] >= shape[1] else g.T
-  energy = lambda b: np.linalg.norm(a.astype(np.float64) @ b.T.astype(np.float64))
-  assert abs(energy(basis) / energy(exact) - 1) < 1e-5
-  np.testing.assert_allclose(basis, exact, atol=1e-4)  # the same vectors, sign rule included
+# (shape, power iterations, start columns l): both sides, with and without iterations, and a
+# start spanning the whole space (l = k), where the result is the full SVD's basis.
+RANGE_CASES = (((48, 20), 0, 12), ((48, 20), 2, 12), ((20, 48), 0, 12), ((20, 48), 2, 12),
+               ((30, 12), 0, 12))  # fmt: skip
 
 
-def test_randomized_projector_with_the_whole_space_is_the_full_svd():
-  g = well_conditioned(30, 12, seed=4).astype(np.float32)
-  start = np.asarray(sketch(0, 0, 0, 0, sketch_shape(g.shape, 5, 100)))
-  assert start.shape == (12, 12)  # l = min(r + oversample, k)
-  basis = randomized_projector(jnp.asarray(g), 5, jnp.asarray(start), 0)
-  np.testing.assert_allclose(np.asarray(basis), np.asarray(compute_projector(g, 5)), atol=2e-5)
+def test_randomized_projector_matches_numpy_range_finder():
+  rng = np.random.default_rng(1)
+  gs = [well_conditioned(*shape, seed=3).astype(np.float32) for shape, _, _ in RANGE_CASES]
+  starts = [
+    rng.choice([-1.0, 1.0], size=(min(shape), cols)).astype(np.float32)
+    for shape, _, cols in RANGE_CASES
+  ]
+  iters = [it for _, it, _ in RANGE_CASES]
+  got = jax.jit(lambda gs, starts: [
+    randomized_projector(g, 4, start, it) for g, start, it in zip(gs, starts, iters)
+  ])(gs, starts)  # fmt: skip
+  for g, start, it, basis in zip(gs, starts, iters, got, strict=True):
+    want = numpy_range_finder(g.astype(np.float64), 4, start.astype(np.float64), it)
+    assert basis.shape == (4, min(g.shape)) and basis.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(basis), want, atol=5e-5)
+    np.testing.assert_allclose(np.asarray(basis @ basis.T), np.eye(4), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(got[-1]), numpy_top_rows(gs[-1], 4), atol=2e-5)
+  assert sketch_shape((30, 12), 4, 100) == (12, 12)  # l = min(r + oversample, k)
+
+
+def test_randomized_projector_captures_the_top_subspace_of_a_gapped_matrix():
+  shapes = ((64, 24), (24, 64))
+  gs = [gapped(*shape, rank=6) for shape in shapes]
+  bases = jax.jit(lambda gs: [
+    randomized_projector(g, 6, sketch(0, 0, 0, 0, sketch_shape(g.shape, 6, 4)), 1) for g in gs
+  ])(gs)  # fmt: skip
+  for g, basis in zip(gs, bases, strict=True):
+    exact = numpy_top_rows(g, 6)
+    a = (g if g.shape[0] >= g.shape[1] else g.T).astype(np.float64)
+    energy = lambda b, a=a: np.linalg.norm(a @ np.asarray(b, np.float64).T)
+    assert abs(energy(basis) / energy(exact) - 1) < 1e-5
+    np.testing.assert_allclose(basis, exact, atol=1e-4)  # the same vectors, sign rule included
 
 
 def test_warm_start_replaces_the_leading_columns():

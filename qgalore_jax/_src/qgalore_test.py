@@ -1,5 +1,7 @@
 """The whole transform against a naive NumPy implementation of docs/spec.md, and its behaviour."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,10 +18,8 @@ from qgalore_jax import projection_stats
 from qgalore_jax import qgalore_adamw
 from qgalore_jax import quantized_nbytes
 from qgalore_jax import scale_by_qgalore
-from qgalore_jax._src.generator import sketch
-from qgalore_jax._src.projector import randomized_projector
-from qgalore_jax._src.projector import sketch_shape
-from qgalore_jax._src.projector import warm_start
+from qgalore_jax._src.generator_test import py_sketch
+from qgalore_jax._src.projector_test import numpy_range_finder
 
 # ---------------------------------------------------------------------------------------
 # A deliberately naive reference: docs/spec.md sections 1-5 written out with NumPy, one matrix at a
@@ -464,67 +464,88 @@ def test_projector_fn_needs_the_full_method():
     qgalore_adamw(1e-3, svd_method="randomized", projector_fn=compute_projector)
 
 
-def _stack_grads(seed):
-  """Gradients of a 2-D leaf and a (3, 12, 20) stack with a clear spectral gap."""
-  rng = np.random.default_rng(seed)
-  low = lambda *s: rng.normal(size=(*s[:-1], 3)) @ rng.normal(size=(3, s[-1]))
-  return {
-    "a": jnp.asarray(low(16, 10) + 1e-3 * rng.normal(size=(16, 10)), jnp.float32),
-    "bias": jnp.asarray(rng.normal(size=(10,)), jnp.float32),
-    "w": jnp.asarray(low(3, 12, 20) + 1e-3 * rng.normal(size=(3, 12, 20)), jnp.float32),
-  }
-
-
 STACK_DN = {"a": DimensionNumbers(0, 1), "bias": None, "w": DimensionNumbers(1, 2, 0)}
+LEAF_IDS = {"a": 0, "w": 2}  # each leaf's index in jax.tree.leaves order: a, bias, w
+
+
+def _stack_grads(seed):
+  """Full-rank gradients of a 2-D leaf, a bias and a (3, 12, 20) stack. Without a spectral
+  gap, one iteration of a range finder leaves its start block visible in the result."""
+  rng = np.random.default_rng(seed)
+  shapes = {"a": (16, 10), "bias": (10,), "w": (3, 12, 20)}
+  return {name: jnp.asarray(rng.normal(size=shape), jnp.float32) for name, shape in shapes.items()}
+
+
+@functools.cache
+def _subspace_update():
+  """``qgalore_adamw(svd_method="subspace")`` with 8-bit projectors and its jitted update,
+  compiled once for the tests below."""
+  tx = qgalore_adamw(
+    1e-2, rank=2, update_proj_gap=2, svd_method="subspace", oversample=3, power_iters=1,
+    proj_bits=8, seed=9, dimension_numbers=STACK_DN,
+  )  # fmt: skip
+  return tx, jax.jit(tx.update)
+
+
+def _stored_bases(state, grads):
+  """Per matrix ("a", then the slices of "w"): its leaf, slice index, canonical gradient, the
+  stored basis dequantised, and half its quantisation step."""
+  stored = state[0].inner_states["qgalore"].inner_state.projector
+  matrices = [("a", 0, grads["a"].T, lambda x: x["a"])]
+  matrices += [("w", s, grads["w"][s].T, lambda x, s=s: x["w"][s]) for s in range(3)]
+  rows = []
+  for leaf, slice_index, g_MxN, pick in matrices:
+    q = QuantizedArray(*(pick(field) for field in stored))
+    basis = dequantize(q, (2, min(g_MxN.shape)), 8, 256)
+    rows.append((leaf, slice_index, np.asarray(g_MxN), np.asarray(basis), float(q.scale.max()) / 2))
+  return rows
+
+
+def naive_refresh(g_MxN, key, previous_RxK=None):
+  """docs/spec.md section 2.6 with the pure-Python sketch and the NumPy range finder, at the
+  settings of :func:`_subspace_update`: rank 2, l = 2 + 3 columns, one iteration."""
+  k = min(g_MxN.shape)
+  start_KxL = py_sketch(*key, k * 5)[0].reshape(k, 5).astype(np.float64)
+  if previous_RxK is not None:
+    start_KxL[:, :2] = previous_RxK.T
+  return numpy_range_finder(g_MxN.astype(np.float64), 2, start_KxL, 1)
 
 
 def test_refresh_methods_key_each_slice_and_match_a_naive_refresh():
   """Each matrix's first refresh is the range finder of its own sketch: keyed by (seed, step 0,
   its leaf's index among the params' leaves, its slice index), docs/spec.md section 2.6.
   ("subspace" runs "randomized" on a first refresh, so this checks both.)"""
-  params = jax.tree.map(jnp.zeros_like, _stack_grads(0))
-  kw = dict(rank=2, oversample=3, power_iters=1, seed=9, proj_bits=None)
-  tx = qgalore_adamw(1e-2, svd_method="subspace", dimension_numbers=STACK_DN, **kw)
+  tx, update = _subspace_update()
   grads = _stack_grads(1)
-  _, state = jax.jit(tx.update)(grads, tx.init(params), params)
-  stored = state[0].inner_states["qgalore"].inner_state.projector
-  leaf_ids = {"a": 0, "bias": 1, "w": 2}  # jax.tree.leaves order: a, bias, w
-  for name, g_MxN, slice_index, got in [
-    ("a", grads["a"].T, 0, stored["a"]),
-    *(("w", grads["w"][s].T, s, stored["w"][s]) for s in range(3)),
-  ]:
-    shape = sketch_shape(g_MxN.shape, 2, 3)
-    start = sketch(9, 0, leaf_ids[name], slice_index, shape)
-    want = randomized_projector(g_MxN, 2, start, 1)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  params = jax.tree.map(jnp.zeros_like, grads)
+  _, state = update(grads, tx.init(params), params)
+  for leaf, slice_index, g_MxN, got, half_step in _stored_bases(state, grads):
+    want = naive_refresh(g_MxN, (9, 0, LEAF_IDS[leaf], slice_index))
+    np.testing.assert_allclose(got, want, atol=half_step + 1e-5)
+    other_key = naive_refresh(g_MxN, (9, 0, LEAF_IDS[leaf], slice_index + 1))
+    assert np.abs(got - other_key).max() > 0.05  # the key mattered
 
 
 def test_subspace_refresh_warm_starts_from_the_stored_projector():
-  params = {"w": jnp.zeros((20, 12))}
-  tx = scale_by_qgalore(rank=2, update_proj_gap=1, svd_method="subspace", oversample=2, seed=3)
-  # No spectral gap in the second gradient: the start block then shows in the result.
-  second = np.random.default_rng(0).normal(size=(20, 12)).astype(np.float32)
-  grads = [{"w": _stack_grads(1)["w"][0].T}, {"w": jnp.asarray(second)}]
-  update = jax.jit(tx.update)
-  stored = lambda state: QuantizedArray(*(field["w"] for field in state.projector))
-  _, state = update(grads[0], tx.init(params), params)
-  previous = dequantize(stored(state), (2, 12), 4, 256)
-  _, state = update(grads[1], state, params)
-  start = warm_start(sketch(3, 1, 0, 0, (12, 4)), previous)
-  want = randomized_projector(grads[1]["w"].T, 2, start, 1)
-  got = dequantize(stored(state), (2, 12), 4, 256)
-  step = float(stored(state).scale.max())
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=step / 2 + 1e-5)
-  cold = randomized_projector(grads[1]["w"].T, 2, sketch(3, 1, 0, 0, (12, 4)), 1)
-  assert np.abs(np.asarray(got) - np.asarray(cold)).max() > 0.05  # the start mattered
+  tx, update = _subspace_update()
+  grads = [_stack_grads(t) for t in range(3)]
+  params = jax.tree.map(jnp.zeros_like, grads[0])
+  state = tx.init(params)
+  for g in grads[:2]:
+    _, state = update(g, state, params)
+  previous = _stored_bases(state, grads[2])
+  _, state = update(grads[2], state, params)  # step 2: the second refresh (gap 2)
+  assert int(projection_stats(state)["a"]["svd_count"]) == 2
+  for (leaf, s, g_MxN, got, half_step), prev in zip(_stored_bases(state, grads[2]), previous):
+    want = naive_refresh(g_MxN, (9, 2, LEAF_IDS[leaf], s), previous_RxK=prev[3])
+    np.testing.assert_allclose(got, want, atol=half_step + 1e-5)
+    cold = naive_refresh(g_MxN, (9, 2, LEAF_IDS[leaf], s))
+    assert np.abs(got - cold).max() > 0.05  # the start mattered
 
 
 def test_refresh_methods_resume_exactly_and_keep_the_projector_on_nan():
+  tx, update = _subspace_update()
   params = jax.tree.map(jnp.zeros_like, _stack_grads(0))
-  tx = qgalore_adamw(
-    1e-2, rank=2, update_proj_gap=2, svd_method="subspace", dimension_numbers=STACK_DN
-  )
-  update = jax.jit(tx.update)
   state = tx.init(params)
   for t in range(3):
     _, state = update(_stack_grads(t), state, params)
