@@ -2,18 +2,25 @@
 
 import json
 
+import pytest
+
 from benchmarks import refresh_cost
 
 
-def test_quick_run_times_every_method_and_writes_results(tmp_path):
-  refresh_cost.main(["--quick", "--out", str(tmp_path)])
+def test_quick_run_times_every_method_and_writes_results(tmp_path, capsys):
+  refresh_cost.main(["--quick", "--also-power-iters", "0", "--out", str(tmp_path)])
   result = json.loads((tmp_path / "refresh_cost_cpu.json").read_text())
+  names = ["full", "randomized", "subspace", "randomized q=0"]
   assert [(r["backend"], r["shape"]) for r in result["refresh"]] == [
-    ("jax", [48, 32]), ("torch", [48, 32]), ("jax", [96, 32]), ("torch", [96, 32])
+    ("jax", [24, 16]), ("torch", [24, 16])
   ]  # fmt: skip
   for row in result["refresh"]:
-    assert set(row["seconds"]) == set(refresh_cost.METHODS)
-    assert all(s > 0 for s in row["seconds"].values()) and row["ratio"]["full"] == 1.0
-  assert [r["method"] for r in result["spike"]] == list(refresh_cost.METHODS)
-  assert all(r["normal_ms"] > 0 and r["refresh_ms"] > 0 for r in result["spike"])
-  assert "| quick | 48 x 32 | 8 | jax |" in (tmp_path / "refresh_cost_cpu.md").read_text()
+    assert list(row["seconds"]) == names and all(s > 0 for s in row["seconds"].values())
+    assert row["ratio"]["full"] == 1.0
+    # 16 columns: rank 4 + oversample 16 covers the whole space, so the range finder is exact.
+    assert row["energy"] == pytest.approx({"randomized": 1.0, "randomized q=0": 1.0}, abs=1e-5)
+  assert [(r["method"], r["matrices"]) for r in result["spike"]] == [("subspace", 1)]
+  assert result["spike"][0]["normal_ms"] > 0 and result["spike"][0]["refresh_ms"] > 0
+  markdown = (tmp_path / "refresh_cost_cpu.md").read_text()
+  assert "| quick | 24 x 16 | 4 | jax |" in markdown and "| quick | subspace | 1 |" in markdown
+  assert "quick 24 x 16 torch randomized q=0: " in capsys.readouterr().out  # a progress line
