@@ -285,6 +285,25 @@ def _row_markdown(row):
   return "| " + " | ".join(cells) + " |"
 
 
+def layer_rows(refresh):
+  """Per (config, backend) with both matrices timed: one layer's refresh, 4 attention + 3 MLP."""
+  by_key = {}
+  for row in refresh:
+    by_key.setdefault((row["config"], row["backend"]), []).append(row)
+  layers = []
+  for (config, backend), rows in by_key.items():
+    if len(rows) != 2:
+      continue
+    attention, mlp = rows  # matrix_shapes order: (hidden, hidden), then (ffn, hidden)
+    seconds = {
+      name: 4 * attention["seconds"][name] + 3 * mlp["seconds"][name]
+      for name in attention["seconds"]
+    }
+    ratio = {name: seconds["full"] / t for name, t in seconds.items()}
+    layers.append({"config": config, "backend": backend, "seconds": seconds, "ratio": ratio})
+  return layers
+
+
 def to_markdown(result) -> str:
   opts = result["settings"]
   names = [name for name, _, _ in variants(opts)]
@@ -311,6 +330,21 @@ def to_markdown(result) -> str:
     "|---|---|---:|---|" + "---:|" * (len(names) + len(energies)),
     *(_row_markdown(row) for row in result["refresh"]),
   ]
+  layers = layer_rows(result["refresh"])
+  if layers:
+    lines += [
+      "",
+      "Per decoder layer (4 attention matrices and 3 MLP matrices, each timed above; the"
+      " MLP's `down` has the `up` matrix's cost, read transposed): seconds of one refresh of"
+      " the layer, and how many times cheaper than the full SVD.",
+      "",
+      "| config | backend | " + " | ".join(f"{name} s" for name in names) + " |",
+      "|---|---|" + "---:|" * len(names),
+    ]
+    for row in layers:
+      cells = [row["config"], row["backend"], f"{row['seconds']['full']:.1f}"]
+      cells += [f"{row['seconds'][name]:.1f} ({row['ratio'][name]:.1f}x)" for name in names[1:]]
+      lines.append("| " + " | ".join(cells) + " |")
   if result["spike"]:
     lines += [
       "",

@@ -24,3 +24,16 @@ def test_quick_run_times_every_method_and_writes_results(tmp_path, capsys):
   markdown = (tmp_path / "refresh_cost_cpu.md").read_text()
   assert "| quick | 24 x 16 | 4 | jax |" in markdown and "| quick | subspace | 1 |" in markdown
   assert "quick 24 x 16 torch randomized q=0: " in capsys.readouterr().out  # a progress line
+
+
+def test_a_layer_is_four_attention_and_three_mlp_matrices():
+  row = lambda backend, full, randomized: {
+    "config": "c", "backend": backend, "seconds": {"full": full, "randomized": randomized}
+  }  # fmt: skip
+  rows = [row("jax", 2.0, 1.0), row("jax", 4.0, 1.0), row("torch", 1.0, 1.0)]
+  assert refresh_cost.layer_rows(rows) == [
+    {
+      "config": "c", "backend": "jax", "seconds": {"full": 20.0, "randomized": 7.0},
+      "ratio": {"full": 1.0, "randomized": 20.0 / 7.0},
+    }
+  ]  # fmt: skip
