@@ -131,6 +131,14 @@ BENCHMARKS = (
     ' `svd_method="randomized"` and `"subspace"`, from the same seed and data.',
     ["svd_study_refresh/svd_study"],
   ),
+  (
+    "refresh_energy",
+    [],
+    "Quality of a cheaper refresh: captured gradient energy on real gradients",
+    "The main example's gradients, every 10 steps of a `qgalore` run, and the energy each"
+    " method's basis captures against the exact top-r.",
+    ["refresh_energy"],
+  ),
 )
 
 
