@@ -8,7 +8,9 @@ seed and data:
 - ``qgalore``: INT4 projector, INT8 weights and adaptive refresh (``gamma_proj=2``,
   docs/spec.md section 4);
 - ``qgalore-fixedgap``: the same with the gap held fixed (``gamma_proj=1``);
-- optionally (``--optimizers``) the float variants ``galore`` (optax) and ``qgalore-noquant``.
+- optionally (``--optimizers``) the float variants ``galore`` (optax) and ``qgalore-noquant``;
+- optionally, ``qgalore`` with a cheaper refresh: ``qgalore-randomized``, ``qgalore-subspace``
+  (``svd_method``, docs/spec.md section 2.6).
 
 It records each Q-GaLore matrix's SVD count and refresh gap after every step (through
 ``train.train``'s ``wrap_step``; the training itself is untouched), checks them against an
@@ -25,6 +27,8 @@ machine; 14.5 minutes while other jobs loaded it to a load average of 6-7)::
 
   OPENBLAS_NUM_THREADS=1 python -m benchmarks.svd_study
   python -m benchmarks.svd_study --optimizers adamw,qgalore,qgalore-fixedgap,galore,qgalore-noquant
+  python -m benchmarks.svd_study --optimizers qgalore,qgalore-randomized,qgalore-subspace \\
+    --out-dir benchmarks/results/svd_study_refresh
 """
 
 import argparse
