@@ -1,6 +1,6 @@
 """Runs every benchmark at its default settings, then writes ``docs/benchmarks.md``.
 
-  python -m benchmarks                     # everything (about an hour on 2 CPU cores)
+  python -m benchmarks                     # everything (about 90 minutes on 2 CPU cores)
   python -m benchmarks --only memory svd_study
   python -m benchmarks --docs-only         # rebuild docs/benchmarks.md from results/
 
@@ -110,6 +110,35 @@ BENCHMARKS = (
     " the same seed and data.",
     ["svd_study"],
   ),
+  (
+    "refresh_cost",
+    ["--also-power-iters", "1"],
+    "Cost of a refresh: full SVD, randomized range finder, subspace iteration",
+    "One refresh's basis per `svd_method` (docs/spec.md section 2.6) at the paper's LLaMA"
+    " matrix shapes and ranks, jitted JAX and eager torch on one CPU thread, each method"
+    " timed beside the full SVD; `power_iters=1` beside the default 2; then the refresh"
+    " step of a whole 60M update against a normal step.",
+    ["refresh_cost_cpu"],
+  ),
+  (
+    "svd_study",
+    [
+      *("--optimizers", "qgalore,qgalore-randomized,qgalore-subspace"),
+      *("--out-dir", "benchmarks/results/svd_study_refresh"),
+    ],
+    "Quality of a cheaper refresh: held-out loss and SVD count",
+    "The SVD study's run of `qgalore` (full SVD) beside the same run with"
+    ' `svd_method="randomized"` and `"subspace"`, from the same seed and data.',
+    ["svd_study_refresh/svd_study"],
+  ),
+  (
+    "refresh_energy",
+    [],
+    "Quality of a cheaper refresh: captured gradient energy on real gradients",
+    "The main example's gradients, every 10 steps of a `qgalore` run, and the energy each"
+    " method's basis captures against the exact top-r.",
+    ["refresh_energy"],
+  ),
 )
 
 
@@ -153,7 +182,7 @@ def docs() -> str:
       lines += ["##" + line if line.startswith("#") else line for line in text] + [""]
       png = path.with_suffix(".png")
       if png.exists():
-        lines += [f"![{title}](../benchmarks/results/{png.name})", ""]
+        lines += [f"![{title}](../benchmarks/results/{png.relative_to(RESULTS)})", ""]
   lines.append(f"_Page built {datetime.date.today().isoformat()} by `python -m benchmarks`._")
   return "\n".join(lines) + "\n"
 

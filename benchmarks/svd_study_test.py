@@ -122,3 +122,23 @@ def test_a_wrong_count_is_caught():
   cfg = train.RunConfig(steps=4, update_proj_gap=2)
   with pytest.raises(AssertionError):
     svd_study.check_schedule("qgalore", recorder, cfg, 2)
+
+
+def test_cheaper_refresh_section_compares_each_method_with_the_full_svd():
+  row = lambda svds, loss: {
+    "refresh": "adaptive (gamma_proj=2)", "learning_rate": 0.03, "svd_count": svds,
+    "svd_percent_of_fixed": 50.0, "eval_loss": loss, "eval_ppl": math.exp(loss), "wall_s": 1.0,
+  }  # fmt: skip
+  study = {
+    "settings": {
+      "steps": 300, "update_proj_gap": 10, "model": "tiny", "dataset": "stdlib",
+      "batch_size": 16, "seq_len": 128, "seed": 0, "rank": 32, "projected_matrices": 28,
+      "eval_batches": 8, "fixed_gap_svds": 840,
+    },
+    "environment": {"device": "cpu", "cpu_count": 2, "jax": "0", "date": "2026-01-01"},
+    "optimizers": {"qgalore": row(420, 1.6), "qgalore-subspace": row(410, 1.608)},
+  }  # fmt: skip
+  md = svd_study.markdown(study)
+  assert "| full SVD (`qgalore`) | 420 | 1.6000 | - |" in md
+  assert "| subspace (`qgalore-subspace`) | 410 | 1.6080 | +0.50% |" in md
+  assert "randomized" not in md.split("## Cheaper refresh")[1].split("|---|")[1]

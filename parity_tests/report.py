@@ -27,6 +27,7 @@ from parity_tests import optimizer
 from parity_tests import precision
 from parity_tests import projector
 from parity_tests import quantiser
+from parity_tests import refresh
 from parity_tests import schedule
 from parity_tests import stacked
 
@@ -41,6 +42,7 @@ def run_components(dev: core.Device, authors_cls) -> list[core.Check]:
   checks = quantiser.measure_all(dev)
   checks += generator.measure_all(dev)
   checks += projector.measure_all(dev, authors_cls)
+  checks += refresh.measure_all(dev)
   checks += schedule.measure(dev, authors_cls)
   checks += stacked.measure(dev)
   for mode in optimizer.MODES:

@@ -10,6 +10,8 @@
   the SVD-count study (``benchmarks/svd_study.py``); not in ``NAMES``, the compare set.
 - ``qgalore-8bit``: ``qgalore`` with 8-bit block-wise Adam moments (``moment_bits=8``), the
   paper's 8-bit Adam; not in ``NAMES`` (``--optimizer qgalore-8bit`` or ``--optimizers``).
+- ``qgalore-randomized``, ``qgalore-subspace``: ``qgalore`` with a cheaper refresh
+  (``svd_method``, docs/spec.md section 2.6) in place of the full SVD; not in ``NAMES``.
 
 Every one is guarded against non-finite gradients: a step whose gradients hold a NaN or an
 infinity is skipped whole and counted (``qgalore_adamw(skip_nonfinite=True)``, and
@@ -48,8 +50,13 @@ QGALORE_VARIANTS = {
   "qgalore-noquant": (dict(proj_bits=None, gamma_proj=1), False),
   "qgalore-fixedgap": (dict(proj_bits=4, gamma_proj=1), True),
   "qgalore-8bit": (dict(proj_bits=4, gamma_proj=2, moment_bits=8), True),
+  "qgalore-randomized": (dict(proj_bits=4, gamma_proj=2, svd_method="randomized"), True),
+  "qgalore-subspace": (dict(proj_bits=4, gamma_proj=2, svd_method="subspace"), True),
 }
-LEARNING_RATES |= {name: LEARNING_RATES["qgalore"] for name in ("qgalore-fixedgap", "qgalore-8bit")}
+LEARNING_RATES |= {
+  name: LEARNING_RATES["qgalore"]
+  for name in ("qgalore-fixedgap", "qgalore-8bit", "qgalore-randomized", "qgalore-subspace")
+}
 ALL_NAMES = ("adamw", "galore", *QGALORE_VARIANTS)
 # The optimizers that cannot train the scanned model, and why.
 UNSCANNED = {

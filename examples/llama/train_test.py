@@ -161,6 +161,8 @@ def test_memory_counts_low_rank_state_and_int8_weights():
   assert opt_bytes["galore"] < opt_bytes["adamw"]
   assert opt_bytes["qgalore"] < opt_bytes["qgalore-noquant"] < opt_bytes["adamw"]
   assert opt_bytes["qgalore-fixedgap"] == opt_bytes["qgalore"]
+  # A cheaper refresh keeps the same state (docs/spec.md section 2.6).
+  assert opt_bytes["qgalore-randomized"] == opt_bytes["qgalore-subspace"] == opt_bytes["qgalore"]
   assert weight_bytes["qgalore-8bit"] == weight_bytes["qgalore"]
   assert opt_bytes["qgalore-8bit"] < 0.5 * opt_bytes["qgalore"]
   # The projected matrices hold one byte per weight plus a float32 scale and zero per 256.

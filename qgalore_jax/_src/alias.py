@@ -69,6 +69,11 @@ def qgalore_adamw(
   min_8bit_size: int = moments.MIN_QUANTIZED_SIZE,
   skip_nonfinite: bool = False,
   projector_fn: Callable[[jax.Array, int], jax.Array] | None = None,
+  svd_method: str = "full",
+  oversample: int = 16,
+  power_iters: int = 2,
+  subspace_iters: int = 1,
+  seed: int = 0,
 ) -> optax.GradientTransformation:
   r"""AdamW with Q-GaLore on the selected matrices: a drop-in for ``optax.adamw``.
 
@@ -124,6 +129,12 @@ def qgalore_adamw(
       of ``QGaLoreAdamW(skip_nonfinite=True)``.
     projector_fn: see :func:`scale_by_qgalore`: the hook for a reference SVD in parity
       tests or another projector in research (``None``: :func:`compute_projector`).
+    svd_method: ``"full"`` (default), ``"randomized"`` or ``"subspace"``: how a refresh
+      finds the basis; see :func:`scale_by_qgalore` and docs/spec.md section 2.6.
+    oversample: see :func:`scale_by_qgalore`.
+    power_iters: see :func:`scale_by_qgalore`.
+    subspace_iters: see :func:`scale_by_qgalore`.
+    seed: seed of the refreshes' sketches; see :func:`scale_by_qgalore`.
 
   Returns:
     An ``optax.GradientTransformation``. Under ``optax.inject_hyperparams`` (which turns
@@ -171,6 +182,11 @@ def qgalore_adamw(
     moment_bits=moment_bits,
     min_8bit_size=min_8bit_size,
     projector_fn=projector_fn,
+    svd_method=svd_method,
+    oversample=oversample,
+    power_iters=power_iters,
+    subspace_iters=subspace_iters,
+    seed=seed,
   )
   if moment_bits is None:
     adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)

@@ -24,6 +24,11 @@ STATIC_ARGS = (
   "min_8bit_size",
   "skip_nonfinite",
   "projector_fn",
+  "svd_method",
+  "oversample",
+  "power_iters",
+  "subspace_iters",
+  "seed",
 )
 
 
@@ -46,6 +51,14 @@ def check_int(value, name: str, minimum: int = 1) -> int:
   if value < minimum:
     raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
   return int(value)
+
+
+def check_choice(value, name: str, choices: tuple[str, ...]) -> str:
+  """Returns ``value`` if it is one of the strings ``choices``; else raises naming it."""
+  if not isinstance(value, str) or value not in choices:
+    allowed = ", ".join(repr(c) for c in choices)
+    raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}")
+  return value
 
 
 def check_bits(value, name: str = "bits") -> int:

@@ -19,6 +19,9 @@ GOLDEN = 0x9E3779B9  # absorbed with the seed, so that seed 0 does not hash to t
 MULTIPLIER_1 = 0x7FEB352D  # lowbias32 constants (C. Wellons, "hash-prospector")
 MULTIPLIER_2 = 0x846CA68B
 MAX_ELEMENTS = 2**32  # element indices are uint32
+# Absorbed into a sketch's key, so that a refresh's sketch and the stochastic rounding of the
+# same (seed, step, tensor id) draw unrelated streams (docs/spec.md section 2.6).
+SKETCH_DOMAIN = 0x736B6574
 
 
 def lowbias32(x: jax.Array) -> jax.Array:
@@ -116,7 +119,66 @@ def uniforms(seed, step, tensor_id, shape: tuple[int, ...]) -> jax.Array:
   size = int(np.prod(shape, dtype=np.int64))
   if size > MAX_ELEMENTS:
     raise ValueError(f"uniforms are indexed by uint32: at most 2**32 elements, got {size}")
-  key = stream_key(seed, step, tensor_id)
-  index = jnp.arange(size, dtype=jnp.uint32)
-  hashed = lowbias32(lowbias32(index ^ key) + key)
+  hashed = _hashes(stream_key(seed, step, tensor_id), size)
   return ((hashed >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)).reshape(shape)
+
+
+def _hashes(key: jax.Array, size: int) -> jax.Array:
+  """``h_i = lowbias32(lowbias32(i ^ key) + key)`` for ``i = 0 .. size - 1``."""
+  index = jnp.arange(size, dtype=jnp.uint32)
+  return lowbias32(lowbias32(index ^ key) + key)
+
+
+def sketch_key(seed, step, tensor_id, slice_index) -> jax.Array:
+  """The uint32 key of one matrix's sketch on one refresh (docs/spec.md section 2.6).
+
+  Args:
+    seed: integer (Python or traced), taken modulo 2**32.
+    step: integer (Python or traced): the matrix's 0-based step of the refresh.
+    tensor_id: integer (Python or traced): the leaf's index among the params' leaves.
+    slice_index: integer (Python or traced): the matrix's row-major index in its stack
+      (0 for a 2-D leaf).
+
+  Returns:
+    uint32 scalar ``lowbias32(lowbias32(stream_key ^ SKETCH_DOMAIN) ^ slice_index)``.
+
+  Example:
+    >>> from qgalore_jax._src.generator import sketch_key
+    >>> hex(int(sketch_key(0, 0, 0, 0)))
+    '0x2e2262a7'
+  """
+  key = lowbias32(stream_key(seed, step, tensor_id) ^ jnp.uint32(SKETCH_DOMAIN))
+  return lowbias32(key ^ _as_uint32(slice_index, "slice_index"))
+
+
+def sketch(seed, step, tensor_id, slice_index, shape: tuple[int, int]) -> jax.Array:
+  r"""A Rademacher sketch: +1 or -1 per element, from the counter-based hash (section 2.6).
+
+  .. math::
+
+    \Omega_i = 1 - 2 \lfloor h_i / 2^{31} \rfloor
+
+  with ``h_i`` the hash of :func:`uniforms` under :func:`sketch_key` and ``i`` the
+  row-major element index: +1 where the top bit of ``h_i`` is 0, else -1. Exact in float32,
+  so the torch twin gives the same values on any device.
+
+  Args:
+    seed: integer (Python or traced).
+    step: integer (Python or traced).
+    tensor_id: integer (Python or traced).
+    slice_index: integer (Python or traced).
+    shape: static shape, ``(k, l)`` for a refresh.
+
+  Returns:
+    float32 array of ``shape`` holding +1.0 and -1.0.
+
+  Example:
+    >>> from qgalore_jax._src.generator import sketch
+    >>> sketch(0, 0, 0, 0, (2, 4)).tolist()
+    [[1.0, -1.0, 1.0, -1.0], [1.0, -1.0, 1.0, 1.0]]
+  """
+  size = int(np.prod(shape, dtype=np.int64))
+  if size > MAX_ELEMENTS:
+    raise ValueError(f"a sketch is indexed by uint32: at most 2**32 elements, got {size}")
+  hashed = _hashes(sketch_key(seed, step, tensor_id, slice_index), size)
+  return (1.0 - 2.0 * (hashed >> 31).astype(jnp.float32)).reshape(shape)

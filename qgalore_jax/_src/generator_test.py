@@ -7,6 +7,8 @@ import pytest
 
 from qgalore_jax import uniforms
 from qgalore_jax._src.generator import lowbias32
+from qgalore_jax._src.generator import sketch
+from qgalore_jax._src.generator import sketch_key
 from qgalore_jax._src.generator import stream_key
 
 MASK32 = 0xFFFFFFFF
@@ -102,3 +104,39 @@ def test_generator_rejects_bad_keys():
     uniforms(0.5, 0, 0, (4,))
   with pytest.raises(TypeError, match="step"):
     uniforms(0, jnp.float32(1.0), 0, (4,))
+
+
+def py_sketch(seed, step, tensor_id, slice_index, size):
+  """docs/spec.md section 2.6 on Python ints: +1 where the top bit of the hash is 0."""
+  key = py_lowbias32(py_lowbias32(seed % 2**32 ^ 0x9E3779B9) ^ step % 2**32)
+  key = py_lowbias32(py_lowbias32(py_lowbias32(key ^ tensor_id % 2**32) ^ 0x736B6574) ^ slice_index)
+  hashes = [py_lowbias32((py_lowbias32(i ^ key) + key) & MASK32) for i in range(size)]
+  return np.array([1.0 - 2.0 * (h >> 31) for h in hashes], np.float32), key
+
+
+# Fixed vectors, shared with qgalore_torch's tests: (seed, step, tensor id, slice) -> sketch
+# key, and the signs of elements 0..7 as a bit string ("1" for +1).
+KNOWN_SKETCHES = {
+  (0, 0, 0, 0): (0x2E2262A7, "10101011"),
+  (1234, 5678, 7, 3): (0x3383F47B, "10001100"),
+}
+
+
+@pytest.mark.parametrize("key", list(KNOWN_SKETCHES), ids=str)
+def test_sketch_matches_python_reference_and_fixed_vectors(key):
+  want, want_key = py_sketch(*key, 24 * 5)
+  assert want_key == KNOWN_SKETCHES[key][0]
+  assert int(sketch_key(*key)) == want_key
+  got = jax.jit(lambda t, s: sketch(key[0], t, key[2], s, (24, 5)))(key[1], key[3])
+  np.testing.assert_array_equal(np.asarray(got).reshape(-1), want)
+  assert "".join("1" if v > 0 else "0" for v in want[:8]) == KNOWN_SKETCHES[key][1]
+
+
+def test_sketch_is_balanced_and_differs_from_the_rounding_stream():
+  s = np.asarray(sketch(0, 0, 0, 0, (256, 256)))
+  assert set(np.unique(s)) == {-1.0, 1.0}
+  assert abs(s.mean()) < 4 / 256  # 4 standard deviations of a mean of 65,536 signs
+  from_uniforms = 1.0 - 2.0 * (np.asarray(uniforms(0, 0, 0, (256, 256))) >= 0.5)
+  assert abs(np.mean(s * from_uniforms)) < 4 / 256
+  other_slice = np.asarray(sketch(0, 0, 0, 1, (256, 256)))
+  assert abs(np.mean(s * other_slice)) < 4 / 256

@@ -18,6 +18,9 @@ from qgalore_jax._src import quantization
 
 RIGHT = "right"
 LEFT = "left"
+# How a refresh finds the basis (docs/spec.md section 2.6): a thin SVD of G, a randomized
+# range finder, or subspace iteration warm-started from the previous projector.
+SVD_METHODS = ("full", "randomized", "subspace")
 
 
 def projector_side(shape: tuple[int, int]) -> str:
@@ -117,6 +120,77 @@ def compute_projector(grad_MxN: jax.Array, rank: int) -> jax.Array:
   u_MxK, _, vt_KxN = jnp.linalg.svd(grad_MxN.astype(jnp.float32), full_matrices=False)
   rows = vt_KxN[:r] if projector_side(shape) == RIGHT else u_MxK[:, :r].T
   return sign_canonical(rows)
+
+
+def sketch_shape(shape: tuple[int, int], rank: int, oversample: int) -> tuple[int, int]:
+  """Shape ``(k, l)`` of a refresh's sketch, ``l = min(r + oversample, k)`` (section 2.6)."""
+  r, k = basis_shape(shape, rank)
+  return k, min(r + oversample, k)
+
+
+def warm_start(sketch_KxL: jax.Array, previous_RxK: jax.Array) -> jax.Array:
+  """The start block of subspace iteration: the sketch with its first r columns replaced by
+  the previous basis, transposed (docs/spec.md section 2.6)."""
+  return sketch_KxL.at[:, : previous_RxK.shape[0]].set(previous_RxK.T)
+
+
+def _orthonormal(x: jax.Array) -> jax.Array:
+  """An orthonormal basis of the columns of ``x``: Q of its reduced Householder QR."""
+  return jnp.linalg.qr(x, mode="reduced")[0]
+
+
+def randomized_projector(
+  grad_MxN: jax.Array, rank: int, start_KxL: jax.Array, iters: int
+) -> jax.Array:
+  r"""The sign-canonical float32 ``basis_RxK`` by a range finder from ``start_KxL``.
+
+  Halko, Martinsson and Tropp's power-iterated range finder (their algorithms 4.3 and
+  5.1, orthonormalised after each power iteration) on ``A``, the canonical gradient read
+  so that the basis lives in its columns: ``A = G`` (D x k, "right") or ``A = G^T``
+  ("left"), with ``D >= k``. Then
+
+  .. math::
+
+    Q = \text{qr}(A X); \quad \text{iters times: } Q = \text{qr}(A (A^\top Q));
+    \quad \text{basis} = \text{sign}(\text{top } r \text{ rows of } V^\top), \;
+    Q^\top A = U \Sigma V^\top
+
+  Every QR is a reduced Householder QR and the last SVD is thin, all in float32
+  (docs/spec.md section 2.6). With ``X`` a random sketch this is the ``"randomized"``
+  refresh; with ``X`` = :func:`warm_start` of the previous basis, the ``"subspace"`` one.
+  When ``l = k`` the result is the full SVD's basis, to rounding.
+
+  Args:
+    grad_MxN: canonical (out, in) gradient.
+    rank: requested rank; clamped to ``min(m, n)``.
+    start_KxL: float32 start block ``X``, ``(k, l)`` with ``r <= l <= k``
+      (:func:`sketch_shape`).
+    iters: power (subspace) iterations, >= 0.
+
+  Returns:
+    float32 [r, k], the contract of :func:`compute_projector`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from qgalore_jax._src.projector import randomized_projector
+    >>> g = jnp.outer(jnp.arange(1.0, 5.0), jnp.array([3.0, -4.0]))  # rank 1, (4, 2)
+    >>> basis = randomized_projector(g, 1, jnp.ones((2, 2)), iters=1)
+    >>> bool(jnp.allclose(basis, jnp.array([[-0.6, 0.8]])))
+    True
+
+  References:
+    Halko, Martinsson and Tropp, `Finding structure with randomness
+    <https://arxiv.org/abs/0909.4061>`_, algorithms 4.3 and 5.1, 2011.
+  """
+  shape = grad_MxN.shape
+  r = effective_rank(shape, rank)
+  g_MxN = grad_MxN.astype(jnp.float32)
+  a_DxK = g_MxN if projector_side(shape) == RIGHT else g_MxN.T
+  q_DxL = _orthonormal(a_DxK @ start_KxL)
+  for _ in range(iters):
+    q_DxL = _orthonormal(a_DxK @ (a_DxK.T @ q_DxL))
+  _, _, vt_LxK = jnp.linalg.svd(q_DxL.T @ a_DxK, full_matrices=False)
+  return sign_canonical(vt_LxK[:r])
 
 
 def project(grad_MxN: jax.Array, basis_RxK: jax.Array) -> jax.Array:

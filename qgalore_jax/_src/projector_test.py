@@ -13,6 +13,10 @@ from qgalore_jax import projector_side
 from qgalore_jax import quantize
 from qgalore_jax import sign_canonical
 from qgalore_jax import unpack_int4
+from qgalore_jax._src.generator import sketch
+from qgalore_jax._src.projector import randomized_projector
+from qgalore_jax._src.projector import sketch_shape
+from qgalore_jax._src.projector import warm_start
 
 
 def numpy_sign_canonical(rows):
@@ -135,3 +139,76 @@ def test_quantiser_matches_authors_on_identical_input(authors_projector_cls):
   np.testing.assert_array_equal(np.asarray(unpack_int4(q.codes, basis.size)), codes.reshape(-1))
   np.testing.assert_array_equal(np.asarray(q.scale), scales.reshape(-1).numpy())
   np.testing.assert_array_equal(np.asarray(q.zero), zeros.reshape(-1).numpy())
+
+
+def numpy_range_finder(g, rank, start, iters):
+  """docs/spec.md section 2.6 in float64 NumPy: Halko et al.'s power iteration, small SVD."""
+  a = g if g.shape[0] >= g.shape[1] else g.T
+  q = np.linalg.qr(a @ start)[0]
+  for _ in range(iters):
+    q = np.linalg.qr(a @ (a.T @ q))[0]
+  return numpy_sign_canonical(np.linalg.svd(q.T @ a, full_matrices=False)[2][:rank])
+
+
+def gapped(m, n, rank, seed=0):
+  """A matrix whose top ``rank`` singular values (10..5) stand far above the rest (<= 0.01)."""
+  rng = np.random.default_rng(seed)
+  u = np.linalg.qr(rng.normal(size=(m, m)))[0]
+  v = np.linalg.qr(rng.normal(size=(n, n)))[0]
+  k = min(m, n)
+  s = np.concatenate([np.linspace(10.0, 5.0, rank), np.linspace(0.01, 0.001, k - rank)])
+  return ((u[:, :k] * s) @ v[:, :k].T).astype(np.float32)
+
+
+def numpy_top_rows(g, rank):
+  """The exact sign-canonical top-r basis, from NumPy's float64 SVD."""
+  u, _, vt = np.linalg.svd(g.astype(np.float64), full_matrices=False)
+  return numpy_sign_canonical(vt[:rank] if g.shape[0] >= g.shape[1] else u[:, :rank].T)
+
+
+# (shape, power iterations, start columns l): both sides, with and without iterations, and a
+# start spanning the whole space (l = k), where the result is the full SVD's basis.
+RANGE_CASES = (((48, 20), 0, 12), ((48, 20), 2, 12), ((20, 48), 0, 12), ((20, 48), 2, 12),
+               ((30, 12), 0, 12))  # fmt: skip
+
+
+def test_randomized_projector_matches_numpy_range_finder():
+  rng = np.random.default_rng(1)
+  gs = [well_conditioned(*shape, seed=3).astype(np.float32) for shape, _, _ in RANGE_CASES]
+  starts = [
+    rng.choice([-1.0, 1.0], size=(min(shape), cols)).astype(np.float32)
+    for shape, _, cols in RANGE_CASES
+  ]
+  iters = [it for _, it, _ in RANGE_CASES]
+  got = jax.jit(lambda gs, starts: [
+    randomized_projector(g, 4, start, it) for g, start, it in zip(gs, starts, iters)
+  ])(gs, starts)  # fmt: skip
+  for g, start, it, basis in zip(gs, starts, iters, got, strict=True):
+    want = numpy_range_finder(g.astype(np.float64), 4, start.astype(np.float64), it)
+    assert basis.shape == (4, min(g.shape)) and basis.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(basis), want, atol=5e-5)
+    np.testing.assert_allclose(np.asarray(basis @ basis.T), np.eye(4), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(got[-1]), numpy_top_rows(gs[-1], 4), atol=2e-5)
+  assert sketch_shape((30, 12), 4, 100) == (12, 12)  # l = min(r + oversample, k)
+
+
+def test_randomized_projector_captures_the_top_subspace_of_a_gapped_matrix():
+  shapes = ((64, 24), (24, 64))
+  gs = [gapped(*shape, rank=6) for shape in shapes]
+  bases = jax.jit(lambda gs: [
+    randomized_projector(g, 6, sketch(0, 0, 0, 0, sketch_shape(g.shape, 6, 4)), 1) for g in gs
+  ])(gs)  # fmt: skip
+  for g, basis in zip(gs, bases, strict=True):
+    exact = numpy_top_rows(g, 6)
+    a = (g if g.shape[0] >= g.shape[1] else g.T).astype(np.float64)
+    energy = lambda b, a=a: np.linalg.norm(a @ np.asarray(b, np.float64).T)
+    assert abs(energy(basis) / energy(exact) - 1) < 1e-5
+    np.testing.assert_allclose(basis, exact, atol=1e-4)  # the same vectors, sign rule included
+
+
+def test_warm_start_replaces_the_leading_columns():
+  sketch_KxL = jnp.ones((5, 4))
+  previous_RxK = jnp.arange(10.0).reshape(2, 5)
+  want = np.ones((5, 4))
+  want[:, :2] = np.arange(10.0).reshape(2, 5).T
+  np.testing.assert_array_equal(np.asarray(warm_start(sketch_KxL, previous_RxK)), want)

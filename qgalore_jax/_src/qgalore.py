@@ -13,12 +13,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from qgalore_jax._src import generator
 from qgalore_jax._src import layout
 from qgalore_jax._src import moments
 from qgalore_jax._src import projector as proj
 from qgalore_jax._src import schedule
 from qgalore_jax._src import trees
 from qgalore_jax._src.checks import check_bits
+from qgalore_jax._src.checks import check_choice
 from qgalore_jax._src.checks import check_int
 from qgalore_jax._src.checks import check_number
 from qgalore_jax._src.checks import static_hint
@@ -62,6 +64,11 @@ def scale_by_qgalore(
   min_8bit_size: int = moments.MIN_QUANTIZED_SIZE,
   projector_fn: Callable[[jax.Array, int], jax.Array] | None = None,
   dimension_numbers: Any = None,
+  svd_method: str = "full",
+  oversample: int = 16,
+  power_iters: int = 2,
+  subspace_iters: int = 1,
+  seed: int = 0,
 ) -> optax.GradientTransformation:
   r"""Projected Adam in an adaptive, INT4-stored low-rank gradient subspace (Q-GaLore).
 
@@ -125,6 +132,20 @@ def scale_by_qgalore(
       steps inside ``lax.cond`` (it may use ``jax.pure_callback``); ``None`` is
       :func:`compute_projector`. The hook for a reference SVD in parity tests or another
       projector in research: storage, schedule and the finite check apply to its basis.
+      It replaces the full SVD, so it requires ``svd_method="full"``.
+    svd_method: how a refresh finds the basis (docs/spec.md section 2.6): ``"full"`` (the
+      default), a thin SVD of the gradient; ``"randomized"``, a range finder from a
+      Rademacher sketch with ``oversample`` extra columns and ``power_iters`` power
+      iterations, then an SVD of the small ``(r + oversample) x k`` matrix; ``"subspace"``,
+      ``subspace_iters`` iterations warm-started from the stored projector (a matrix's first
+      refresh runs ``"randomized"``). The sketch is keyed by ``seed``, the step, the
+      leaf's index among the params' leaves and the slice's index in its stack, so runs
+      repeat and resume exactly and the torch twin draws the same one.
+    oversample: extra sketch columns of ``"randomized"`` and ``"subspace"`` (>= 0).
+    power_iters: power iterations of ``"randomized"`` (>= 0).
+    subspace_iters: iterations of ``"subspace"`` (>= 1).
+    seed: seed of the sketches (an int >= 0; only ``"randomized"`` and ``"subspace"``
+      draw them).
 
   Returns:
     An ``optax.GradientTransformation`` whose updates have each gradient's dtype.
@@ -165,6 +186,16 @@ def scale_by_qgalore(
   check_number(eps, "eps", 0.0)
   moments.check_moment_bits(moment_bits, mu_dtype)
   check_int(min_8bit_size, "min_8bit_size")
+  check_choice(svd_method, "svd_method", proj.SVD_METHODS)
+  check_int(oversample, "oversample", minimum=0)
+  check_int(power_iters, "power_iters", minimum=0)
+  check_int(subspace_iters, "subspace_iters", minimum=1)
+  check_int(seed, "seed", minimum=0)
+  if projector_fn is not None and svd_method != "full":
+    raise ValueError(
+      f"`projector_fn` replaces the full SVD, so it needs svd_method='full', got"
+      f" svd_method={svd_method!r}; give one or the other"
+    )
   if projector_fn is None:
     projector_fn = proj.compute_projector
   elif not callable(projector_fn):
@@ -190,12 +221,29 @@ def scale_by_qgalore(
     # Every slice of a stack starts from the same state, held with the batch shape in front.
     return jax.tree.map(lambda a: jnp.broadcast_to(a, lay.batch_shape + a.shape), one_slice)
 
-  def refresh_slice(g_MxN, carry):
+  def new_basis(g_MxN, carry, key):
+    """The refresh's basis by ``svd_method`` (docs/spec.md sections 2.1 and 2.6).
+
+    ``key`` is ``(step, tensor id, slice index)`` of the matrix's sketch.
+    """
+    if svd_method == "full":
+      return projector_fn(g_MxN, rank)
+    sketch_KxL = generator.sketch(seed, *key, proj.sketch_shape(g_MxN.shape, rank, oversample))
+    randomized = lambda: proj.randomized_projector(g_MxN, rank, sketch_KxL, power_iters)
+    if svd_method == "randomized":
+      return randomized()
+    basis_shape = proj.basis_shape(g_MxN.shape, rank)
+    previous_RxK = proj.load_projector(carry[0], basis_shape, proj_bits, proj_group_size)
+    start_KxL = proj.warm_start(sketch_KxL, previous_RxK)
+    warm = lambda: proj.randomized_projector(g_MxN, rank, start_KxL, subspace_iters)
+    return jax.lax.cond(carry[1].svd_count == 0, randomized, warm)
+
+  def refresh_slice(g_MxN, carry, key):
     """A slice's (stored projector, schedule) after its refresh (docs/spec.md section 4)."""
     basis_shape = proj.basis_shape(g_MxN.shape, rank)
     old_subspace = carry[1]
     finite = jnp.all(jnp.isfinite(g_MxN))
-    basis_RxK = projector_fn(jnp.where(finite, g_MxN, 0.0), rank)
+    basis_RxK = new_basis(jnp.where(finite, g_MxN, 0.0), carry, key)
     if basis_RxK.shape != basis_shape:
       raise ValueError(
         f"`projector_fn` returned a basis of shape {basis_RxK.shape} for a gradient of"
@@ -208,7 +256,7 @@ def scale_by_qgalore(
     )
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, carry)
 
-  def refresh_due_slices(g, lay, due, carry):
+  def refresh_due_slices(g, lay, due, carry, count, tensor_id):
     """Refreshes the slices flagged in ``due``, one SVD each, none for the others.
 
     Each canonical matrix is formed inside this branch: a transposed operand of the cond
@@ -217,13 +265,15 @@ def scale_by_qgalore(
     g_slices = lay.to_slices(g)
     canonical = lambda x: lay.slice_layout.to_stack(x)[0].astype(jnp.float32)
     if lay.num_slices == 1:
-      new = refresh_slice(canonical(g_slices[0]), jax.tree.map(lambda a: a[0], carry))
+      one = jax.tree.map(lambda a: a[0], carry)
+      new = refresh_slice(canonical(g_slices[0]), one, (count, tensor_id, 0))
       return jax.tree.map(lambda a: a[None], new)
     order = jnp.nonzero(due, size=lay.num_slices, fill_value=0)[0]
 
     def body(j, carry):
       i = order[j]
-      new = refresh_slice(canonical(g_slices[i]), jax.tree.map(lambda a: a[i], carry))
+      one = jax.tree.map(lambda a: a[i], carry)
+      new = refresh_slice(canonical(g_slices[i]), one, (count, tensor_id, i))
       return jax.tree.map(lambda a, v: a.at[i].set(v), carry, new)
 
     return jax.lax.fori_loop(jnp.int32(0), jnp.sum(due, dtype=jnp.int32), body, carry)
@@ -254,14 +304,14 @@ def scale_by_qgalore(
     nu = moments.store_moment(nu, False, moment_bits, min_size=min_8bit_size)
     return direction.astype(g.dtype), mu, nu
 
-  def update_leaf(g, mu, nu, stored, subspace, lay, count, count_inc):
+  def update_leaf(g, mu, nu, stored, subspace, lay, count, count_inc, tensor_id):
     # State arrays hold the batch shape in front; the update works on (S, ...) stacks.
     to_batch = lambda t: jax.tree.map(lay.slices_to_batch, t)
     mu, nu, stored, subspace = jax.tree.map(lay.batch_to_slices, (mu, nu, stored, subspace))
     due = schedule.refresh_due(subspace, count)
     stored, subspace = jax.lax.cond(
       jnp.any(due),
-      lambda carry: refresh_due_slices(g, lay, due, carry),
+      lambda carry: refresh_due_slices(g, lay, due, carry, count, tensor_id),
       lambda carry: carry,
       (stored, subspace),
     )
@@ -285,12 +335,14 @@ def scale_by_qgalore(
           " (qgalore_adamw does: its `mask`, or None in `dimension_numbers`)"
         )
     layouts = layout.resolve_layouts(params, specs)
-    return [lay for lay, m in zip(layouts, masked, strict=True) if not m]
+    # A leaf's tensor id, which keys its sketches, is its index among all the params' leaves,
+    # those routed elsewhere counted: as the INT8 weights' default ids (section 6.4).
+    return [(lay, i) for i, (lay, m) in enumerate(zip(layouts, masked, strict=True)) if not m]
 
   def init_fn(params):
     layouts = leaf_layouts(params)
     treedef = jax.tree.structure(params)
-    per_leaf = [init_leaf(lay) for lay in layouts]
+    per_leaf = [init_leaf(lay) for lay, _ in layouts]
     mu, nu, stored, subspace = ([leaf[i] for leaf in per_leaf] for i in range(4))
     return ScaleByQGaLoreState(
       count=jnp.zeros([], jnp.int32),
@@ -306,8 +358,8 @@ def scale_by_qgalore(
     leaves, treedef = jax.tree.flatten(updates)
     count_inc = optax.safe_increment(state.count)
     per_leaf = [
-      update_leaf(g, mu, nu, stored, sub, lay, state.count, count_inc)
-      for g, mu, nu, stored, sub, lay in zip(
+      update_leaf(g, mu, nu, stored, sub, lay, state.count, count_inc, tensor_id)
+      for g, mu, nu, stored, sub, (lay, tensor_id) in zip(
         leaves,
         trees.unpack(treedef, state.mu, moment_cls),
         trees.unpack(treedef, state.nu, moment_cls),

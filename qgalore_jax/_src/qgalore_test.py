@@ -1,5 +1,7 @@
 """The whole transform against a naive NumPy implementation of docs/spec.md, and its behaviour."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,12 +9,17 @@ import optax
 import pytest
 
 from qgalore_jax import STATIC_ARGS
+from qgalore_jax import DimensionNumbers
 from qgalore_jax import QuantizedArray
 from qgalore_jax import ScaleByQGaLoreState
+from qgalore_jax import compute_projector
+from qgalore_jax import dequantize
 from qgalore_jax import projection_stats
 from qgalore_jax import qgalore_adamw
 from qgalore_jax import quantized_nbytes
 from qgalore_jax import scale_by_qgalore
+from qgalore_jax._src.generator_test import py_sketch
+from qgalore_jax._src.projector_test import numpy_range_finder
 
 # ---------------------------------------------------------------------------------------
 # A deliberately naive reference: docs/spec.md sections 1-5 written out with NumPy, one matrix at a
@@ -342,6 +349,13 @@ def test_stored_forms_are_arrays_only():
     ({"b1": 1.0}, ValueError, "b1"),
     ({"eps": -1.0}, ValueError, "eps"),
     ({"weight_decay": -0.1}, ValueError, "weight_decay"),
+    ({"svd_method": "lanczos"}, ValueError, "svd_method.*'full', 'randomized', 'subspace'"),
+    ({"svd_method": None}, ValueError, "svd_method"),
+    ({"oversample": -1}, ValueError, "oversample"),
+    ({"oversample": 1.5}, TypeError, "oversample"),
+    ({"power_iters": -1}, ValueError, "power_iters"),
+    ({"subspace_iters": 0}, ValueError, "subspace_iters"),
+    ({"seed": -1}, ValueError, "seed"),
   ],
 )
 def test_bad_hyperparameters(kwargs, err, match):
@@ -443,3 +457,108 @@ def test_numeric_hyperparameters_must_be_finite(name, value):
   kwargs = {"learning_rate": 1e-3, name: value}
   with pytest.raises(ValueError, match=rf"`{name}` must be a finite number, got {value}"):
     qgalore_adamw(**kwargs)
+
+
+def test_projector_fn_needs_the_full_method():
+  with pytest.raises(ValueError, match=r"projector_fn.*svd_method='full'"):
+    qgalore_adamw(1e-3, svd_method="randomized", projector_fn=compute_projector)
+
+
+STACK_DN = {"a": DimensionNumbers(0, 1), "bias": None, "w": DimensionNumbers(1, 2, 0)}
+LEAF_IDS = {"a": 0, "w": 2}  # each leaf's index in jax.tree.leaves order: a, bias, w
+
+
+def _stack_grads(seed):
+  """Full-rank gradients of a 2-D leaf, a bias and a (3, 12, 20) stack. Without a spectral
+  gap, one iteration of a range finder leaves its start block visible in the result."""
+  rng = np.random.default_rng(seed)
+  shapes = {"a": (16, 10), "bias": (10,), "w": (3, 12, 20)}
+  return {name: jnp.asarray(rng.normal(size=shape), jnp.float32) for name, shape in shapes.items()}
+
+
+@functools.cache
+def _subspace_update():
+  """``qgalore_adamw(svd_method="subspace")`` with 8-bit projectors and its jitted update,
+  compiled once for the tests below."""
+  tx = qgalore_adamw(
+    1e-2, rank=2, update_proj_gap=2, svd_method="subspace", oversample=3, power_iters=1,
+    proj_bits=8, seed=9, dimension_numbers=STACK_DN,
+  )  # fmt: skip
+  return tx, jax.jit(tx.update)
+
+
+def _stored_bases(state, grads):
+  """Per matrix ("a", then the slices of "w"): its leaf, slice index, canonical gradient, the
+  stored basis dequantised, and half its quantisation step."""
+  stored = state[0].inner_states["qgalore"].inner_state.projector
+  matrices = [("a", 0, grads["a"].T, lambda x: x["a"])]
+  matrices += [("w", s, grads["w"][s].T, lambda x, s=s: x["w"][s]) for s in range(3)]
+  rows = []
+  for leaf, slice_index, g_MxN, pick in matrices:
+    q = QuantizedArray(*(pick(field) for field in stored))
+    basis = dequantize(q, (2, min(g_MxN.shape)), 8, 256)
+    rows.append((leaf, slice_index, np.asarray(g_MxN), np.asarray(basis), float(q.scale.max()) / 2))
+  return rows
+
+
+def naive_refresh(g_MxN, key, previous_RxK=None):
+  """docs/spec.md section 2.6 with the pure-Python sketch and the NumPy range finder, at the
+  settings of :func:`_subspace_update`: rank 2, l = 2 + 3 columns, one iteration."""
+  k = min(g_MxN.shape)
+  start_KxL = py_sketch(*key, k * 5)[0].reshape(k, 5).astype(np.float64)
+  if previous_RxK is not None:
+    start_KxL[:, :2] = previous_RxK.T
+  return numpy_range_finder(g_MxN.astype(np.float64), 2, start_KxL, 1)
+
+
+def test_refresh_methods_key_each_slice_and_match_a_naive_refresh():
+  """Each matrix's first refresh is the range finder of its own sketch: keyed by (seed, step 0,
+  its leaf's index among the params' leaves, its slice index), docs/spec.md section 2.6.
+  ("subspace" runs "randomized" on a first refresh, so this checks both.)"""
+  tx, update = _subspace_update()
+  grads = _stack_grads(1)
+  params = jax.tree.map(jnp.zeros_like, grads)
+  _, state = update(grads, tx.init(params), params)
+  for leaf, slice_index, g_MxN, got, half_step in _stored_bases(state, grads):
+    want = naive_refresh(g_MxN, (9, 0, LEAF_IDS[leaf], slice_index))
+    np.testing.assert_allclose(got, want, atol=half_step + 1e-5)
+    other_key = naive_refresh(g_MxN, (9, 0, LEAF_IDS[leaf], slice_index + 1))
+    assert np.abs(got - other_key).max() > 0.05  # the key mattered
+
+
+def test_subspace_refresh_warm_starts_from_the_stored_projector():
+  tx, update = _subspace_update()
+  grads = [_stack_grads(t) for t in range(3)]
+  params = jax.tree.map(jnp.zeros_like, grads[0])
+  state = tx.init(params)
+  for g in grads[:2]:
+    _, state = update(g, state, params)
+  previous = _stored_bases(state, grads[2])
+  _, state = update(grads[2], state, params)  # step 2: the second refresh (gap 2)
+  assert int(projection_stats(state)["a"]["svd_count"]) == 2
+  for (leaf, s, g_MxN, got, half_step), prev in zip(_stored_bases(state, grads[2]), previous):
+    want = naive_refresh(g_MxN, (9, 2, LEAF_IDS[leaf], s), previous_RxK=prev[3])
+    np.testing.assert_allclose(got, want, atol=half_step + 1e-5)
+    cold = naive_refresh(g_MxN, (9, 2, LEAF_IDS[leaf], s))
+    assert np.abs(got - cold).max() > 0.05  # the start mattered
+
+
+def test_refresh_methods_resume_exactly_and_keep_the_projector_on_nan():
+  tx, update = _subspace_update()
+  params = jax.tree.map(jnp.zeros_like, _stack_grads(0))
+  state = tx.init(params)
+  for t in range(3):
+    _, state = update(_stack_grads(t), state, params)
+  saved = jax.tree.map(np.asarray, state)  # a checkpoint: plain arrays
+  runs = []
+  for resumed in (state, jax.tree.map(jnp.asarray, saved)):
+    for t in range(3, 6):
+      _, resumed = update(_stack_grads(t), resumed, params)
+    runs.append(resumed)
+  jax.tree.map(np.testing.assert_array_equal, *runs)
+  before = runs[0][0].inner_states["qgalore"].inner_state
+  nan = jax.tree.map(lambda g: jnp.full_like(g, jnp.nan), _stack_grads(0))
+  _, after = update(nan, runs[0], params)  # step 6 refreshes
+  after = after[0].inner_states["qgalore"].inner_state
+  jax.tree.map(np.testing.assert_array_equal, after.projector, before.projector)
+  jax.tree.map(np.testing.assert_array_equal, after.subspace, before.subspace)

@@ -22,6 +22,14 @@ def check_int(value, name: str, minimum: int = 1) -> int:
   return int(value)
 
 
+def check_choice(value, name: str, choices: tuple[str, ...]) -> str:
+  """Returns ``value`` if it is one of the strings ``choices``; else raises naming it."""
+  if not isinstance(value, str) or value not in choices:
+    allowed = ", ".join(repr(c) for c in choices)
+    raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}")
+  return value
+
+
 def check_bits(value, name: str = "bits") -> int:
   """Returns ``value`` if it is an int in 1..8; else raises naming it."""
   value = check_int(value, name, minimum=1)
@@ -99,6 +107,9 @@ def check_group(group, index: int) -> None:
     raise TypeError(f"`gamma_proj` must be a Python number, got {type(gamma_proj).__name__}")
   check_number(gamma_proj, "gamma_proj", 1.0)
   check_int(group["queue_size"], "queue_size")
+  check_int(group["oversample"], "oversample", minimum=0)
+  check_int(group["power_iters"], "power_iters", minimum=0)
+  check_int(group["subspace_iters"], "subspace_iters", minimum=1)
   ndim = len(batch_axes) + 2
   in_range = all(-ndim <= a < ndim for a in batch_axes)
   if not in_range or len({a % ndim for a in batch_axes}) != len(batch_axes):

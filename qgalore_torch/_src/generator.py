@@ -20,6 +20,9 @@ GOLDEN = 0x9E3779B9  # absorbed with the seed, so that seed 0 does not hash to t
 MULTIPLIER_1 = 0x7FEB352D  # lowbias32 constants (C. Wellons, "hash-prospector")
 MULTIPLIER_2 = 0x846CA68B
 MAX_ELEMENTS = 2**32  # element indices are uint32
+# Absorbed into a sketch's key, so that a refresh's sketch and the stochastic rounding of the
+# same (seed, step, tensor id) draw unrelated streams (docs/spec.md section 2.6).
+SKETCH_DOMAIN = 0x736B6574
 _MASK32 = 0xFFFFFFFF
 _CHUNK = 1 << 22  # elements hashed at once by `uniforms`
 
@@ -126,12 +129,73 @@ def uniforms(seed, step, tensor_id, shape, device=None) -> torch.Tensor:
   size = math.prod(shape)
   if size > MAX_ELEMENTS:
     raise ValueError(f"uniforms are indexed by uint32: at most 2**32 elements, got {size}")
-  key = stream_key(seed, step, tensor_id)
   out = torch.empty(size, dtype=torch.float32, device=device)
-  # Chunks bound the int64 temporaries of eager torch (about 40 bytes per element at once).
+  for start, hashed in _hashes(stream_key(seed, step, tensor_id), size, device):
+    out[start : start + _CHUNK] = (hashed >> 8).to(torch.float32) * 2.0**-24
+  return out.reshape(shape)
+
+
+def _hashes(key: torch.Tensor, size: int, device):
+  """``(start, h[start : start + _CHUNK])`` chunks of ``h_i = lowbias32(lowbias32(i ^ key) +
+  key)``, ``i = 0 .. size - 1``: chunks bound the int64 temporaries of eager torch (about 40
+  bytes per element at once)."""
   for start in range(0, size, _CHUNK):
     index = torch.arange(start, min(start + _CHUNK, size), dtype=torch.int64, device=device)
     # The key is a 0-dim CPU tensor: used as a scalar operand, it costs no device sync.
-    hashed = lowbias32((lowbias32(index ^ key) + key) & _MASK32)
-    out[start : start + _CHUNK] = (hashed >> 8).to(torch.float32) * 2.0**-24
+    yield start, lowbias32((lowbias32(index ^ key) + key) & _MASK32)
+
+
+def sketch_key(seed, step, tensor_id, slice_index) -> torch.Tensor:
+  """The key of one matrix's sketch on one refresh (docs/spec.md section 2.6).
+
+  Args:
+    seed: integer (Python int or 0-dim integer tensor), taken modulo 2**32.
+    step: integer: the matrix's 0-based step of the refresh.
+    tensor_id: integer: the parameter's position across the param groups.
+    slice_index: integer: the matrix's row-major index in its stack (0 for a 2-D parameter).
+
+  Returns:
+    int64 0-dim tensor ``lowbias32(lowbias32(stream_key ^ SKETCH_DOMAIN) ^ slice_index)``.
+
+  Example:
+    >>> from qgalore_torch._src.generator import sketch_key
+    >>> hex(int(sketch_key(0, 0, 0, 0)))
+    '0x2e2262a7'
+  """
+  key = lowbias32(stream_key(seed, step, tensor_id) ^ SKETCH_DOMAIN)
+  return lowbias32(key ^ _as_uint32(slice_index, "slice_index").to(key.device))
+
+
+def sketch(seed, step, tensor_id, slice_index, shape, device=None) -> torch.Tensor:
+  r"""A Rademacher sketch: +1 or -1 per element, from the counter-based hash (section 2.6).
+
+  .. math::
+
+    \Omega_i = 1 - 2 \lfloor h_i / 2^{31} \rfloor
+
+  with ``h_i`` the hash of :func:`uniforms` under :func:`sketch_key` and ``i`` the
+  row-major element index: bit-identical to ``qgalore_jax``'s ``sketch`` on any device.
+
+  Args:
+    seed: integer (Python int or 0-dim integer tensor).
+    step: integer (Python int or 0-dim integer tensor).
+    tensor_id: integer (Python int or 0-dim integer tensor).
+    slice_index: integer (Python int or 0-dim integer tensor).
+    shape: ``(k, l)`` for a refresh.
+    device: device of the result.
+
+  Returns:
+    float32 tensor of ``shape`` holding +1.0 and -1.0.
+
+  Example:
+    >>> from qgalore_torch._src.generator import sketch
+    >>> sketch(0, 0, 0, 0, (2, 4)).tolist()
+    [[1.0, -1.0, 1.0, -1.0], [1.0, -1.0, 1.0, 1.0]]
+  """
+  size = math.prod(shape)
+  if size > MAX_ELEMENTS:
+    raise ValueError(f"a sketch is indexed by uint32: at most 2**32 elements, got {size}")
+  out = torch.empty(size, dtype=torch.float32, device=device)
+  for start, hashed in _hashes(sketch_key(seed, step, tensor_id, slice_index), size, device):
+    out[start : start + _CHUNK] = 1.0 - 2.0 * (hashed >> 31).to(torch.float32)
   return out.reshape(shape)

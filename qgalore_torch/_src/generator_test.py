@@ -9,6 +9,8 @@ import torch
 
 from qgalore_torch import uniforms
 from qgalore_torch._src.generator import lowbias32
+from qgalore_torch._src.generator import sketch
+from qgalore_torch._src.generator import sketch_key
 from qgalore_torch._src.generator import stream_key
 
 MASK32 = 0xFFFFFFFF
@@ -24,9 +26,13 @@ def py_lowbias32(x):
   return x ^ (x >> 16)
 
 
-def py_hash(seed, step, tensor_id, index):
+def py_hash_key(seed, step, tensor_id):
   key = py_lowbias32(py_lowbias32(seed % 2**32 ^ 0x9E3779B9) ^ step % 2**32)
-  key = py_lowbias32(key ^ tensor_id % 2**32)
+  return py_lowbias32(key ^ tensor_id % 2**32)
+
+
+def py_hash(seed, step, tensor_id, index):
+  key = py_hash_key(seed, step, tensor_id)
   return py_lowbias32((py_lowbias32(index ^ key) + key) & MASK32)
 
 
@@ -89,3 +95,25 @@ def test_generator_keys_from_tensors_and_statistics():
   for other in [(5, 1, 0), (5, 0, 1), (6, 0, 0)]:
     v = uniforms(*other, (1 << 16,)).double()
     assert abs(torch.corrcoef(torch.stack([u, v]))[0, 1].item()) < 0.02
+
+
+# The fixed vectors of qgalore_jax's sketch tests: (seed, step, tensor id, slice) -> sketch key,
+# and the signs of elements 0..7 ("1" for +1), computed there from the definition.
+KNOWN_SKETCHES = {
+  (0, 0, 0, 0): (0x2E2262A7, "10101011"),
+  (1234, 5678, 7, 3): (0x3383F47B, "10001100"),
+}
+
+
+@pytest.mark.parametrize("key", list(KNOWN_SKETCHES), ids=str)
+def test_sketch_matches_python_reference_and_fixed_vectors(key):
+  seed, step, tensor_id, slice_index = key
+  want_key = py_lowbias32(
+    py_lowbias32(py_hash_key(seed, step, tensor_id) ^ 0x736B6574) ^ slice_index
+  )
+  assert want_key == int(sketch_key(*key)) == KNOWN_SKETCHES[key][0]
+  hashes = [py_lowbias32((py_lowbias32(i ^ want_key) + want_key) & MASK32) for i in range(120)]
+  want = np.array([1.0 - 2.0 * (h >> 31) for h in hashes], np.float32)
+  got = sketch(seed, torch.tensor(step), tensor_id, slice_index, (24, 5))
+  np.testing.assert_array_equal(got.numpy().reshape(-1), want)
+  assert "".join("1" if v > 0 else "0" for v in want[:8]) == KNOWN_SKETCHES[key][1]

@@ -19,9 +19,11 @@ synchronises, since ``torch.linalg.svd`` does.
 import torch
 
 from qgalore_torch._src import functional
+from qgalore_torch._src import generator
 from qgalore_torch._src import moments
 from qgalore_torch._src import projector as proj
 from qgalore_torch._src import schedule
+from qgalore_torch._src.checks import check_choice
 from qgalore_torch._src.checks import check_group
 from qgalore_torch._src.checks import check_int
 from qgalore_torch._src.int8 import Int8Weight
@@ -126,8 +128,9 @@ class QGaLoreAdamW(torch.optim.Optimizer):
 
   Group keys (defaults from the constructor): ``rank`` (selects projection; no default),
   ``update_proj_gap``, ``scale``, ``proj_bits`` (``None``: float32 projector),
-  ``proj_group_size``, ``cos_threshold``, ``gamma_proj``, ``queue_size``, ``moment_bits``,
-  ``min_8bit_size``, and torch's ``lr``, ``betas``, ``eps``, ``weight_decay``; and
+  ``proj_group_size``, ``cos_threshold``, ``gamma_proj``, ``queue_size``, ``svd_method``,
+  ``oversample``, ``power_iters``, ``subspace_iters``, ``moment_bits``,
+  ``min_8bit_size``, ``seed``, and torch's ``lr``, ``betas``, ``eps``, ``weight_decay``; and
   ``batch_axes`` (default ``()``, a single matrix; not a constructor argument).
 
   8-bit moments (``moment_bits=8``; docs/spec.md section 8): a moment that is 2-D with at least
@@ -157,7 +160,8 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     betas: ``(beta1, beta2)``, decays of the two moments.
     eps: added to the root of the second moment.
     weight_decay: decoupled weight decay ``lambda``, applied to the old weights.
-    seed: seed of the stochastic rounding of INT8 weights (docs/spec.md section 6).
+    seed: seed of the stochastic rounding of INT8 weights (docs/spec.md section 6) and of
+      the refreshes' sketches (section 2.6); an int >= 0.
     update_proj_gap: initial refresh interval in steps.
     scale: GaLore's ``alpha``, multiplies the back-projected update.
     proj_bits: bits of the stored projector (1..8; 4 or fewer packed two per byte), or
@@ -166,6 +170,17 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     cos_threshold: mean cosine in [-1, 1] at or above which the gap grows.
     gamma_proj: growth factor of the gap (>= 1); 1 gives plain GaLore's fixed gap.
     queue_size: number of recent cosines averaged (>= 1).
+    svd_method: how a refresh finds the basis (docs/spec.md section 2.6): ``"full"`` (the
+      default), a thin SVD of the gradient; ``"randomized"``, a range finder from a
+      Rademacher sketch with ``oversample`` extra columns and ``power_iters`` power
+      iterations, then an SVD of the small ``(r + oversample) x k`` matrix; ``"subspace"``,
+      ``subspace_iters`` iterations warm-started from the stored projector (a matrix's
+      first refresh runs ``"randomized"``). The sketch is keyed by ``seed``, the matrix's
+      step, its tensor id and its slice index (row-major, 0 for a 2-D parameter): runs
+      repeat and resume exactly, and ``qgalore_jax`` draws the same sketch.
+    oversample: extra sketch columns of ``"randomized"`` and ``"subspace"`` (>= 0).
+    power_iters: power iterations of ``"randomized"`` (>= 0).
+    subspace_iters: iterations of ``"subspace"`` (>= 1).
     moment_bits: ``None`` for float32 moments, or 8 for 8-bit block-wise moments (see
       above; Dettmers et al.'s 8-bit Adam, which the paper's memory figures assume).
     min_8bit_size: with ``moment_bits=8``, moments with fewer elements stay float32
@@ -180,7 +195,8 @@ class QGaLoreAdamW(torch.optim.Optimizer):
       contract of :func:`~qgalore_torch.compute_projector` (the default, ``None``). The hook
       for a reference SVD in parity tests or an alternative projector in research. Kept as
       the attribute ``projector_fn``, not in the param groups, so ``state_dict`` stays
-      tensors and plain values.
+      tensors and plain values. It replaces the full SVD, so a group with another
+      ``svd_method`` is refused.
 
   Example:
     >>> import torch
@@ -221,6 +237,10 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     cos_threshold=0.4,
     gamma_proj=2,
     queue_size=5,
+    svd_method="full",
+    oversample=16,
+    power_iters=2,
+    subspace_iters=1,
     moment_bits=None,
     min_8bit_size=moments.MIN_QUANTIZED_SIZE,
     skip_nonfinite=False,
@@ -238,6 +258,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         f"`projector_fn` must be a callable or None, got {type(projector_fn).__name__}"
       )
     self.projector_fn = proj.compute_projector if projector_fn is None else projector_fn
+    self._projector_fn_given = projector_fn is not None
     defaults = dict(
       lr=lr,
       betas=betas,
@@ -251,6 +272,10 @@ class QGaLoreAdamW(torch.optim.Optimizer):
       cos_threshold=cos_threshold,
       gamma_proj=gamma_proj,
       queue_size=queue_size,
+      svd_method=svd_method,
+      oversample=oversample,
+      power_iters=power_iters,
+      subspace_iters=subspace_iters,
       moment_bits=moment_bits,
       min_8bit_size=min_8bit_size,
     )
@@ -267,7 +292,14 @@ class QGaLoreAdamW(torch.optim.Optimizer):
       params = list(params)
     param_group = {**param_group, "params": params}
     index = len(self.param_groups)
-    check_group({**self.defaults, **param_group}, index)
+    merged = {**self.defaults, **param_group}
+    check_group(merged, index)
+    check_choice(merged["svd_method"], "svd_method", proj.SVD_METHODS)
+    if self._projector_fn_given and merged["svd_method"] != "full":
+      raise ValueError(
+        f"param group {index}: `projector_fn` replaces the full SVD, so it needs"
+        f" svd_method='full', got svd_method={merged['svd_method']!r}; give one or the other"
+      )
     if param_group.get("batch_axes"):
       for i, p in enumerate(params):
         if isinstance(p, Int8Weight):
@@ -523,9 +555,15 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         self._update_matrix(state, p, grad, *args)
     state["step"] = count
 
-  def _update_matrix(self, state, p_MxN, grad_MxN, group, step, count, hyper, rounding):
-    """One projected (out, in) matrix: refresh if due, then the projected step, in place."""
-    basis_RxK = self._projector(state, grad_MxN, group, step)
+  def _update_matrix(
+    self, state, p_MxN, grad_MxN, group, step, count, hyper, rounding, slice_index=0
+  ):
+    """One projected (out, in) matrix: refresh if due, then the projected step, in place.
+
+    ``slice_index`` is the matrix's row-major index in its stack (0 for a 2-D parameter).
+    """
+    key = (step.to(torch.int64), rounding["tensor_id"], slice_index)
+    basis_RxK = self._projector(state, grad_MxN, group, key)
     exp_avg, exp_avg_sq = _load_moments(state)
     scale = _number(group["scale"])
     functional.projected_step_(
@@ -544,12 +582,13 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     """
     p_stack, grad_stack = layout.to_stack(p), layout.to_stack(grad)
     restacked, dropped = {}, set()
-    for index in layout.indices():
+    for slice_index, index in enumerate(layout.indices()):
       views = {key: value[index] for key, value in state.items() if key not in _PER_TENSOR_KEYS}
       matrix_state = {key: as_separate(view) for key, view in views.items()}
       p_view = p_stack[index]
       p_MxN = as_separate(p_view)
-      self._update_matrix(matrix_state, p_MxN, as_separate(grad_stack[index]), *args)
+      grad_MxN = as_separate(grad_stack[index])
+      self._update_matrix(matrix_state, p_MxN, grad_MxN, *args, slice_index=slice_index)
       if p_MxN is not p_view:
         p_view.copy_(p_MxN)
       dropped |= views.keys() - matrix_state.keys()
@@ -564,16 +603,20 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     for key, values in restacked.items():
       state[key] = torch.stack(values).reshape(*layout.batch_shape, *values[0].shape)
 
-  def _projector(self, state, grad_MxN, group, step):
+  def _projector(self, state, grad_MxN, group, key):
     """The float32 ``basis_RxK`` of this step, refreshed first if due (docs/spec.md section 4).
 
-    ``state`` is one matrix's; ``step`` is its 0-based step, which the schedule reads.
+    ``state`` is one matrix's; ``key`` is ``(step, tensor id, slice index)``, where ``step``
+    is its 0-based step, which the schedule reads, and the three key its sketch.
     """
     rank, bits, group_size = group["rank"], group["proj_bits"], group["proj_group_size"]
     stored = proj.stored_from_state(state, bits)
     subspace = schedule.SubspaceState(*(state[key] for key in _SCHEDULE_KEYS))
+    basis_shape = proj.basis_shape(tuple(grad_MxN.shape), rank)
     # CPU tensors only: deciding costs no device synchronisation.
-    if bool(schedule.refresh_due(subspace, step)):
+    if bool(schedule.refresh_due(subspace, key[0])):
+      previous = lambda: proj.load_projector(stored, basis_shape, bits, group_size)
+      first = int(subspace.svd_count) == 0
       stored, subspace = functional.refresh_projector(
         grad_MxN,
         stored,
@@ -583,12 +626,31 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         group_size,
         group["cos_threshold"],
         group["gamma_proj"],
-        projector_fn=self.projector_fn,
+        projector_fn=self._basis_fn(group, key, previous, first, grad_MxN.device),
       )
       state.update(proj.stored_to_state(stored))
       state.update(subspace._asdict())
-    basis_shape = proj.basis_shape(tuple(grad_MxN.shape), rank)
     return proj.load_projector(stored, basis_shape, bits, group_size)
+
+  def _basis_fn(self, group, key, previous, first, device):
+    """``(grad_MxN, rank) -> basis_RxK`` of the group's ``svd_method`` (docs/spec.md 2.6).
+
+    ``previous`` gives the stored basis, dequantised; ``first`` is whether the matrix has
+    had no accepted refresh yet (a CPU tensor read: no device sync).
+    """
+    method = group["svd_method"]
+    if method == "full":
+      return self.projector_fn
+
+    def basis_fn(grad_MxN, rank):
+      shape = proj.sketch_shape(tuple(grad_MxN.shape), rank, group["oversample"])
+      sketch_KxL = generator.sketch(group["seed"], *key, shape, device=device)
+      if method == "randomized" or first:
+        return proj.randomized_projector(grad_MxN, rank, sketch_KxL, group["power_iters"])
+      start_KxL = proj.warm_start(sketch_KxL, previous())
+      return proj.randomized_projector(grad_MxN, rank, start_KxL, group["subspace_iters"])
+
+    return basis_fn
 
   def load_state_dict(self, state_dict):
     """Loads a state from :meth:`state_dict`, keeping each state tensor's saved dtype.

@@ -9,7 +9,9 @@ import torch
 
 import qgalore_torch
 from qgalore_torch._src import functional
+from qgalore_torch._src import generator
 from qgalore_torch._src import moments_test
+from qgalore_torch._src import projector as proj
 from qgalore_torch._src.int8 import Int8Linear
 from qgalore_torch._src.optimizer import QGaLoreAdamW
 from qgalore_torch._src.projector_test import naive_sign_rule
@@ -358,6 +360,11 @@ def test_matches_qgalore_jax():
     ({}, {"eps": -1e-8}, ValueError, "`eps`"),
     ({}, {"weight_decay": -0.1}, ValueError, "`weight_decay`"),
     ({}, {"seed": -1}, ValueError, "`seed`"),
+    ({"rank": 2, "svd_method": "qr"}, {}, ValueError, "`svd_method`.*'full', 'randomized'"),
+    ({}, {"svd_method": None}, ValueError, "`svd_method`"),
+    ({"rank": 2, "oversample": -1}, {}, ValueError, "`oversample`"),
+    ({"rank": 2, "power_iters": 1.0}, {}, TypeError, "`power_iters`"),
+    ({"rank": 2, "subspace_iters": 0}, {}, ValueError, "`subspace_iters`"),
   ],
 )
 def test_bad_hyperparameters_raise_naming_them(group, kwargs, error, match):
@@ -1099,6 +1106,79 @@ def test_state_dict_with_other_moment_bits_still_loads():
   opt = QGaLoreAdamW([{"params": [w], "rank": 4}], lr=1e-2)
   opt.load_state_dict(state_dict)
   assert opt.state[w]["exp_avg"].dtype == torch.uint8
+
+
+def test_projector_fn_needs_the_full_method():
+  w = torch.nn.Parameter(torch.ones(8, 4))
+  with pytest.raises(ValueError, match=r"param group 0.*projector_fn.*svd_method='full'"):
+    QGaLoreAdamW(
+      [{"params": [w], "rank": 2}],
+      svd_method="subspace",
+      projector_fn=qgalore_torch.compute_projector,
+    )
+
+
+def _refresh_grads(seed):
+  """Gradients of a (12, 20) matrix and a (3, 12, 20) stack with a clear spectral gap."""
+  rng = np.random.default_rng(seed)
+  low = lambda *s: rng.normal(size=(*s[:-1], 3)) @ rng.normal(size=(3, s[-1]))
+  noisy = lambda *s: torch.tensor(low(*s) + 1e-3 * rng.normal(size=s), dtype=torch.float32)
+  return [noisy(12, 20), torch.zeros(5), noisy(3, 12, 20)]
+
+
+def _refresh_optimizer(params, **kwargs):
+  groups = [
+    {"params": [params[0]], "rank": 2},
+    {"params": [params[1]]},
+    {"params": [params[2]], "rank": 2, "batch_axes": (0,)},
+  ]
+  return QGaLoreAdamW(groups, lr=1e-2, seed=9, oversample=3, power_iters=1, **kwargs)
+
+
+def test_refresh_methods_key_each_slice_and_match_a_naive_refresh():
+  """A first refresh is the range finder of the matrix's own sketch, keyed by (seed, step 0,
+  tensor id, slice index); "subspace" runs "randomized" then (docs/spec.md section 2.6)."""
+  params = [torch.nn.Parameter(torch.zeros_like(g)) for g in _refresh_grads(0)]
+  opt = _refresh_optimizer(params, svd_method="subspace", proj_bits=None)
+  for p, g in zip(params, _refresh_grads(1), strict=True):
+    p.grad = g
+  opt.step()
+  cases = [(0, 0, params[0].grad, opt.state[params[0]]["proj_basis"])]
+  cases += [(2, s, params[2].grad[s], opt.state[params[2]]["proj_basis"][s]) for s in range(3)]
+  for tensor_id, slice_index, g_MxN, got in cases:
+    start = generator.sketch(9, 0, tensor_id, slice_index, (12, 5))
+    want = proj.randomized_projector(g_MxN, 2, start, 1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_subspace_refresh_resumes_exactly():
+  params = [torch.nn.Parameter(torch.zeros_like(g)) for g in _refresh_grads(0)]
+  opt = _refresh_optimizer(params, svd_method="subspace", update_proj_gap=2)
+
+  def run(opt, steps):
+    for t in steps:
+      for p, g in zip(params, _refresh_grads(t), strict=True):
+        p.grad = g
+      opt.step()
+
+  run(opt, range(3))
+  saved = io.BytesIO()
+  torch.save((opt.state_dict(), [p.detach().clone() for p in params]), saved)
+  run(opt, range(3, 6))
+  after = [p.detach().clone() for p in params], opt.state_dict()["state"]
+  saved.seek(0)
+  state_dict, weights = torch.load(saved, weights_only=True)
+  with torch.no_grad():
+    for p, w in zip(params, weights, strict=True):
+      p.copy_(w)
+  resumed = _refresh_optimizer(params, svd_method="subspace", update_proj_gap=2)
+  resumed.load_state_dict(state_dict)
+  run(resumed, range(3, 6))
+  for p, w in zip(params, after[0], strict=True):
+    torch.testing.assert_close(p.detach(), w, atol=0, rtol=0)
+  for i, state in after[1].items():
+    for key, value in state.items():
+      torch.testing.assert_close(resumed.state_dict()["state"][i][key], value, atol=0, rtol=0)
 
 
 def _compile_case(int8):

@@ -18,6 +18,9 @@ from qgalore_torch._src import quantization
 
 RIGHT = "right"
 LEFT = "left"
+# How a refresh finds the basis (docs/spec.md section 2.6): a thin SVD of G, a randomized
+# range finder, or subspace iteration warm-started from the previous projector.
+SVD_METHODS = ("full", "randomized", "subspace")
 
 
 def projector_side(shape: tuple[int, int]) -> str:
@@ -83,6 +86,63 @@ def compute_projector(grad_MxN: torch.Tensor, rank: int) -> torch.Tensor:
   u_MxK, _, vt_KxN = torch.linalg.svd(grad_MxN.to(torch.float32), full_matrices=False)
   rows = vt_KxN[:r] if projector_side(shape) == RIGHT else u_MxK[:, :r].T
   return sign_canonical(rows)
+
+
+def sketch_shape(shape: tuple[int, int], rank: int, oversample: int) -> tuple[int, int]:
+  """Shape ``(k, l)`` of a refresh's sketch, ``l = min(r + oversample, k)`` (section 2.6)."""
+  r, k = basis_shape(shape, rank)
+  return k, min(r + oversample, k)
+
+
+def warm_start(sketch_KxL: torch.Tensor, previous_RxK: torch.Tensor) -> torch.Tensor:
+  """The start block of subspace iteration: the sketch with its first r columns replaced by
+  the previous basis, transposed (docs/spec.md section 2.6)."""
+  start_KxL = sketch_KxL.clone()
+  start_KxL[:, : previous_RxK.shape[0]] = previous_RxK.T
+  return start_KxL
+
+
+def _orthonormal(x: torch.Tensor) -> torch.Tensor:
+  """An orthonormal basis of the columns of ``x``: Q of its reduced Householder QR."""
+  return torch.linalg.qr(x, mode="reduced")[0]
+
+
+def randomized_projector(
+  grad_MxN: torch.Tensor, rank: int, start_KxL: torch.Tensor, iters: int
+) -> torch.Tensor:
+  r"""The sign-canonical float32 ``basis_RxK`` by a range finder from ``start_KxL``.
+
+  Halko, Martinsson and Tropp's power-iterated range finder (their algorithms 4.3 and
+  5.1, orthonormalised after each power iteration) on ``A = G`` (D x k, "right") or
+  ``A = G^T`` ("left"), ``D >= k``:
+  ``Q = qr(A X)``; ``iters`` times ``Q = qr(A (A^T Q))``; the basis is the sign-canonical
+  top r rows of ``V^T`` in the thin SVD ``Q^T A = U S V^T``. Every QR is a reduced
+  Householder QR, all in float32 (docs/spec.md section 2.6). The twin of
+  ``qgalore_jax._src.projector.randomized_projector``.
+
+  Args:
+    grad_MxN: canonical (out, in) gradient.
+    rank: requested rank; clamped to ``min(m, n)``.
+    start_KxL: float32 start block ``X``, ``(k, l)`` with ``r <= l <= k``
+      (:func:`sketch_shape`): a sketch, or :func:`warm_start` of the previous basis.
+    iters: power (subspace) iterations, >= 0.
+
+  Returns:
+    float32 [r, k], the contract of :func:`compute_projector`.
+
+  References:
+    Halko, Martinsson and Tropp, `Finding structure with randomness
+    <https://arxiv.org/abs/0909.4061>`_, algorithms 4.3 and 5.1, 2011.
+  """
+  shape = tuple(grad_MxN.shape)
+  r = effective_rank(shape, rank)
+  g_MxN = grad_MxN.to(torch.float32)
+  a_DxK = g_MxN if projector_side(shape) == RIGHT else g_MxN.T
+  q_DxL = _orthonormal(a_DxK @ start_KxL)
+  for _ in range(iters):
+    q_DxL = _orthonormal(a_DxK @ (a_DxK.T @ q_DxL))
+  _, _, vt_LxK = torch.linalg.svd(q_DxL.T @ a_DxK, full_matrices=False)
+  return sign_canonical(vt_LxK[:r])
 
 
 def project(grad_MxN: torch.Tensor, basis_RxK: torch.Tensor) -> torch.Tensor:

@@ -149,3 +149,40 @@ def test_quantised_left_projection_matches_authors_on_transpose(
     rtol=1e-5,
     atol=1e-6,
   )
+
+
+def numpy_range_finder(g, rank, start, iters):
+  """docs/spec.md section 2.6 in float64 NumPy: Halko et al.'s power iteration, small SVD."""
+  a = g if g.shape[0] >= g.shape[1] else g.T
+  q = np.linalg.qr(a @ start)[0]
+  for _ in range(iters):
+    q = np.linalg.qr(a @ (a.T @ q))[0]
+  return naive_sign_rule(np.linalg.svd(q.T @ a, full_matrices=False)[2][:rank])
+
+
+@pytest.mark.parametrize("shape", [(48, 20), (20, 48)], ids=str)
+@pytest.mark.parametrize("iters", [0, 2])
+def test_randomized_projector_matches_numpy_range_finder(shape, iters):
+  g = _matrix(shape, seed=3)
+  k = min(shape)
+  start = np.random.default_rng(1).choice([-1.0, 1.0], size=(k, 12))
+  got = proj.randomized_projector(g, 4, torch.tensor(start, dtype=torch.float32), iters)
+  want = numpy_range_finder(g.double().numpy(), 4, start, iters)
+  assert got.shape == (4, k) and got.dtype == torch.float32
+  np.testing.assert_allclose(got.numpy(), want, atol=5e-5)
+  np.testing.assert_allclose((got @ got.T).numpy(), np.eye(4), atol=1e-5)
+
+
+def test_randomized_projector_with_the_whole_space_is_the_full_svd():
+  g = _matrix((30, 12), seed=4)
+  assert proj.sketch_shape((30, 12), 5, 100) == (12, 12)  # l = min(r + oversample, k)
+  start = torch.ones(12, 12).triu()  # any invertible start block spans the whole space
+  basis = proj.randomized_projector(g, 5, start, 0)
+  torch.testing.assert_close(basis, proj.compute_projector(g, 5), atol=2e-5, rtol=0)
+
+
+def test_warm_start_replaces_the_leading_columns():
+  want = torch.ones(5, 4)
+  want[:, :2] = torch.arange(10.0).reshape(2, 5).T
+  got = proj.warm_start(torch.ones(5, 4), torch.arange(10.0).reshape(2, 5))
+  torch.testing.assert_close(got, want, atol=0, rtol=0)
