@@ -6,17 +6,17 @@
 
 The phases run in order of value (:data:`PHASES`): ``parity`` (the parity report on the GPU,
 JAX vs torch and GPU vs CPU, then ``pytest -m gpu``), ``speed`` (``update_speed`` and
-``torch_step_speed`` on the paper's LLaMA shapes), ``svd`` (one refresh-sized
-``compute_projector`` in each library) and ``memory`` (the JAX step compiled at LLaMA-7B,
-and ``layerwise_memory`` at LLaMA-7B widths, 2 and 4 layers, extrapolated to 32), then
-``conds`` (what one ``lax.cond`` per matrix costs a jitted step on the device). The
-campaign keeps to ``--budget-s`` (:data:`CAMPAIGN_BUDGET_S`): each phase leaves the later
-ones the time they need (:data:`PHASE_NEED_S`). Each phase writes ``<phase>.json`` into
-``--out`` when it ends, and ``summary.md`` is rewritten after every phase, so a run cut
-short keeps what it finished. A phase that raises is recorded as FAIL with its traceback
-and the next one runs; the exit status is 1 if any phase failed. Without a GPU, only
-``--smoke`` runs the phases (on the CPU); otherwise each is recorded as SKIPPED and the
-status is 1.
+``torch_step_speed`` on the paper's LLaMA shapes), ``svd`` (one refresh-sized basis in each
+library by each ``svd_method``: full SVD, randomized, subspace) and ``memory`` (the JAX step
+compiled at LLaMA-7B, and ``layerwise_memory`` at LLaMA-7B widths, 2 and 4 layers,
+extrapolated to 32), then ``conds`` (what one ``lax.cond`` per matrix costs a jitted step on
+the device). The campaign keeps to ``--budget-s`` (:data:`CAMPAIGN_BUDGET_S`): each phase
+leaves the later ones the time they need (:data:`PHASE_NEED_S`). Each phase writes
+``<phase>.json`` into ``--out`` when it ends, and ``summary.md`` is rewritten after every
+phase, so a run cut short keeps what it finished. A phase that raises is recorded as FAIL
+with its traceback and the next one runs; the exit status is 1 if any phase failed. Without
+a GPU, only ``--smoke`` runs the phases (on the CPU); otherwise each is recorded as SKIPPED
+and the status is 1.
 
 The authors' ``q-galore-torch`` and ``galore-torch`` are optional: ``--wheels DIR`` installs
 the wheels in DIR (``pip install --no-deps --no-index``) first; without them the checks
@@ -42,7 +42,6 @@ import traceback
 import jax
 import torch
 
-import qgalore_jax
 import qgalore_torch
 from benchmarks import layerwise_memory
 from benchmarks import step_memory
@@ -79,11 +78,16 @@ MIN_BYTES_PER_PARAM = {"jax": 30, "torch": 16}
 SVD_SHAPES = {"full": ((4096, 4096), (11008, 4096)), "smoke": ((256, 256), (688, 256))}
 SVD_RANK = {"full": RANKS["7B"], "smoke": 64}
 SVD_REPEATS = 3
+# The refresh methods the svd phase times (docs/spec.md section 2.6), at qgalore_adamw's
+# defaults.
+SVD_METHODS = ("full", "randomized", "subspace")
+SVD_OVERSAMPLE = 16
+SVD_POWER_ITERS = 2
 # The whole campaign's wall-clock budget (--budget-s), and the seconds each phase is expected
 # to need: a phase gives up what the later chosen phases need, and a phase that would start
 # after the deadline is skipped.
 CAMPAIGN_BUDGET_S = 540
-PHASE_NEED_S = {"parity": 200, "speed": 60, "svd": 30, "memory": 200, "conds": 20}
+PHASE_NEED_S = {"parity": 200, "speed": 60, "svd": 60, "memory": 200, "conds": 20}
 # The conds phase: as many conditionals as a LLaMA-60M update has projected matrices.
 CONDS = {"full": 58, "smoke": 4}
 MEMORY_LAYERS = (2, 4)
@@ -346,25 +350,50 @@ def _median_s(fn, warmup: int, repeats: int) -> tuple[float, list[float]]:
   return statistics.median(samples), samples
 
 
-def phase_svd(ctx: Context) -> dict:
-  """Times one ``compute_projector`` (thin float32 SVD, top-r vectors) per shape and library.
+def _refresh_basis(generator, proj, method, rank, grad, previous, device=None):
+  """One refresh's basis by ``svd_method`` (docs/spec.md section 2.6), in either backend.
 
-  JAX's is jitted (its compile is the first warm-up call) and timed to
-  ``block_until_ready``; torch's is bracketed by ``torch.cuda.synchronize``. Both take
-  the same random gradient, on the device.
+  The twin modules share names and arguments; torch's sketch is drawn on ``device``.
   """
+  if method == "full":
+    return proj.compute_projector(grad, rank)
+  shape = proj.sketch_shape(tuple(grad.shape), rank, SVD_OVERSAMPLE)
+  kwargs = {} if device is None else {"device": device}
+  sketch = generator.sketch(0, 200, 3, 0, shape, **kwargs)
+  if method == "randomized":
+    return proj.randomized_projector(grad, rank, sketch, SVD_POWER_ITERS)
+  return proj.randomized_projector(grad, rank, proj.warm_start(sketch, previous), 1)
+
+
+def phase_svd(ctx: Context) -> dict:
+  """Times one refresh's basis per shape, library and ``svd_method`` (section 2.6).
+
+  ``"full"`` is ``compute_projector`` (thin float32 SVD, top-r vectors); ``"randomized"``
+  and ``"subspace"`` (warm-started from the full SVD's basis) use the defaults of
+  ``qgalore_adamw``. JAX's are jitted (the compile is the first warm-up call) and timed to
+  ``block_until_ready``; torch's are bracketed by ``torch.cuda.synchronize``. All take the
+  same random gradient, on the device.
+  """
+  from qgalore_jax._src import generator as jax_generator
+  from qgalore_jax._src import projector as jax_proj
+  from qgalore_torch._src import generator as torch_generator
+  from qgalore_torch._src import projector as torch_proj
+
   size = "smoke" if ctx.smoke else "full"
   rank = SVD_RANK[size]
-  jax_fn = jax.jit(qgalore_jax.compute_projector, static_argnames="rank")
+  jax_fns = {
+    method: jax.jit(functools.partial(_refresh_basis, jax_generator, jax_proj, method, rank))
+    for method in SVD_METHODS
+  }
   cuda = ctx.torch_device == "cuda"
 
-  def jax_call(grad):
-    jax.block_until_ready(jax_fn(grad, rank=rank))
+  def jax_call(method, grad, previous):
+    jax.block_until_ready(jax_fns[method](grad, previous))
 
-  def torch_call(grad):
+  def torch_call(method, grad, previous):
     if cuda:
       torch.cuda.synchronize()
-    qgalore_torch.compute_projector(grad, rank)
+    _refresh_basis(torch_generator, torch_proj, method, rank, grad, previous, grad.device)
     if cuda:
       torch.cuda.synchronize()
 
@@ -374,23 +403,31 @@ def phase_svd(ctx: Context) -> dict:
   with core.single_threaded_torch():
     for shape in SVD_SHAPES[size]:
       grad = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-      calls = {
-        "jax": functools.partial(jax_call, jax.device_put(grad.numpy(), ctx.dev.jax)),
-        "torch": functools.partial(torch_call, grad.to(ctx.torch_device)),
+      previous = qgalore_torch.compute_projector(grad, rank)  # the warm start of "subspace"
+      on_device = {
+        "jax": [jax.device_put(x.numpy(), ctx.dev.jax) for x in (grad, previous)],
+        "torch": [x.to(ctx.torch_device) for x in (grad, previous)],
       }
-      for library, call in calls.items():
-        median, samples = _median_s(call, warmup=2, repeats=SVD_REPEATS)
-        rows.append(
-          {
-            "library": library,
-            "shape": list(shape),
-            "rank": rank,
-            "median_ms": median * 1e3,
-            "samples_ms": [s * 1e3 for s in samples],
-          }
-        )
+      for library, call in (("jax", jax_call), ("torch", torch_call)):
+        full_ms = None
+        for method in SVD_METHODS:
+          timed = functools.partial(call, method, *on_device[library])
+          median, samples = _median_s(timed, warmup=2, repeats=SVD_REPEATS)
+          full_ms = median * 1e3 if method == "full" else full_ms
+          rows.append(
+            {
+              "library": library,
+              "method": method,
+              "shape": list(shape),
+              "rank": rank,
+              "median_ms": median * 1e3,
+              "full_over_method": full_ms / (median * 1e3),
+              "samples_ms": [s * 1e3 for s in samples],
+            }
+          )
   details = ", ".join(
-    f"{r['library']} {r['shape'][0]}x{r['shape'][1]}: {r['median_ms']:.1f} ms" for r in rows
+    f"{r['library']} {r['method']} {r['shape'][0]}x{r['shape'][1]}: {r['median_ms']:.1f} ms"
+    for r in rows
   )
   return {
     "status": "PASS",
