@@ -217,6 +217,38 @@ def test_skip_nonfinite_counts_consecutive_skips_and_survives_a_state_dict(monke
   plain.load_state_dict(saved)
 
 
+def test_skip_nonfinite_counts_once_when_the_moments_change_form(monkeypatch):
+  """A masked step that also converts loaded float32 moments to 8-bit, then is skipped.
+
+  The state was saved with float32 moments; after loading it, the groups switch to 8-bit
+  moments (``load_state_dict`` restores the saved ``moment_bits``), so the first step
+  changes the moments' form; that step's gradient is NaN. The reference is the same
+  optimizer, loaded and switched the same way, never given the bad step.
+  """
+  monkeypatch.setattr(optimizer_module, "_reads_freely", lambda flags: False)
+  source, source_params = _skip_model(False, None)
+  grads = _gradients(source_params, 4)
+  _run(source, source_params, grads[:1])
+  saved = source.state_dict()
+  runs = []
+  for bad_first in (True, False):
+    opt, params = _skip_model(False, 8)
+    with torch.no_grad():
+      for p, w in zip(params, source_params, strict=True):
+        p.copy_(w)
+    opt.load_state_dict(saved)
+    for group in opt.param_groups:
+      group["moment_bits"] = 8
+    nan = [torch.full(p.shape, float("nan")) for p in params]
+    _run(opt, params, [nan, *grads[1:]] if bad_first else grads[1:])
+    runs.append((opt, params))
+  (opt, params), (ref_opt, ref_params) = runs
+  assert opt.state[params[0]]["exp_avg"].dtype == torch.uint8  # the form did change
+  assert opt.skipped_steps == 1
+  for got, want in zip(_snapshot(opt, params), _snapshot(ref_opt, ref_params), strict=True):
+    assert torch.equal(got, want)
+
+
 def test_without_skip_nonfinite_a_nan_reaches_the_moments():
   """The default follows torch's optimizers: nothing is checked, the NaN propagates."""
   w = torch.nn.Parameter(torch.ones(8, 6))

@@ -394,13 +394,12 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     form_changed = old_state.keys() != {k for k in state if k not in _HOST_KEYS} or any(
       state[k].shape != v.shape or state[k].dtype != v.dtype for k, v in old_state.items()
     )
+    # The step count and the skip are settled when the pending flag is read (see ``step``).
     if form_changed and not bool(ok):  # moments loaded in another form: read the flag now
       state.update(old_state)
       for key in list(state):
         if key not in old_state and key not in _HOST_KEYS:
           del state[key]
-      state["step"] = state["step"] - 1
-      self._count_skip(p, group)
     elif not form_changed:
       for key, old in old_state.items():
         state[key] = torch.where(ok, state[key], old)
