@@ -561,8 +561,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
 
     ``slice_index`` is the matrix's row-major index in its stack (0 for a 2-D parameter).
     """
-    key = (step.to(torch.int64), rounding["tensor_id"], slice_index)
-    basis_RxK = self._projector(state, grad_MxN, group, key)
+    basis_RxK = self._projector(state, grad_MxN, group, step, (rounding["tensor_id"], slice_index))
     exp_avg, exp_avg_sq = _load_moments(state)
     scale = _number(group["scale"])
     functional.projected_step_(
@@ -602,18 +601,19 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     for key, values in restacked.items():
       state[key] = torch.stack(values).reshape(*layout.batch_shape, *values[0].shape)
 
-  def _projector(self, state, grad_MxN, group, key):
+  def _projector(self, state, grad_MxN, group, step, matrix_id):
     """The float32 ``basis_RxK`` of this step, refreshed first if due (docs/spec.md section 4).
 
-    ``state`` is one matrix's; ``key`` is ``(step, tensor id, slice index)``, where ``step``
-    is its 0-based step, which the schedule reads, and the three key its sketch.
+    ``state`` is one matrix's; ``step`` is its 0-based step, which the schedule reads;
+    ``matrix_id`` is ``(tensor id, slice index)``, which with ``step`` keys its sketch.
     """
     rank, bits, group_size = group["rank"], group["proj_bits"], group["proj_group_size"]
     stored = proj.stored_from_state(state, bits)
     subspace = schedule.SubspaceState(*(state[key] for key in _SCHEDULE_KEYS))
     basis_shape = proj.basis_shape(tuple(grad_MxN.shape), rank)
     # CPU tensors only: deciding costs no device synchronisation.
-    if bool(schedule.refresh_due(subspace, key[0])):
+    if bool(schedule.refresh_due(subspace, step)):
+      key = (step.to(torch.int64), *matrix_id)
       previous = lambda: proj.load_projector(stored, basis_shape, bits, group_size)
       first = int(subspace.svd_count) == 0
       stored, subspace = functional.refresh_projector(
