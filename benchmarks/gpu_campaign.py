@@ -44,6 +44,7 @@ import torch
 
 import qgalore_torch
 from benchmarks import layerwise_memory
+from benchmarks import refresh_cost
 from benchmarks import step_memory
 from benchmarks import torch_step_speed
 from benchmarks import update_speed
@@ -82,7 +83,7 @@ SVD_REPEATS = 3
 # defaults.
 SVD_METHODS = ("full", "randomized", "subspace")
 SVD_OVERSAMPLE = 16
-SVD_POWER_ITERS = 2
+SVD_ITERS = {"full": 0, "randomized": 2, "subspace": 1}  # power_iters, subspace_iters
 # The whole campaign's wall-clock budget (--budget-s), and the seconds each phase is expected
 # to need: a phase gives up what the later chosen phases need, and a phase that would start
 # after the deadline is skipped.
@@ -350,21 +351,6 @@ def _median_s(fn, warmup: int, repeats: int) -> tuple[float, list[float]]:
   return statistics.median(samples), samples
 
 
-def _refresh_basis(generator, proj, method, rank, grad, previous, device=None):
-  """One refresh's basis by ``svd_method`` (docs/spec.md section 2.6), in either backend.
-
-  The twin modules share names and arguments; torch's sketch is drawn on ``device``.
-  """
-  if method == "full":
-    return proj.compute_projector(grad, rank)
-  shape = proj.sketch_shape(tuple(grad.shape), rank, SVD_OVERSAMPLE)
-  kwargs = {} if device is None else {"device": device}
-  sketch = generator.sketch(0, 200, 3, 0, shape, **kwargs)
-  if method == "randomized":
-    return proj.randomized_projector(grad, rank, sketch, SVD_POWER_ITERS)
-  return proj.randomized_projector(grad, rank, proj.warm_start(sketch, previous), 1)
-
-
 def phase_svd(ctx: Context) -> dict:
   """Times one refresh's basis per shape, library and ``svd_method`` (section 2.6).
 
@@ -381,22 +367,28 @@ def phase_svd(ctx: Context) -> dict:
 
   size = "smoke" if ctx.smoke else "full"
   rank = SVD_RANK[size]
-  jax_fns = {
-    method: jax.jit(functools.partial(_refresh_basis, jax_generator, jax_proj, method, rank))
-    for method in SVD_METHODS
-  }
   cuda = ctx.torch_device == "cuda"
 
-  def jax_call(method, grad, previous):
-    jax.block_until_ready(jax_fns[method](grad, previous))
+  def basis_fn(generator_module, proj_module, method, shape):
+    """``(grad, previous) -> basis`` of ``method`` at ``qgalore_adamw``'s defaults."""
+    sketch_shape = proj_module.sketch_shape(shape, rank, SVD_OVERSAMPLE)
+    args = (generator_module, proj_module, method, SVD_ITERS[method], rank, sketch_shape)
+    return functools.partial(refresh_cost.refresh_basis, *args)
 
-  def torch_call(method, grad, previous):
+  def jax_call(fn, grad, previous):
+    jax.block_until_ready(fn(grad, previous))
+
+  def torch_call(fn, grad, previous):
     if cuda:
       torch.cuda.synchronize()
-    _refresh_basis(torch_generator, torch_proj, method, rank, grad, previous, grad.device)
+    fn(grad, previous, device=grad.device)
     if cuda:
       torch.cuda.synchronize()
 
+  backends = (
+    ("jax", jax_call, jax_generator, jax_proj, jax.jit),
+    ("torch", torch_call, torch_generator, torch_proj, lambda fn: fn),
+  )
   rows = []
   # One torch CPU thread: the CPU SVDs of a smoke run on a busy machine otherwise spend
   # seconds in spinning threads (see core.single_threaded_torch); CUDA SVDs are unaffected.
@@ -408,10 +400,11 @@ def phase_svd(ctx: Context) -> dict:
         "jax": [jax.device_put(x.numpy(), ctx.dev.jax) for x in (grad, previous)],
         "torch": [x.to(ctx.torch_device) for x in (grad, previous)],
       }
-      for library, call in (("jax", jax_call), ("torch", torch_call)):
+      for library, call, generator_module, proj_module, wrap in backends:
         full_ms = None
         for method in SVD_METHODS:
-          timed = functools.partial(call, method, *on_device[library])
+          fn = wrap(basis_fn(generator_module, proj_module, method, tuple(shape)))
+          timed = functools.partial(call, fn, *on_device[library])
           median, samples = _median_s(timed, warmup=2, repeats=SVD_REPEATS)
           full_ms = median * 1e3 if method == "full" else full_ms
           rows.append(

@@ -107,11 +107,15 @@ def variants(opts) -> tuple[tuple[str, str, int], ...]:
   )
 
 
-def _basis(generator, proj, method, iters, rank, sketch_shape, g, previous):
-  """One refresh's basis in either backend: the twin modules share names and arguments."""
+def refresh_basis(generator, proj, method, iters, rank, sketch_shape, g, previous, device=None):
+  """One refresh's basis in either backend: the twin modules share names and arguments.
+
+  ``device``: where torch draws the sketch (JAX's follows the computation; leave it None).
+  """
   if method == "full":
     return proj.compute_projector(g, rank)
-  sketch = generator.sketch(0, 200, 3, 0, sketch_shape)
+  kwargs = {} if device is None else {"device": device}
+  sketch = generator.sketch(0, 200, 3, 0, sketch_shape, **kwargs)
   start = sketch if method == "randomized" else proj.warm_start(sketch, previous)
   return proj.randomized_projector(g, rank, start, iters)
 
@@ -125,7 +129,7 @@ def _jax_fn(method, iters, shape, rank, opts):
   from qgalore_jax._src import projector as proj
 
   sketch_shape = proj.sketch_shape(shape, rank, opts["oversample"])
-  fn = functools.partial(_basis, generator, proj, method, iters, rank, sketch_shape)
+  fn = functools.partial(refresh_basis, generator, proj, method, iters, rank, sketch_shape)
   g = jax.ShapeDtypeStruct(shape, jnp.float32)
   prev = jax.ShapeDtypeStruct(proj.basis_shape(shape, rank), jnp.float32)
   compiled = jax.jit(fn).lower(g, prev).compile()
@@ -138,7 +142,7 @@ def _torch_fn(method, iters, shape, rank, opts):
   from qgalore_torch._src import projector as proj
 
   sketch_shape = proj.sketch_shape(shape, rank, opts["oversample"])
-  return functools.partial(_basis, generator, proj, method, iters, rank, sketch_shape)
+  return functools.partial(refresh_basis, generator, proj, method, iters, rank, sketch_shape)
 
 
 def refresh_rows(shapes, opts, repeats):
