@@ -8,13 +8,13 @@ refresh whose basis is not finite.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from qgalore_jax import projection_stats
 from qgalore_jax import qgalore_adamw
 from qgalore_jax import scale_by_qgalore
 from qgalore_jax._src.qgalore import ScaleByQGaLoreState
+from qgalore_jax._src.qgalore_test import train_steps
 
 
 def _least_squares(shape, dtype, seed=0):
@@ -28,31 +28,15 @@ def _least_squares(shape, dtype, seed=0):
   return loss_fn, {"w": jnp.zeros(shape, dtype)}, best
 
 
-def _train(tx, loss_fn, params, steps):
-  state = tx.init(params)
-
-  @jax.jit
-  def step(params, state):
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, loss
-
-  losses = []
-  for _ in range(steps):
-    params, state, loss = step(params, state)
-    losses.append(float(loss))
-  return params, state, losses
-
-
 @pytest.mark.parametrize(
   "shape, rank",
   [((8, 6), 10), ((8, 6), 6), ((1, 40), 4), ((40, 1), 4), ((1, 1), 3)],
   ids=["rank over both sides", "rank equal to a side", "1 x n", "n x 1", "1 x 1"],
 )
-def test_awkward_shapes_clamp_the_rank_and_train(shape, rank):
+def test_awkward_shapes_clamp_the_rank_andtrain_steps(shape, rank):
   loss_fn, params, best = _least_squares(shape, jnp.float32)
   tx = qgalore_adamw(5e-2, rank=rank, update_proj_gap=5, weight_decay=0.0)
-  params, state, losses = _train(tx, loss_fn, params, 150)
+  params, state, losses = train_steps(tx, loss_fn, params, 150)
   r = min(rank, *shape)
   is_qgalore = lambda x: isinstance(x, ScaleByQGaLoreState)
   (qgalore,) = [x for x in jax.tree.leaves(state, is_leaf=is_qgalore) if is_qgalore(x)]
@@ -64,19 +48,19 @@ def test_awkward_shapes_clamp_the_rank_and_train(shape, rank):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_half_precision_params_keep_their_dtype_and_train(dtype):
+def test_half_precision_params_keep_their_dtype_andtrain_steps(dtype):
   loss_fn, params, _ = _least_squares((16, 12), dtype)
   tx = qgalore_adamw(1e-1, rank=4, update_proj_gap=10, weight_decay=0.0)
-  params, _, losses = _train(tx, loss_fn, params, 150)
+  params, _, losses = train_steps(tx, loss_fn, params, 150)
   assert params["w"].dtype == dtype
   assert np.all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0]
 
 
-def test_float64_params_under_x64_keep_their_dtype_and_train():
+def test_float64_params_under_x64_keep_their_dtype_andtrain_steps():
   with jax.enable_x64(True):
     loss_fn, params, _ = _least_squares((16, 12), jnp.float64)
     tx = qgalore_adamw(1e-1, rank=4, update_proj_gap=10, weight_decay=0.0)
-    params, _, losses = _train(tx, loss_fn, params, 150)
+    params, _, losses = train_steps(tx, loss_fn, params, 150)
     assert params["w"].dtype == jnp.float64
   assert np.all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0]
 

@@ -229,7 +229,8 @@ def test_nan_gradient_keeps_projector():
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.projector), before[0])
 
 
-def train(tx, loss_fn, params, steps):
+def train_steps(tx, loss_fn, params, steps):
+  """``steps`` jitted steps of ``tx`` on ``loss_fn(params)``: (params, state, losses)."""
   state = tx.init(params)
 
   @jax.jit
@@ -238,9 +239,16 @@ def train(tx, loss_fn, params, steps):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state, loss
 
+  losses = []
   for _ in range(steps):
-    params, state, _ = step(params, state)
-  return float(loss_fn(params))
+    params, state, loss = step(params, state)
+    losses.append(float(loss))
+  return params, state, losses
+
+
+def train(tx, loss_fn, params, steps):
+  """The final loss after :func:`train_steps`."""
+  return float(loss_fn(train_steps(tx, loss_fn, params, steps)[0]))
 
 
 def test_converges_on_quadratic():
