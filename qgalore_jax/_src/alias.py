@@ -201,7 +201,8 @@ def qgalore_adamw(
         params, specs, "qgalore_adamw", "a `mask` that leaves them to plain AdamW"
       )
     names = ["qgalore" if s else "adam" for s in selected]
-    return jax.tree.unflatten(jax.tree.structure(params), names)
+    # MaskedNode leaves (left out of a partial update) keep their place in the labels.
+    return jax.tree.unflatten(jax.tree.structure(params, is_leaf=layout.is_masked), names)
 
   if not isinstance(skip_nonfinite, bool):
     raise TypeError(
