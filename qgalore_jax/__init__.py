@@ -14,6 +14,7 @@ from qgalore_jax._src.int8 import int8_train_step
 from qgalore_jax._src.int8 import is_quantized
 from qgalore_jax._src.int8 import quantize_params
 from qgalore_jax._src.int8 import stochastic_round
+from qgalore_jax._src.layerwise import layerwise_train_step
 from qgalore_jax._src.layout import DimensionNumbers
 from qgalore_jax._src.moments import QuantizedMoment
 from qgalore_jax._src.moments import ScaleByAdam8bitState
@@ -57,6 +58,7 @@ __all__ = (
   "dequantize_params",
   "int8_train_step",
   "is_quantized",
+  "layerwise_train_step",
   "nnx_dimension_numbers",
   "pack_int4",
   "project",

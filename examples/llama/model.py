@@ -13,6 +13,7 @@ projects slice by slice (docs/spec.md section 1.3).
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 import qgalore_jax
@@ -154,6 +155,36 @@ class Llama(nnx.Module):
       for layer in self.layers:
         x_BTD = apply_block(layer, x_BTD)
     return self.lm_head(self.norm(x_BTD))
+
+
+def layerwise_fns(cfg: Config):
+  """``(embed_fn, block_fn, head_fn)`` of the scanned model, for
+  ``qgalore_jax.layerwise_train_step`` (``blocks="layers"``).
+
+  The three parts of ``Llama.__call__`` and ``train.loss_fn``, each on the pure-dict params
+  of its modules: ``embed_fn(outer, batch)`` looks the inputs up, ``block_fn(block, x)``
+  applies one decoder block (the slice of the stacked ``layers`` params), and
+  ``head_fn(outer, x, batch)`` applies the final norm and the head and returns the mean
+  next-token cross-entropy.
+  """
+  abstract = nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0)))
+  embed_def, norm_def, head_def = (
+    nnx.graphdef(m) for m in (abstract.embed, abstract.norm, abstract.lm_head)
+  )
+  block_def = nnx.graphdef(abstract.layers[0])
+
+  def embed_fn(outer, batch):
+    return nnx.merge(embed_def, outer["embed"])(batch[0])
+
+  def block_fn(block, x_BTD):
+    return nnx.merge(block_def, block)(x_BTD)
+
+  def head_fn(outer, x_BTD, batch):
+    logits = nnx.merge(head_def, outer["lm_head"])(nnx.merge(norm_def, outer["norm"])(x_BTD))
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch[1])
+    return losses.mean()
+
+  return embed_fn, block_fn, head_fn
 
 
 def is_projected(path: tuple, leaf) -> bool:

@@ -189,7 +189,7 @@ def qgalore_adamw(
     seed=seed,
   )
   if moment_bits is None:
-    adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
+    adam = moments.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
   else:
     adam = moments.scale_by_adam_8bit(b1=b1, b2=b2, eps=eps, min_8bit_size=min_8bit_size)
 
@@ -215,8 +215,15 @@ def qgalore_adamw(
     optax.scale_by_learning_rate(learning_rate),
   )
   if skip_nonfinite:
-    tx = optax.apply_if_finite(tx, max_consecutive_errors=_NEVER_GIVE_UP)
+    return optax.apply_if_finite(tx, max_consecutive_errors=_NEVER_GIVE_UP)
+  # Every transform of the chain updates a leaf from its own gradient and state alone, so
+  # it may run on a part of the params at a time (layerwise_train_step).
+  setattr(tx.update, PER_LEAF, True)
   return tx
+
+
+# Attribute of an update function that may run on any part of the params at a time.
+PER_LEAF = "_qgalore_per_leaf"
 
 
 # ``optax.apply_if_finite`` applies a non-finite update after more consecutive errors than

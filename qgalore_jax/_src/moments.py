@@ -257,10 +257,11 @@ def adam_step(g, mu, nu, count_inc, b1, b2, eps):
   """
   mu = (1 - b1) * g + b1 * mu
   nu = (1 - b2) * (g * g) + b2 * nu
-  # Bias correction as a multiply by the float32 reciprocal: XLA rewrites the division
-  # into exactly this, so the torch twin can match it bit for bit.
-  mu_hat = mu * (1 / (1 - b1**count_inc).astype(jnp.float32))
-  nu_hat = nu * (1 / (1 - b2**count_inc).astype(jnp.float32))
+  # Bias correction as a multiply by the reciprocal: XLA rewrites the division into exactly
+  # this in some programs and not in others, so it is written so; the torch twin matches it
+  # bit for bit, and a leaf's update does not depend on what else the program computes.
+  mu_hat = mu * (1 / (1 - b1**count_inc)).astype(mu.dtype)
+  nu_hat = nu * (1 / (1 - b2**count_inc)).astype(nu.dtype)
   return mu_hat / (jnp.sqrt(nu_hat) + eps), mu, nu
 
 
@@ -283,6 +284,41 @@ class ScaleByAdam8bitState(NamedTuple):
   count: jax.Array  # int32 []
   mu: QuantizedMoment  # of trees shaped like the params
   nu: QuantizedMoment
+
+
+def scale_by_adam(
+  b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, mu_dtype=None
+) -> optax.GradientTransformation:
+  """``optax.scale_by_adam`` (eps_root 0) whose bias corrections multiply by reciprocals.
+
+  Same state (``optax.ScaleByAdamState``) and arithmetic, in the moments' own dtypes, as
+  ``optax.scale_by_adam``, except that ``m / (1 - b^t)`` is computed as
+  ``m * (1 / (1 - b^t))``: XLA makes that rewrite in some programs and not in others, so
+  written out a leaf's update is the same bits whatever else the program computes (as in a
+  layer-wise step), and the torch twin's. The float-moment Adam of
+  :func:`~qgalore_jax.qgalore_adamw`'s non-projected leaves.
+  """
+
+  def init_fn(params):
+    dtype = lambda p: jnp.result_type(p) if mu_dtype is None else mu_dtype
+    return optax.ScaleByAdamState(
+      count=jnp.zeros([], jnp.int32),
+      mu=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), dtype(p)), params),
+      nu=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), params),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    count_inc = optax.safe_increment(state.count)
+    out = jax.tree.map(
+      lambda g, mu, nu: adam_step(g, mu, nu, count_inc, b1, b2, eps), updates, state.mu, state.nu
+    )
+    is_out = lambda x: isinstance(x, tuple) and not isinstance(x, optax.MaskedNode)
+    pick = lambda k: jax.tree.map(lambda o: o[k], out, is_leaf=is_out)
+    mu = jax.tree.map(lambda m, old: m.astype(old.dtype), pick(1), state.mu)
+    return pick(0), optax.ScaleByAdamState(count=count_inc, mu=mu, nu=pick(2))
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def scale_by_adam_8bit(

@@ -5,6 +5,7 @@ no learning rate and no decay. The user alias ``qgalore_adamw`` lives in ``alias
 ``projection_stats`` reads the refresh statistics out of either one's state.
 """
 
+import contextvars
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -25,6 +26,11 @@ from qgalore_jax._src.checks import check_int
 from qgalore_jax._src.checks import check_number
 from qgalore_jax._src.checks import static_hint
 from qgalore_jax._src.quantization import QuantizedArray
+
+# Set (to a traced int) while layer-wise training updates block ``i`` of each stack passed
+# as a stack of that one block (layerwise.py): its slices are slices ``i * S + j`` of the
+# whole stack.
+BLOCK_INDEX: contextvars.ContextVar = contextvars.ContextVar("qgalore_block_index", default=None)
 
 
 class ScaleByQGaLoreState(NamedTuple):
@@ -264,16 +270,20 @@ def scale_by_qgalore(
     """
     g_slices = lay.to_slices(g)
     canonical = lambda x: lay.slice_layout.to_stack(x)[0].astype(jnp.float32)
+    # A stack updated one block at a time (layer-wise training) keys its sketches by the
+    # slice's index in the whole stack.
+    block = BLOCK_INDEX.get()
+    first = 0 if block is None else block * lay.num_slices
     if lay.num_slices == 1:
       one = jax.tree.map(lambda a: a[0], carry)
-      new = refresh_slice(canonical(g_slices[0]), one, (count, tensor_id, 0))
+      new = refresh_slice(canonical(g_slices[0]), one, (count, tensor_id, first))
       return jax.tree.map(lambda a: a[None], new)
     order = jnp.nonzero(due, size=lay.num_slices, fill_value=0)[0]
 
     def body(j, carry):
       i = order[j]
       one = jax.tree.map(lambda a: a[i], carry)
-      new = refresh_slice(canonical(g_slices[i]), one, (count, tensor_id, i))
+      new = refresh_slice(canonical(g_slices[i]), one, (count, tensor_id, first + i))
       return jax.tree.map(lambda a, v: a.at[i].set(v), carry, new)
 
     return jax.lax.fori_loop(jnp.int32(0), jnp.sum(due, dtype=jnp.int32), body, carry)

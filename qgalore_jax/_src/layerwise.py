@@ -1,0 +1,347 @@
+"""Layer-wise training for scanned models: the update fused into the backward pass.
+
+The gradient of a model whose blocks are stacked (scanned) is never held whole: a reverse
+scan recomputes one block at a time, takes its VJP, runs the optimizer on that block's
+slices of the weights and optimizer state, and writes them back in place (docs/spec.md
+section 9). The JAX counterpart of the torch twin's ``register_layerwise_hooks``.
+"""
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import optax
+
+from qgalore_jax._src import int8
+from qgalore_jax._src import trees
+from qgalore_jax._src.alias import PER_LEAF
+from qgalore_jax._src.layout import path_str
+from qgalore_jax._src.qgalore import BLOCK_INDEX
+from qgalore_jax._src.qgalore import projection_stats
+
+_MASKED = optax.MaskedNode()
+
+
+def _masked(x) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+@contextlib.contextmanager
+def _block(i):
+  token = BLOCK_INDEX.set(i)
+  try:
+    yield
+  finally:
+    BLOCK_INDEX.reset(token)
+
+
+def _check_optimizer(optimizer) -> None:
+  if not callable(getattr(optimizer, "update", None)):
+    raise TypeError(
+      f"`optimizer` must be an optax.GradientTransformation, got {type(optimizer).__name__}"
+    )
+  if not getattr(optimizer.update, PER_LEAF, False):
+    raise ValueError(
+      "layer-wise training applies each block's update as soon as that block's gradient"
+      " exists, so the optimizer must update every parameter from its own gradient and"
+      " state alone: build it with qgalore_adamw(...) with skip_nonfinite=False, unwrapped."
+      " Transformations that need the whole gradient cannot run layer by layer:"
+      " optax.clip_by_global_norm (the norm is known only after the last block), "
+      " optax.apply_if_finite / skip_nonfinite=True (a NaN found in an early block comes"
+      " after later blocks were updated), optax.MultiSteps (micro-batches: each call of the"
+      " layer-wise step is one optimizer step on its whole batch). For those, train with"
+      " int8_train_step"
+    )
+
+
+def _take(a, i):
+  """Block ``i`` of a stacked array or INT8 weight (layer axis first), as a stack of one."""
+  if not int8.is_quantized(a):
+    return jax.lax.dynamic_slice_in_dim(a, i, 1, 0)
+  return a._replace(
+    codes=_take(a.codes, i),
+    scale=_take(a.scale, i),
+    zero=_take(a.zero, i),
+    layout=a.layout._replace(shape=(1, *a.layout.shape[1:])),
+  )
+
+
+def _put(a, block, i):
+  """``a`` with block ``i`` replaced by ``block`` (from :func:`_take`)."""
+  if not int8.is_quantized(a):
+    return jax.lax.dynamic_update_slice_in_dim(a, block, i, 0)
+  return a._replace(
+    codes=_put(a.codes, block.codes, i),
+    scale=_put(a.scale, block.scale, i),
+    zero=_put(a.zero, block.zero, i),
+  )
+
+
+def _float(p, dtype):
+  return p.dequantize(dtype) if int8.is_quantized(p) else p
+
+
+def _select(state, treedef, keep):
+  """The optimizer state of the leaves flagged in ``keep``, ``MaskedNode`` elsewhere."""
+  return trees.map_param_trees(lambda j, v: v if keep[j] else _MASKED, treedef, state)
+
+
+def _tensor_ids(flat, tensor_ids, qparams) -> list:
+  """Per leaf: its matrices' SR tensor ids as an array of its batch shape (None if float)."""
+  ids = (
+    int8._default_ids(flat)
+    if tensor_ids is None
+    else int8._per_leaf(tensor_ids, qparams, "tensor_ids", int)
+  )
+  out = []
+  for (path, p), t in zip(flat, ids, strict=True):
+    if int8.is_quantized(p):
+      out.append(jnp.asarray(int8._slice_ids(t, p, path), jnp.uint32).reshape(p.layout.batch_shape))
+    else:
+      out.append(None)
+  return out
+
+
+def _read_by(fn, tree, *args) -> list[bool]:
+  """Per leaf of ``tree``: whether ``fn(tree, *args)`` reads it (from its jaxpr)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  jaxpr = jax.make_jaxpr(lambda *xs: fn(treedef.unflatten(xs), *args))(*leaves).jaxpr
+  used = set()
+  for v in [*(v for eqn in jaxpr.eqns for v in eqn.invars), *jaxpr.outvars]:
+    if isinstance(v, jax.extend.core.Var):
+      used.add(v)
+  return [v in used for v in jaxpr.invars]
+
+
+def layerwise_train_step(
+  embed_fn: Callable[[Any, Any], jax.Array],
+  block_fn: Callable[[Any, jax.Array], jax.Array],
+  head_fn: Callable[[Any, jax.Array, Any], jax.Array],
+  optimizer: optax.GradientTransformation,
+  *,
+  blocks: str = "layers",
+  seed: int = 0,
+  dtype=jnp.float32,
+  tensor_ids=None,
+):
+  """A jitted layer-wise train step for a model whose blocks are scanned (stacked).
+
+  The model is ``head_fn(outer, block_fn(...block_fn(embed_fn(outer, batch))...), batch)``,
+  block ``i`` applied with slice ``i`` of every leaf of ``params[blocks]`` (stacked on a
+  leading layer axis) and ``outer`` the other entries of the params. The step:
+
+  1. runs the blocks forward in a scan, keeping only each block's input;
+  2. differentiates ``head_fn`` and updates at once the outer parameters that ``embed_fn``
+     does not read (the head, the final norm);
+  3. runs a reverse scan over the blocks: each recomputes its block from its input, takes
+     its VJP and updates that block's slices of the projected (Q-GaLore) weights and of
+     their optimizer state in the scan carry, INT8 weights requantised by stochastic
+     rounding as :func:`~qgalore_jax.apply_updates` does; the gradients of the block's
+     other parameters (norm scales: small) are stacked;
+  4. updates the rest (the embedding, the blocks' other parameters).
+
+  The full gradient never exists: the largest gradient alive is one block's, besides the
+  outer parameters' and the small stacked ones. The result equals
+  :func:`~qgalore_jax.int8_train_step` on the same model bit for bit on CPU
+  (docs/spec.md section 9): the optimizer works per leaf and per slice of a stack, here on
+  the same numbers.
+
+  Limits (errors at the first call): ``optimizer`` must be a plain
+  :func:`~qgalore_jax.qgalore_adamw` (``skip_nonfinite=False``, not wrapped), since
+  global-norm clipping, ``apply_if_finite`` and ``optax.MultiSteps`` need the whole
+  gradient before the first update. Each call is one optimizer step on its whole batch;
+  to accumulate micro-batches use ``int8_train_step`` with ``optax.MultiSteps``.
+
+  Args:
+    embed_fn: ``embed_fn(outer, batch) -> x``: ``outer`` is a dict of the float params
+      without the ``blocks`` entry.
+    block_fn: ``block_fn(block_params, x) -> x``: one block; ``block_params`` is the float
+      slice of ``params[blocks]``, without the layer axis.
+    head_fn: ``head_fn(outer, x, batch) -> loss``, a scalar.
+    optimizer: from :func:`~qgalore_jax.qgalore_adamw`, initialised with
+      ``optimizer.init(dequantize_params(qparams))``; its dimension numbers must read the
+      layer axis 0 of each stacked leaf as its first batch axis, as
+      :func:`~qgalore_jax.nnx_dimension_numbers` does for a scanned model.
+    blocks: the key of the stacked blocks in the params.
+    seed: seed of the stochastic rounding.
+    dtype: dtype of the dequantised weights the model sees.
+    tensor_ids: see :func:`~qgalore_jax.apply_updates`.
+
+  Returns:
+    ``step(qparams, opt_state, batch, step) -> (qparams, opt_state, loss)``, jitted, with
+    ``qparams`` (a dict, e.g. ``nnx.to_pure_dict`` of the state, with INT8 leaves from
+    :func:`~qgalore_jax.quantize_params` or float ones) and ``opt_state`` donated;
+    ``step`` is the 0-based update count, as for :func:`~qgalore_jax.int8_train_step`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from qgalore_jax import DimensionNumbers, layerwise_train_step, qgalore_adamw
+    >>> from qgalore_jax import dequantize_params, quantize_params
+    >>> keys = jax.random.split(jax.random.key(0), 3)
+    >>> params = {"embed": jax.random.normal(keys[0], (16, 8)),
+    ...           "layers": {"w": jax.random.normal(keys[1], (3, 8, 8)) / 3},
+    ...           "head": jax.random.normal(keys[2], (8, 16)) / 3}
+    >>> dims = {"embed": None, "layers": {"w": DimensionNumbers(1, 2, 0)}, "head": None}
+    >>> qparams = quantize_params(params, dimension_numbers=dims, group_size=64)
+    >>> tx = qgalore_adamw(1e-2, rank=4, dimension_numbers=dims)
+    >>> opt_state = tx.init(dequantize_params(qparams))
+    >>> embed = lambda p, tokens: p["embed"][tokens]
+    >>> block = lambda p, x: x + jnp.tanh(x @ p["w"])
+    >>> def head(p, x, tokens):
+    ...   logp = jax.nn.log_softmax(x @ p["head"])
+    ...   return -jnp.mean(jnp.take_along_axis(logp[:-1], tokens[1:, None], 1))
+    >>> step = layerwise_train_step(embed, block, head, tx)
+    >>> tokens = jnp.arange(12) % 16
+    >>> qparams, opt_state, loss = step(qparams, opt_state, tokens, jnp.int32(0))
+    >>> qparams["layers"]["w"].codes.shape
+    (3, 64)
+  """
+  _check_optimizer(optimizer)
+  if not isinstance(blocks, str):
+    raise TypeError(f"`blocks` must be a str (a key of the params), got {blocks!r}")
+
+  def step_fn(qparams, opt_state, batch, step):
+    if not isinstance(qparams, dict) or blocks not in qparams:
+      keys = f" with keys {sorted(qparams)}" if isinstance(qparams, dict) else ""
+      raise ValueError(
+        f"the params must be a dict with the stacked blocks under {blocks!r}; got"
+        f" {type(qparams).__name__}{keys}"
+      )
+    flat, treedef = jax.tree_util.tree_flatten_with_path(qparams, is_leaf=int8.is_quantized)
+    leaves = [p for _, p in flat]
+    in_blocks = [bool(path) and getattr(path[0], "key", None) == blocks for path, _ in flat]
+    depths = {p.shape[0] if len(p.shape) else None for p, b in zip(leaves, in_blocks) if b}
+    if len(depths) != 1 or None in depths:
+      shapes = [jnp.shape(p) for p, b in zip(leaves, in_blocks) if b]
+      raise ValueError(
+        f"every leaf under {blocks!r} must be stacked on a leading layer axis of one size;"
+        f" got shapes {shapes}"
+      )
+    (num_blocks,) = depths
+    stats = treedef.flatten_up_to(projection_stats(opt_state))
+    for (path, p), b, st in zip(flat, in_blocks, stats):
+      if b and st is not None and jnp.shape(st["gap"])[:1] != (num_blocks,):
+        raise ValueError(
+          f"parameter {path_str(path)} is projected as a stack of batch shape"
+          f" {jnp.shape(st['gap'])}: its dimension numbers must read the layer axis 0 as"
+          " their first batch axis"
+        )
+      if b and int8.is_quantized(p) and p.layout.batch[:1] != (0,):
+        raise ValueError(
+          f"INT8 parameter {path_str(path)} must read the layer axis 0 as its first batch"
+          f" axis; its batch axes are {p.layout.batch}"
+        )
+    # Updated in the reverse scan: the projected block leaves (state per slice). The
+    # blocks' other leaves (norm scales, whose 8-bit moments would tile across layers)
+    # have their gradients stacked and are updated with the outer leaves.
+    in_scan = [b and st is not None for b, st in zip(in_blocks, stats)]
+    ids = _tensor_ids(flat, tensor_ids, qparams)
+    masked = lambda tree: jax.tree.map(lambda _: _MASKED, tree, is_leaf=int8.is_quantized)
+    outer_masked = {k: masked(v) for k, v in qparams.items() if k != blocks}
+
+    def flat_of(outer=None, block=None):
+      """Leaves of a params-shaped tree from its outer and block parts (masked if None)."""
+      block = masked(qparams[blocks]) if block is None else block
+      return treedef.flatten_up_to({**(outer_masked if outer is None else outer), blocks: block})
+
+    def update(grads, params, state, keep, new_leaves, i=None):
+      """Runs the optimizer on the leaves flagged in ``keep`` (block ``i``'s slices, if i)."""
+      pick = lambda values: treedef.unflatten([v if k else _MASKED for v, k in zip(values, keep)])
+      with _block(i):
+        upd, state = optimizer.update(pick(grads), state, pick(params))
+      out = list(new_leaves)
+      for j, u in enumerate(treedef.flatten_up_to(upd)):
+        if keep[j]:
+          p = out[j] if i is None else _take(out[j], i)
+          tid = ids[j] if ids[j] is None or i is None else _take(ids[j], i)
+          new = int8._apply_leaf(p, u, flat[j][0], seed, step, tid)
+          out[j] = new if i is None else _put(out[j], new, i)
+      return out, state
+
+    outer = {k: int8.dequantize_params(v, dtype) for k, v in qparams.items() if k != blocks}
+    float_leaves = flat_of(outer)  # outer leaves in float; MaskedNode on the blocks
+
+    def block_params(block_leaves, i):
+      """Block ``i``'s float params without the layer axis: in-scan leaves from the carry."""
+      values = [
+        _float(_take(c if s else p, i), dtype)[0] if b else _MASKED
+        for p, c, b, s in zip(leaves, block_leaves, in_blocks, in_scan)
+      ]
+      return treedef.unflatten(values)[blocks]
+
+    # 1. Forward: the blocks in a scan, keeping each block's input.
+    x0, embed_vjp = jax.vjp(lambda o: embed_fn(o, batch), outer)
+    x_last, inputs = jax.lax.scan(
+      lambda x, i: (block_fn(block_params(leaves, i), x), x), x0, jnp.arange(num_blocks)
+    )
+
+    # 2. The head: loss, gradients, and the update of what the embedding does not read.
+    loss, (g_head, g_x) = jax.value_and_grad(lambda o, x: head_fn(o, x, batch), (0, 1))(
+      outer, x_last
+    )
+    read = flat_of(jax.tree.unflatten(jax.tree.structure(outer), _read_by(embed_fn, outer, batch)))
+    early = [not b and not r for b, r in zip(in_blocks, read)]
+    new_leaves, state_early = update(
+      flat_of(g_head), float_leaves, _select(opt_state, treedef, early), early, leaves
+    )
+
+    # 3. Reverse scan: each block's VJP and the update of its projected slices.
+    def backward(carry, xs):
+      g_x, block_leaves, scan_state = carry
+      i, x_in = xs
+      _, block_vjp = jax.vjp(block_fn, block_params(block_leaves, i), x_in)
+      g_block, g_x = block_vjp(g_x)
+      g_flat = flat_of(block=g_block)
+      p_flat = flat_of(block=block_params(block_leaves, i))
+      sub = trees.map_param_trees(
+        lambda j, v: _take(v, i) if in_scan[j] and not _masked(v) else v, treedef, scan_state
+      )
+      grads = [g[None] if s else g for g, s in zip(g_flat, in_scan)]
+      params = [p[None] if s else p for p, s in zip(p_flat, in_scan)]
+      block_leaves, new_sub = update(grads, params, sub, in_scan, block_leaves, i)
+      scan_state = trees.map_param_trees(
+        lambda j, v, n: _put(v, n, i) if in_scan[j] and not _masked(v) else v,
+        treedef,
+        scan_state,
+        new_sub,
+      )
+      stacked = [g if b and not s else _MASKED for g, b, s in zip(g_flat, in_blocks, in_scan)]
+      return (g_x, block_leaves, scan_state), stacked
+
+    carry_leaves = [p if s else _MASKED for p, s in zip(new_leaves, in_scan)]
+    carry = (g_x, carry_leaves, _select(opt_state, treedef, in_scan))
+    (g_x0, carry_leaves, state_scan), stacked = jax.lax.scan(
+      backward, carry, (jnp.arange(num_blocks), inputs), reverse=True
+    )
+
+    # 4. The embedding (its gradient plus the head's, for a leaf both read) and the blocks'
+    # other leaves, with their stacked gradients.
+    (g_embed,) = embed_vjp(g_x0)
+    g_outer = jax.tree.map(jnp.add, g_head, g_embed)
+    late = [not e and not s for e, s in zip(early, in_scan)]
+    grads = [st if b else g for st, g, b in zip(stacked, flat_of(g_outer), in_blocks)]
+    params = [_float(p, dtype) if b else f for p, f, b in zip(leaves, float_leaves, in_blocks)]
+    new_leaves = [c if s else p for p, c, s in zip(new_leaves, carry_leaves, in_scan)]
+    new_leaves, state_late = update(
+      grads, params, _select(opt_state, treedef, late), late, new_leaves
+    )
+
+    def merge(j, old, from_early, from_scan, from_late):
+      del old
+      return from_early if early[j] else from_scan if in_scan[j] else from_late
+
+    new_state = trees.map_param_trees(
+      merge,
+      treedef,
+      opt_state,
+      state_early,
+      state_scan,
+      state_late,
+      non_params=lambda old, from_early, from_scan, from_late: from_late,  # count + 1
+    )
+    return treedef.unflatten(new_leaves), new_state, loss
+
+  return jax.jit(step_fn, donate_argnums=(0, 1))
