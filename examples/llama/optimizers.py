@@ -74,7 +74,11 @@ class LowRank:
 
 
 def build(
-  name: str, learning_rate, low_rank: LowRank, llama: model.Llama | None = None
+  name: str,
+  learning_rate,
+  low_rank: LowRank,
+  llama: model.Llama | None = None,
+  guard: bool = True,
 ) -> tuple[optax.GradientTransformation, bool]:
   """``(tx, int8_weights)`` for optimizer ``name``; ``learning_rate`` may be a schedule.
 
@@ -89,6 +93,9 @@ def build(
   Raises:
     ValueError: for an unknown name, a ``qgalore`` variant without ``llama``, or
       ``galore`` with a scanned model.
+
+  ``guard`` False leaves the ``qgalore`` variants unguarded (``skip_nonfinite=False``), as
+  layer-wise training needs.
   """
   if name == "adamw":
     return _guarded(optax.adamw(learning_rate, b2=B2, weight_decay=0.0)), False
@@ -119,7 +126,7 @@ def build(
       update_proj_gap=low_rank.update_proj_gap,
       scale=SCALE,
       dimension_numbers=model.dimension_numbers(llama),
-      skip_nonfinite=True,
+      skip_nonfinite=guard,
       **kwargs,
     )
     return tx, int8_weights

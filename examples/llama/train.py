@@ -19,7 +19,12 @@ The train step is a pure function of ``(params, opt_state, batch, step)`` on a p
 pytree of parameters, jitted with the parameters and optimizer state donated. With
 ``qgalore`` the projected matrices live as INT8 codes: the step dequantises them, takes
 the gradient with respect to the float weights, runs the optimizer and writes the codes
-back with stochastic rounding (``qgalore_jax.int8_train_step``).
+back with stochastic rounding (``qgalore_jax.int8_train_step``). ``--layerwise`` (a
+``qgalore`` variant on the scanned model) fuses the update into the backward pass instead:
+a reverse scan over the blocks updates each block as soon as its gradient exists, so the
+full gradient never exists (``qgalore_jax.layerwise_train_step``, docs/layerwise.md). Its
+optimizer is not guarded against non-finite steps (``skip_nonfinite`` needs the whole
+gradient first).
 
 A run writes ``metrics.jsonl`` (one JSON object per log or eval event) and orbax
 checkpoints (params, optimizer state, step, data position) under ``--out-dir/<optimizer>``
@@ -59,12 +64,25 @@ class RunConfig(cli.RunConfig):
   out_dir: str = "runs/llama"
   scan: bool = True
   remat: bool = False
+  layerwise: bool = False
 
   @property
   def scanned(self) -> bool:
     """Whether the run's blocks are scanned: ``scan``, unless the optimizer cannot train a
     scanned model (``optimizers.UNSCANNED``)."""
     return self.scan and self.optimizer not in optimizers.UNSCANNED
+
+  def check(self) -> None:
+    """Raises ``ValueError`` for ``layerwise`` with a model or optimizer it cannot train."""
+    if not self.layerwise:
+      return
+    if self.optimizer not in optimizers.QGALORE_VARIANTS:
+      raise ValueError(
+        f"--layerwise trains with a qgalore variant, not {self.optimizer!r}: its update runs"
+        " per block inside the backward pass"
+      )
+    if not self.scanned:
+      raise ValueError("--layerwise needs the scanned model (drop --no-scan)")
 
   @property
   def lr(self) -> float:
@@ -89,15 +107,24 @@ def loss_fn(graphdef, params, batch) -> jax.Array:
 
 
 def make_train_step(
-  graphdef, tx: optax.GradientTransformation, int8_weights: bool, seed: int, tensor_ids=None
+  graphdef,
+  tx: optax.GradientTransformation,
+  int8_weights: bool,
+  seed: int,
+  tensor_ids=None,
+  layerwise_model: str | None = None,
 ):
   """Jitted ``(params, opt_state, batch, step) -> (params, opt_state, loss)``.
 
   ``params`` and ``opt_state`` are donated; ``loss`` is the batch's loss before the
   update. With ``int8_weights`` this is ``qgalore_jax.int8_train_step``: ``params`` holds
   INT8 matrices, and ``seed``, ``step`` and ``tensor_ids`` (``model.tensor_ids``; None:
-  the library's default) key their stochastic rounding.
+  the library's default) key their stochastic rounding. ``layerwise_model`` (a config name)
+  gives ``qgalore_jax.layerwise_train_step`` on that scanned model instead.
   """
+  if layerwise_model is not None:
+    fns = model.layerwise_fns(model.CONFIGS[layerwise_model])
+    return qgalore_jax.layerwise_train_step(*fns, tx, seed=seed, tensor_ids=tensor_ids)
   model_loss = functools.partial(loss_fn, graphdef)
   if int8_weights:
     return qgalore_jax.int8_train_step(model_loss, tx, seed=seed, tensor_ids=tensor_ids)
@@ -133,7 +160,9 @@ def init_state(cfg: RunConfig):
   )
   llama = nnx.merge(graphdef, params)
   low_rank = optimizers.LowRank(cfg.rank, cfg.update_proj_gap)
-  tx, int8_weights = optimizers.build(cfg.optimizer, lr_schedule(cfg), low_rank, llama)
+  tx, int8_weights = optimizers.build(
+    cfg.optimizer, lr_schedule(cfg), low_rank, llama, guard=not cfg.layerwise
+  )
   opt_state = tx.init(params)  # from the float weights, before they are quantised
   if int8_weights:
     params = qgalore_jax.quantize_params(
@@ -237,9 +266,11 @@ def train(cfg: RunConfig, progress: bool = True, wrap_step=None) -> dict:
   run_dir.mkdir(parents=True, exist_ok=True)
   if cfg.scan and not cfg.scanned:
     print(f"{cfg.optimizer}: {optimizers.UNSCANNED[cfg.optimizer]}", file=sys.stderr)
+  cfg.check()
   graphdef, params, opt_state, tx, int8_weights = init_state(cfg)
   ids = model.tensor_ids(model.CONFIGS[cfg.model], scan=cfg.scanned)
-  train_step = make_train_step(graphdef, tx, int8_weights, cfg.seed, ids)
+  layerwise_model = cfg.model if cfg.layerwise else None
+  train_step = make_train_step(graphdef, tx, int8_weights, cfg.seed, ids, layerwise_model)
   if wrap_step is not None:
     train_step = wrap_step(train_step)
   eval_step = make_eval_step(graphdef, int8_weights)
@@ -273,7 +304,7 @@ def train(cfg: RunConfig, progress: bool = True, wrap_step=None) -> dict:
         tokens_per_s = tokens_per_step * (done - window_step) / (now - window_t0)
         window_t0, window_step = now, done
         train_curve.append((done, loss))
-        skipped = optimizers.skipped_steps(opt_state)
+        skipped = None if cfg.layerwise else optimizers.skipped_steps(opt_state)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", skipped=skipped)
         log({"step": done, "train_loss": loss, "tokens_per_s": tokens_per_s, "skipped": skipped})
       if done % cfg.eval_every == 0 or done == cfg.steps:
@@ -299,7 +330,7 @@ def train(cfg: RunConfig, progress: bool = True, wrap_step=None) -> dict:
     "weight_bytes": tree_bytes(params),
     "opt_bytes": tree_bytes(opt_state),
     "svd_count": optimizers.svd_count(cfg.optimizer, opt_state, cfg.steps, num_projected, low_rank),
-    "skipped_steps": optimizers.skipped_steps(opt_state),
+    "skipped_steps": None if cfg.layerwise else optimizers.skipped_steps(opt_state),
     "wall_s": wall_s,
     "train_curve": train_curve,
     "eval_curve": eval_curve,
@@ -328,6 +359,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Names
     help="apply the decoder blocks with nnx.scan over stacked weights (one block compiled"
     " whatever the depth); galore always runs unscanned: optax's GaLore projects 2-D leaves"
     " only (its dimension numbers have no batch axis)",
+  )
+  parser.add_argument(
+    "--layerwise",
+    action="store_true",
+    help="update each block inside the backward pass (qgalore variants, scanned model):"
+    " the full gradient never exists; steps are not guarded against NaN",
   )
   parser.add_argument(
     "--remat",
