@@ -247,35 +247,35 @@ def layerwise_train_step(
       block = masked(qparams[blocks]) if block is None else block
       return treedef.flatten_up_to({**(outer_masked if outer is None else outer), blocks: block})
 
-    def update(grads, params, state, keep, new_leaves, i=None):
-      """Runs the optimizer on the leaves flagged in ``keep`` (block ``i``'s slices, if i)."""
+    def update(grads, params, state, keep, current, block=None):
+      """Runs the optimizer on the leaves flagged in ``keep`` and applies its updates to
+      ``current`` (with ``block``: block ``block``'s slices, stacks of one)."""
       pick = lambda values: treedef.unflatten([v if k else _MASKED for v, k in zip(values, keep)])
-      with _block(i):
+      with _block(block):
         upd, state = optimizer.update(pick(grads), state, pick(params))
-      out = list(new_leaves)
+      out = list(current)
       for j, u in enumerate(treedef.flatten_up_to(upd)):
         if keep[j]:
-          p = out[j] if i is None else _take(out[j], i)
-          tid = ids[j] if ids[j] is None or i is None else _take(ids[j], i)
-          new = int8._apply_leaf(p, u, flat[j][0], seed, step, tid)
-          out[j] = new if i is None else _put(out[j], new, i)
+          tid = ids[j] if ids[j] is None or block is None else _take(ids[j], block)
+          out[j] = int8._apply_leaf(out[j], u, flat[j][0], seed, step, tid)
       return out, state
 
     outer = {k: int8.dequantize_params(v, dtype) for k, v in qparams.items() if k != blocks}
     float_leaves = flat_of(outer)  # outer leaves in float; MaskedNode on the blocks
 
-    def block_params(block_leaves, i):
-      """Block ``i``'s float params without the layer axis: in-scan leaves from the carry."""
-      values = [
-        _float(_take(c if s else p, i), dtype)[0] if b else _MASKED
-        for p, c, b, s in zip(leaves, block_leaves, in_blocks, in_scan)
-      ]
+    def block_params(i, sliced=None):
+      """Block ``i``'s float params without the layer axis (in-scan leaves from ``sliced``,
+      their block ``i`` already taken, if given)."""
+      values = []
+      for j, (p, b) in enumerate(zip(leaves, in_blocks)):
+        one = sliced[j] if sliced is not None and in_scan[j] else _take(p, i) if b else None
+        values.append(_float(one, dtype)[0] if b else _MASKED)
       return treedef.unflatten(values)[blocks]
 
     # 1. Forward: the blocks in a scan, keeping each block's input.
     x0, embed_vjp = jax.vjp(lambda o: embed_fn(o, batch), outer)
     x_last, inputs = jax.lax.scan(
-      lambda x, i: (block_fn(block_params(leaves, i), x), x), x0, jnp.arange(num_blocks)
+      lambda x, i: (block_fn(block_params(i), x), x), x0, jnp.arange(num_blocks)
     )
 
     # 2. The head: loss, gradients, and the update of what the embedding does not read.
@@ -288,32 +288,40 @@ def layerwise_train_step(
       flat_of(g_head), float_leaves, _select(opt_state, treedef, early), early, leaves
     )
 
-    # 3. Reverse scan: each block's VJP and the update of its projected slices.
+    # 3. Reverse scan: each block's VJP and the update of its projected slices. The carry
+    # holds the stacks and, read out by the previous iteration, block i's slices of them:
+    # each iteration writes block i into the stacks, then reads block i - 1 from what it
+    # wrote, so the stacks are only ever written in place (read in the same iteration
+    # before the write, XLA would copy whole stacks to keep the old values readable).
+    def take_block(stacks, state, i):
+      now = [_take(c, i) if s else _MASKED for c, s in zip(stacks, in_scan)]
+      sub = trees.map_param_trees(
+        lambda j, v: _take(v, i) if in_scan[j] and not _masked(v) else v, treedef, state
+      )
+      return now, sub
+
     def backward(carry, xs):
-      g_x, block_leaves, scan_state = carry
+      g_x, stacks, state, now, sub = carry
       i, x_in = xs
-      _, block_vjp = jax.vjp(block_fn, block_params(block_leaves, i), x_in)
+      params_i = block_params(i, now)
+      _, block_vjp = jax.vjp(block_fn, params_i, x_in)
       g_block, g_x = block_vjp(g_x)
       g_flat = flat_of(block=g_block)
-      p_flat = flat_of(block=block_params(block_leaves, i))
-      sub = trees.map_param_trees(
-        lambda j, v: _take(v, i) if in_scan[j] and not _masked(v) else v, treedef, scan_state
-      )
       grads = [g[None] if s else g for g, s in zip(g_flat, in_scan)]
-      params = [p[None] if s else p for p, s in zip(p_flat, in_scan)]
-      block_leaves, new_sub = update(grads, params, sub, in_scan, block_leaves, i)
-      scan_state = trees.map_param_trees(
-        lambda j, v, n: _put(v, n, i) if in_scan[j] and not _masked(v) else v,
-        treedef,
-        scan_state,
-        new_sub,
+      params = [p[None] if s else p for p, s in zip(flat_of(block=params_i), in_scan)]
+      now, sub = update(grads, params, sub, in_scan, now, block=i)
+      stacks = [_put(c, n, i) if s else c for c, n, s in zip(stacks, now, in_scan)]
+      state = trees.map_param_trees(
+        lambda j, v, n: _put(v, n, i) if in_scan[j] and not _masked(v) else v, treedef, state, sub
       )
+      now, sub = take_block(stacks, state, jnp.maximum(i - 1, 0))
       stacked = [g if b and not s else _MASKED for g, b, s in zip(g_flat, in_blocks, in_scan)]
-      return (g_x, block_leaves, scan_state), stacked
+      return (g_x, stacks, state, now, sub), stacked
 
-    carry_leaves = [p if s else _MASKED for p, s in zip(new_leaves, in_scan)]
-    carry = (g_x, carry_leaves, _select(opt_state, treedef, in_scan))
-    (g_x0, carry_leaves, state_scan), stacked = jax.lax.scan(
+    stacks = [p if s else _MASKED for p, s in zip(new_leaves, in_scan)]
+    state = _select(opt_state, treedef, in_scan)
+    carry = (g_x, stacks, state, *take_block(stacks, state, num_blocks - 1))
+    (g_x0, stacks, state_scan, _, _), stacked = jax.lax.scan(
       backward, carry, (jnp.arange(num_blocks), inputs), reverse=True
     )
 
@@ -324,7 +332,7 @@ def layerwise_train_step(
     late = [not e and not s for e, s in zip(early, in_scan)]
     grads = [st if b else g for st, g, b in zip(stacked, flat_of(g_outer), in_blocks)]
     params = [_float(p, dtype) if b else f for p, f, b in zip(leaves, float_leaves, in_blocks)]
-    new_leaves = [c if s else p for p, c, s in zip(new_leaves, carry_leaves, in_scan)]
+    new_leaves = [c if s else p for p, c, s in zip(new_leaves, stacks, in_scan)]
     new_leaves, state_late = update(
       grads, params, _select(opt_state, treedef, late), late, new_leaves
     )
