@@ -11,7 +11,9 @@ Three things, each small:
   sharded along dim 0 (:func:`local_rows`), and the checks that refuse the layouts the
   optimizer does not handle (:func:`check_dtensor_param`);
 * whether layer-wise hooks would update before a data-parallel reduction
-  (:func:`layerwise_refusal`).
+  (:func:`layerwise_refusal`);
+* the broadcast of INT8 weights' codes that DDP's own initial broadcast cannot do
+  (:func:`broadcast_int8_weights`).
 """
 
 import torch
@@ -169,3 +171,41 @@ def layerwise_refusal(params, local_gradients: bool) -> str | None:
       " gradients"
     )
   return None
+
+
+@torch.no_grad()
+def broadcast_int8_weights(module, src=0, process_group=None) -> int:
+  """Copies every INT8 weight of ``module`` from process ``src`` to the others, in place.
+
+  ``DistributedDataParallel`` broadcasts the parameters when it is built, by writing float
+  values into them, which an :class:`~qgalore_torch.Int8Weight` refuses (its codes are not
+  a float tensor). Build DDP with ``init_sync=False`` and call this first: it broadcasts the
+  codes, scales and zeros themselves, so every process holds the same INT8 weights bit for
+  bit. The other parameters and buffers still need syncing, as ``init_sync`` would have
+  done: seed the model's initialisation alike on every process, load the same checkpoint,
+  or broadcast them with ``torch.distributed.broadcast``.
+
+  Args:
+    module: the model (before wrapping it in DDP).
+    src: the rank, in ``process_group``, whose weights the others take.
+    process_group: the group (``None``: the default group).
+
+  Returns:
+    The number of INT8 weights broadcast (call it on every process: the order of
+    ``module.parameters()`` must be the same everywhere).
+
+  Example:
+    >>> # model = quantize_linears(...); n = broadcast_int8_weights(model)
+    >>> # ddp = DistributedDataParallel(model, init_sync=False)
+  """
+  from qgalore_torch._src.int8 import Int8Weight
+
+  if process_group is not None:
+    src = dist.get_global_rank(process_group, src)
+  count = 0
+  for p in module.parameters():
+    if isinstance(p, Int8Weight):
+      for t in p.quantized():
+        dist.broadcast(t, src, group=process_group)
+      count += 1
+  return count

@@ -30,7 +30,9 @@ import torch
 from torch import nn
 
 from qgalore_torch import Int8Linear
+from qgalore_torch import Int8Weight
 from qgalore_torch import QGaLoreAdamW
+from qgalore_torch import broadcast_int8_weights
 from qgalore_torch._src import distributed
 
 WORLD = 2
@@ -45,13 +47,14 @@ pytestmark = pytest.mark.skipif(
 
 
 class Net(nn.Module):
-  """Two linears, ``(24, 16)`` (side right) and ``(12, 24)`` (side left), and optionally a
-  stack of two ``(12, 12)`` matrices."""
+  """Two linears, ``(hidden, 16)`` (side right) and ``(12, hidden)`` (side left), and
+  optionally a stack of two ``(12, 12)`` matrices. FSDP2 runs take ``hidden=25``: shards of
+  13 and 12 rows."""
 
-  def __init__(self, stack=True):
+  def __init__(self, stack=True, hidden=24, linear=nn.Linear):
     super().__init__()
-    self.l1 = nn.Linear(16, 24)
-    self.l2 = nn.Linear(24, 12)
+    self.l1 = linear(16, hidden)
+    self.l2 = linear(hidden, 12)
     self.stack = nn.Parameter(0.3 * torch.randn(2, 12, 12)) if stack else None
 
   def forward(self, x):
@@ -61,9 +64,9 @@ class Net(nn.Module):
     return h
 
 
-def _model(stack=True):
-  torch.manual_seed(0)
-  return Net(stack)
+def _model(stack=True, hidden=24, linear=nn.Linear, seed=0):
+  torch.manual_seed(seed)
+  return Net(stack, hidden, linear)
 
 
 def _data(nudge=False):
@@ -83,9 +86,9 @@ def _optimizer(model, **kwargs):
   return QGaLoreAdamW(groups, **OPT, **kwargs)
 
 
-def _train(model, opt, rows=slice(None), nudge=False):
+def _train(model, opt, rows=slice(None), nudge=False, steps=range(STEPS)):
   x, y = _data(nudge)
-  for t in range(STEPS):
+  for t in steps:
     loss = ((model(x[t, rows]) - y[t, rows]) ** 2).mean()
     loss.backward()
     opt.step()
@@ -93,14 +96,18 @@ def _train(model, opt, rows=slice(None), nudge=False):
 
 
 def _weights(module):
-  full = lambda t: t.full_tensor() if distributed.is_dtensor(t) else t
+  def full(t):
+    if distributed.is_dtensor(t):
+      return t.full_tensor()
+    return t.codes if isinstance(t, Int8Weight) else t  # the codes of INT8 weights
+
   return {k: full(v.detach()).clone() for k, v in module.named_parameters()}
 
 
-def _reference(stack=True, nudge=False):
-  model = _model(stack)
-  _train(model, _optimizer(model), nudge=nudge)
-  return _weights(model)
+def _reference(nudge=False, **model):
+  net = _model(**model)
+  _train(net, _optimizer(net), nudge=nudge)
+  return _weights(net)
 
 
 # ---- what each of the 2 processes runs ---------------------------------------------------
@@ -125,15 +132,37 @@ def _ddp_run(rank, split, **kwargs):
   return {"weights": _weights(model), "stats": opt.projection_stats(), "svds": svds}
 
 
-def _fsdp_run(**kwargs):
+def _int8_ddp_run(rank, **kwargs):
+  """DDP of INT8 layers built from a different seed on each process, synced by
+  broadcast_int8_weights (the biases by hand), the same batch on both processes."""
+  from torch.nn.parallel import DistributedDataParallel
+
+  model = _model(stack=False, linear=Int8Linear, seed=rank)
+  assert broadcast_int8_weights(model) == 2
+  for b in (model.l1.bias, model.l2.bias):
+    torch.distributed.broadcast(b.data, 0)
+  ddp = DistributedDataParallel(model, init_sync=False)
+  opt = _optimizer(model, **kwargs)
+  _train(ddp, opt)
+  return {"weights": _weights(model)}
+
+
+def _fsdp_run(resume=False, **kwargs):
   from torch.distributed.fsdp import fully_shard
 
-  model = _model(stack=False)
+  model = _model(stack=False, hidden=25)
   fully_shard(model.l1)
   fully_shard(model.l2)
   fully_shard(model)
   opt = _optimizer(model, **kwargs)
-  _train(model, opt)
+  if resume:  # a state_dict after 3 steps, loaded into a new optimizer
+    _train(model, opt, steps=range(3))
+    saved = opt.state_dict()
+    opt = _optimizer(model, **kwargs)
+    opt.load_state_dict(saved)
+    _train(model, opt, steps=range(3, STEPS))
+  else:
+    _train(model, opt)
   state = {
     name: {k: (type(v).__name__, tuple(getattr(v, "placements", ())), tuple(v.shape))}
     for name, p in model.named_parameters()
@@ -178,6 +207,19 @@ def _refusals():
     int8_opt.step()
 
   out["int8_fsdp"] = _errors(int8_fsdp)
+
+  int8 = _model(stack=False, linear=Int8Linear)
+  out["int8_ddp_init_sync"] = _errors(lambda: DistributedDataParallel(int8))
+
+  for name, placement, kwargs in [
+    ("columns", torch.distributed.tensor.Shard(1), {}),
+    ("moment_bits", torch.distributed.tensor.Shard(0), {"moment_bits": 8}),
+  ]:
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (WORLD,))
+    w = torch.distributed.tensor.distribute_tensor(torch.ones(8, 6), mesh, [placement])
+    w = nn.Parameter(w)
+    w.grad = torch.distributed.tensor.distribute_tensor(torch.ones(8, 6), mesh, [placement])
+    out[name] = _errors(QGaLoreAdamW([{"params": [w], "rank": 2}], **kwargs).step)
   return out
 
 
@@ -194,6 +236,9 @@ def _worker(rank, init_file, out_dir):
       "ddp_split_owner": _ddp_run(rank, split=True, refresh_mode="owner"),
       "fsdp": _fsdp_run(),
       "fsdp_owner": _fsdp_run(refresh_mode="owner"),
+      "fsdp_resumed": _fsdp_run(resume=True),
+      "int8_ddp": _int8_ddp_run(rank),
+      "int8_ddp_owner": _int8_ddp_run(rank, refresh_mode="owner"),
       "refusals": _refusals(),
     }
     torch.save(results, pathlib.Path(out_dir, f"rank{rank}.pt"))
@@ -272,22 +317,23 @@ def test_ddp_split_batch_equals_one_process_to_the_chaos_floor(runs):
 
 
 def test_fsdp2_equals_one_process_to_summation_order(runs):
-  want = _reference(stack=False)
+  want = _reference(stack=False, hidden=25)
   for rank in range(WORLD):
     got = runs[rank]["fsdp"]
     error = _relative_error(got["weights"], want)
     print(f"FSDP2 rank {rank}: relative error {error:.2e}")
     assert error <= 1e-5, error
     _assert_equal(runs[rank]["fsdp_owner"]["weights"], got["weights"])
+    _assert_equal(runs[rank]["fsdp_resumed"]["weights"], got["weights"])
 
 
 def test_fsdp2_state_is_sharded_like_its_param(runs):
   state = runs[0]["fsdp"]["state"]
   placements = {name: (s["exp_avg"][0], s["exp_avg"][2]) for name, s in state.items()}
   assert placements == {
-    "l1.weight": ("DTensor", (24, 4)),  # m x r, split by rows
-    "l1.bias": ("DTensor", (24,)),
-    "l2.weight": ("DTensor", (4, 24)),  # r x n, replicated
+    "l1.weight": ("DTensor", (25, 4)),  # m x r, split by rows
+    "l1.bias": ("DTensor", (25,)),
+    "l2.weight": ("DTensor", (4, 25)),  # r x n, replicated
     "l2.bias": ("DTensor", (12,)),
   }
   shards = {name: str(s["exp_avg"][1]) for name, s in state.items()}
@@ -300,6 +346,15 @@ def test_refusals_name_the_way_out(runs):
   assert refusals["layerwise_local"] is None
   assert "FSDP2" in refusals["layerwise_fsdp"]
   assert refusals["int8_fsdp"] is not None and "DistributedDataParallel" in refusals["int8_fsdp"]
+  assert "init_sync=False" in refusals["int8_ddp_init_sync"]
+  assert "Shard(dim=1)" in refusals["columns"] and "moment_bits=8" in refusals["moment_bits"]
+
+
+def test_int8_weights_under_ddp_equal_one_process_bit_for_bit(runs):
+  want = _reference(stack=False, linear=Int8Linear)
+  for rank in range(WORLD):
+    _assert_equal(runs[rank]["int8_ddp"]["weights"], want)
+    _assert_equal(runs[rank]["int8_ddp_owner"]["weights"], want)
 
 
 if __name__ == "__main__":

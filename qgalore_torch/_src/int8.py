@@ -166,7 +166,9 @@ class Int8Weight(torch.Tensor):
     if func._schema.is_mutable:
       raise TypeError(
         f"{func} would modify an INT8 weight in place; its codes are written by"
-        " QGaLoreAdamW or qgalore_torch.apply_int8_update"
+        " QGaLoreAdamW or qgalore_torch.apply_int8_update (DistributedDataParallel's initial"
+        " broadcast of the parameters does this: build it with init_sync=False after"
+        " qgalore_torch.broadcast_int8_weights(model))"
       )
     unwrap = lambda a: a.dequantize() if isinstance(a, Int8Weight) else a
     return func(*[unwrap(a) for a in args], **{k: unwrap(v) for k, v in kwargs.items()})
