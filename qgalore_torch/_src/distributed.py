@@ -59,8 +59,8 @@ def assign_owners(costs: list[int], world_size: int) -> list[int]:
     The owner rank (within the group) of each refresh, in the order of ``costs``.
 
   Example:
-    >>> assign_owners([1, 4, 4, 2], 2)
-    [0, 0, 1, 1]
+    >>> assign_owners([1, 4, 4, 2], 2)  # 4 to rank 0, 4 to rank 1, 2 to rank 0, 1 to rank 1
+    [1, 0, 1, 0]
   """
   load = [0] * world_size
   owners = [0] * len(costs)
