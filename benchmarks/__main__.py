@@ -99,8 +99,8 @@ BENCHMARKS = (
     [],
     "Refresh SVDs once per matrix on 2 processes (torch)",
     "A refresh step of `QGaLoreAdamW` on 2 processes holding the same all-reduced gradients"
-    " (as under DDP), LLaMA-60M's 56 projected matrices: `refresh_mode=\"redundant\"` (every"
-    " process computes every SVD) against `\"owner\"` (each SVD on one process, its INT4"
+    ' (as under DDP), LLaMA-60M\'s 56 projected matrices: `refresh_mode="redundant"` (every'
+    ' process computes every SVD) against `"owner"` (each SVD on one process, its INT4'
     " projector broadcast); the script checks that both give bit-identical weights. See"
     " [distributed_torch.md](distributed_torch.md).",
     ["torch_ddp_refresh_cpu_60M", "torch_ddp_refresh_cuda_60M"],

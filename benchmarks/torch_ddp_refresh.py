@@ -132,6 +132,7 @@ def _worker(rank, init_file, config, repeats, threads, device_type, out):
 
 def run(config="60M", repeats=5, threads=1, device="cpu"):
   """Spawns the 2 processes and gathers their measurements."""
+  load_before = os.getloadavg()[0]
   with tempfile.TemporaryDirectory() as out:
     args = (os.path.join(out, "init"), config, repeats, threads, device, out)
     torch.multiprocessing.spawn(_worker, args=args, nprocs=WORLD)
@@ -166,17 +167,19 @@ def run(config="60M", repeats=5, threads=1, device="cpu"):
     "machine": platform.machine(),
     "processor": platform.processor(),
     "cpus": os.cpu_count(),
+    "load_average_1min": [load_before, os.getloadavg()[0]],  # before and after: a shared CPU
     "date": datetime.date.today().isoformat(),
     **source_version(),
   }
 
 
 def to_markdown(result):
-  rows = result["modes"]
+  rows, load = result["modes"], result.get("load_average_1min", (float("nan"),) * 2)
   lines = [
     f"LLaMA-{result['config']}: {result['matrices']} projected matrices, rank {result['rank']},"
     f" {result['processes']} processes ({result['backend']}, {result['threads_per_process']}"
-    f" torch thread each), median of {result['repeats']} repeats, slower process's wall time.",
+    f" torch thread each), median of {result['repeats']} repeats, slower process's wall time."
+    f" {result['cpus']} CPUs; 1-minute load average {load[0]:.1f} before, {load[1]:.1f} after.",
     "",
     "| refresh_mode | refresh step (ms) | normal step (ms) | refresh alone (ms)"
     " | SVDs per process |",
