@@ -249,18 +249,39 @@ def _worker(rank, init_file, out_dir):
     torch.distributed.destroy_process_group()
 
 
+def _spawn(out_dir):
+  """Runs :func:`_worker` on 2 processes; each saves its results into ``out_dir``."""
+  init_file = os.path.join(out_dir, f"init_{os.getpid()}")  # fresh for each attempt
+  try:
+    torch.multiprocessing.spawn(_worker, args=(init_file, out_dir), nprocs=WORLD)
+  except Exception as e:
+    errors = sorted(pathlib.Path(out_dir).glob("*.err"))
+    detail = "\n".join(f.read_text() for f in errors)
+    raise AssertionError(f"a process failed:\n{detail}") from e
+
+
 @pytest.fixture(scope="module")
-def runs():
-  """``[results of rank 0, results of rank 1]``, from one spawn of 2 gloo processes."""
-  with tempfile.TemporaryDirectory() as out_dir:
-    init_file = os.path.join(out_dir, "init")
-    try:
-      torch.multiprocessing.spawn(_worker, args=(init_file, out_dir), nprocs=WORLD)
-    except Exception as e:
-      errors = sorted(pathlib.Path(out_dir).glob("*.err"))
-      detail = "\n".join(f.read_text() for f in errors)
-      raise AssertionError(f"a process failed:\n{detail}") from e
-    return [torch.load(pathlib.Path(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+def runs(tmp_path_factory):
+  """``[results of rank 0, results of rank 1]``, from one spawn of 2 gloo processes.
+
+  Under pytest-xdist the tests of this module may run on several workers: the first one to
+  get here spawns, the others wait on a lock and read its results (the session's shared
+  temporary directory), so the processes are spawned once per session.
+  """
+  load = lambda d: [torch.load(pathlib.Path(d, f"rank{r}.pt")) for r in range(WORLD)]
+  if os.environ.get("PYTEST_XDIST_WORKER") is None:
+    with tempfile.TemporaryDirectory() as out_dir:
+      _spawn(out_dir)
+      return load(out_dir)
+  from filelock import FileLock
+
+  shared = tmp_path_factory.getbasetemp().parent / "qgalore_torch_distributed_test"
+  with FileLock(str(shared) + ".lock"):
+    if not (shared / "done").exists():
+      shared.mkdir(exist_ok=True)
+      _spawn(str(shared))
+      (shared / "done").touch()
+  return load(shared)
 
 
 def _assert_equal(got, want):
@@ -355,6 +376,17 @@ def test_int8_weights_under_ddp_equal_one_process_bit_for_bit(runs):
   for rank in range(WORLD):
     _assert_equal(runs[rank]["int8_ddp"]["weights"], want)
     _assert_equal(runs[rank]["int8_ddp_owner"]["weights"], want)
+
+
+def test_refresh_mode_is_checked_and_owner_needs_a_process_group():
+  model = _model(stack=False)
+  with pytest.raises(ValueError, match="refresh_mode"):
+    _optimizer(model, refresh_mode="everyone")
+  opt = _optimizer(model, refresh_mode="owner")
+  model(torch.ones(2, 16)).sum().backward()
+  assert not torch.distributed.is_initialized()
+  with pytest.raises(RuntimeError, match="init_process_group"):
+    opt.step()
 
 
 if __name__ == "__main__":
