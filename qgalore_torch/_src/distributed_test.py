@@ -16,7 +16,12 @@ What is compared, and how exactly:
 * ``refresh_mode="owner"`` against ``"redundant"``: bit for bit (the owner computes the same
   SVD of the same all-reduced gradient).
 * FSDP2 with the same batch on both processes: the gradients are those of 1 process, the
-  sharded arithmetic sums ``P^T G`` in another order, so relative Frobenius error <= 1e-5.
+  sharded arithmetic sums ``P^T G`` in another order, so relative Frobenius error <= 1e-5;
+  a ``state_dict`` loaded into a new optimizer resumes bit for bit.
+* INT8 layers under DDP (``init_sync=False`` after ``broadcast_int8_weights``), the same
+  batch on both processes: the codes of the 1-process run, bit for bit.
+* The refusals (layer-wise hooks under DDP and FSDP2, INT8 weights and other layouts under
+  FSDP2) raise errors that name the way out.
 """
 
 import os
