@@ -229,11 +229,14 @@ def _refusals():
 
 
 def _worker(rank, init_file, out_dir):
+  early = _model(stack=False)  # layer-wise hooks registered before the process group exists
+  _optimizer(early).register_layerwise_hooks()
   torch.distributed.init_process_group(
     "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD
   )
   torch.set_num_threads(1)
   try:
+    late_refusal = _errors(lambda: early(torch.ones(2, 16)).sum().backward())
     results = {
       "ddp_same": _ddp_run(rank, split=False),
       "ddp_same_owner": _ddp_run(rank, split=False, refresh_mode="owner"),
@@ -244,7 +247,7 @@ def _worker(rank, init_file, out_dir):
       "fsdp_resumed": _fsdp_run(resume=True),
       "int8_ddp": _int8_ddp_run(rank),
       "int8_ddp_owner": _int8_ddp_run(rank, refresh_mode="owner"),
-      "refusals": _refusals(),
+      "refusals": {**_refusals(), "layerwise_registered_early": late_refusal},
     }
     torch.save(results, pathlib.Path(out_dir, f"rank{rank}.pt"))
   except Exception:
@@ -371,6 +374,7 @@ def test_refusals_name_the_way_out(runs):
   assert "DDP" in refusals["layerwise_ddp"] and "local_gradients" in refusals["layerwise_ddp"]
   assert refusals["layerwise_local"] is None
   assert "FSDP2" in refusals["layerwise_fsdp"]
+  assert "DDP" in refusals["layerwise_registered_early"]
   assert refusals["int8_fsdp"] is not None and "DistributedDataParallel" in refusals["int8_fsdp"]
   assert "init_sync=False" in refusals["int8_ddp_init_sync"]
   assert "Shard(dim=1)" in refusals["columns"] and "moment_bits=8" in refusals["moment_bits"]

@@ -551,7 +551,8 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     Distributed training: refused (``ValueError``) on FSDP2 (DTensor) parameters, and
     whenever ``torch.distributed`` is initialised with more than one process, since a hook
     would update before DDP's all-reduce. DDP leaves no mark on the parameters it reduces,
-    so the check is on the process group; ``local_gradients=True`` states that no process
+    so the check is on the process group, here and again at each hook's first call (for a
+    group initialised after the hooks); ``local_gradients=True`` states that no process
     reduces these gradients (e.g. independent runs that share a process group).
 
     Args:
@@ -577,17 +578,21 @@ class QGaLoreAdamW(torch.optim.Optimizer):
       raise ValueError(f"layer-wise hooks refused: {refusal}")
     return [
       p.register_post_accumulate_grad_hook(
-        self._layerwise_hook(group, accumulation_steps, tensor_id)
+        self._layerwise_hook(group, accumulation_steps, tensor_id, local_gradients)
       )
       for tensor_id, group, p in self._indexed_params()
       if p.requires_grad
     ]
 
-  def _layerwise_hook(self, group, accumulation_steps, tensor_id):
+  def _layerwise_hook(self, group, accumulation_steps, tensor_id, local_gradients):
     received = 0
 
     def hook(p):
       nonlocal received
+      if received == 0:  # a process group initialised after the hooks were registered
+        refusal = distributed.layerwise_refusal([p], local_gradients)
+        if refusal is not None:
+          raise ValueError(f"layer-wise hooks refused: {refusal}")
       received += 1
       if received % accumulation_steps == 0:
         with torch.no_grad():
