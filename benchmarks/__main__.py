@@ -95,6 +95,17 @@ BENCHMARKS = (
     ["torch_step_variants_cpu_60M"],
   ),
   (
+    "torch_ddp_refresh",
+    [],
+    "Refresh SVDs once per matrix on 2 processes (torch)",
+    "A refresh step of `QGaLoreAdamW` on 2 processes holding the same all-reduced gradients"
+    ' (as under DDP), LLaMA-60M\'s 56 projected matrices: `refresh_mode="redundant"` (every'
+    ' process computes every SVD) against `"owner"` (each SVD on one process, its INT4'
+    " projector broadcast); the script checks that both give bit-identical weights. See"
+    " [distributed_torch.md](distributed_torch.md).",
+    ["torch_ddp_refresh_cpu_60M", "torch_ddp_refresh_cuda_60M"],
+  ),
+  (
     "layerwise_memory",
     [],
     "Layer-wise updates in torch: peak memory of an iteration",

@@ -4,6 +4,7 @@ The twin of ``qgalore_jax``: the same module and function names, the same number
 ``docs/spec.md`` (the numerical contract) and arXiv 2407.08296 (the method).
 """
 
+from qgalore_torch._src.distributed import broadcast_int8_weights
 from qgalore_torch._src.generator import uniforms
 from qgalore_torch._src.int8 import Int8Linear
 from qgalore_torch._src.int8 import Int8Weight
@@ -38,6 +39,7 @@ __all__ = (
   "QuantizedTensor",
   "SubspaceState",
   "apply_int8_update",
+  "broadcast_int8_weights",
   "compute_projector",
   "dequantize",
   "dequantize_linears",

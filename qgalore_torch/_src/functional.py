@@ -244,6 +244,8 @@ def projected_step_(
   *,
   seed=0,
   tensor_id=0,
+  side=None,
+  reduce=None,
 ):
   r"""One Q-GaLore step of a projected (out, in) matrix, in place (docs/spec.md sections 1, 5, 6).
 
@@ -269,9 +271,16 @@ def projected_step_(
     scale: GaLore's ``alpha``, multiplies the back-projected update.
     seed: see :func:`apply_update`.
     tensor_id: see :func:`apply_update`.
+    side: the projector side; defaults to that of ``param``'s shape. A row shard of a
+      matrix (FSDP2) passes the whole matrix's side, with ``basis_RxK`` the basis of its rows
+      for side ``"left"``.
+    reduce: optional in-place sum of the low-rank gradient over the shards (side
+      ``"left"``, where each row shard projects to a partial ``P^T G``).
   """
-  side = proj.projector_side(tuple(param.shape))
-  low_rank = proj.project(grad_MxN, basis_RxK)
+  side = proj.projector_side(tuple(param.shape)) if side is None else side
+  low_rank = proj.project(grad_MxN, basis_RxK, side)
+  if reduce is not None:
+    reduce(low_rank)
   u = adam_direction(low_rank, exp_avg, exp_avg_sq, step, b1, b2, eps, scratch=low_rank)
   if _is_float32(param):
     apply_in_matmul_(param, u, basis_RxK, side, lr, weight_decay, scale)

@@ -166,7 +166,9 @@ class Int8Weight(torch.Tensor):
     if func._schema.is_mutable:
       raise TypeError(
         f"{func} would modify an INT8 weight in place; its codes are written by"
-        " QGaLoreAdamW or qgalore_torch.apply_int8_update"
+        " QGaLoreAdamW or qgalore_torch.apply_int8_update (DistributedDataParallel's initial"
+        " broadcast of the parameters does this: build it with init_sync=False after"
+        " qgalore_torch.broadcast_int8_weights(model))"
       )
     unwrap = lambda a: a.dequantize() if isinstance(a, Int8Weight) else a
     return func(*[unwrap(a) for a in args], **{k: unwrap(v) for k, v in kwargs.items()})
@@ -349,7 +351,21 @@ class Int8Linear(nn.Module):
     return self.weight.dequantize()
 
   def forward(self, x):
-    """``x W^T + b`` in ``x.dtype``."""
+    """``x W^T + b`` in ``x.dtype``.
+
+    Raises:
+      TypeError: if ``weight`` is no longer an :class:`Int8Weight`. FSDP2's ``fully_shard``
+        does that: it shards every parameter as a float tensor (dequantising the codes), and
+        the layer would silently train a float32 weight.
+    """
+    if not isinstance(self.weight, Int8Weight):
+      raise TypeError(
+        f"Int8Linear's weight is a {type(self.weight).__name__}, not an Int8Weight: it was"
+        " replaced, e.g. by FSDP2's fully_shard, which shards parameters as float tensors."
+        " INT8 weights are not supported under FSDP2: train them under"
+        " DistributedDataParallel, or turn the layers into float nn.Linear with"
+        " qgalore_torch.dequantize_linears before fully_shard"
+      )
     return _Int8LinearFunction.apply(x, self.weight, self.bias)
 
   def extra_repr(self):

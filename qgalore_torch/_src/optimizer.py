@@ -18,6 +18,7 @@ synchronises, since ``torch.linalg.svd`` does.
 
 import torch
 
+from qgalore_torch._src import distributed
 from qgalore_torch._src import functional
 from qgalore_torch._src import generator
 from qgalore_torch._src import moments
@@ -197,6 +198,25 @@ class QGaLoreAdamW(torch.optim.Optimizer):
       the attribute ``projector_fn``, not in the param groups, so ``state_dict`` stays
       tensors and plain values. It replaces the full SVD, so a group with another
       ``svd_method`` is refused.
+    refresh_mode: who computes a refresh's SVD when several processes train one model
+      (DDP; docs/distributed_torch.md): ``"redundant"`` (the default), every process
+      computes every SVD on its own copy of the all-reduced gradient; ``"owner"``, the
+      SVDs due on a step are dealt out to the processes of ``process_group`` (largest
+      first, each to the least loaded process), each computed by its owner alone and its
+      stored projector and schedule broadcast to the others. The weights are bit for bit
+      those of ``"redundant"``: the owner computes the same SVD of the same gradient. Needs
+      an initialised process group and the same param groups on every process.
+    process_group: the group of ``refresh_mode="owner"`` (``None``: the default group).
+      Kept as an attribute, not in the param groups.
+
+  FSDP2 (``torch.distributed.fsdp.fully_shard``): a parameter may be a DTensor on a 1-D
+  mesh, sharded along dim 0 (the default) or replicated. A refresh gathers the matrix's full
+  gradient (``full_tensor()``) for its SVD; every other step is local to the shard for
+  ``m >= n`` (the low-rank gradient ``G P^T`` and its moments are split by rows like the
+  weight) and all-reduces the ``r x n`` low-rank gradient ``P^T G`` for ``m < n`` (its
+  moments are replicated). Full-size moments (plain AdamW) are DTensors sharded like their
+  parameter. Refused on DTensors: INT8 weights, ``batch_axes``, 8-bit moments and
+  ``skip_nonfinite``.
 
   Example:
     >>> import torch
@@ -245,8 +265,16 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     min_8bit_size=moments.MIN_QUANTIZED_SIZE,
     skip_nonfinite=False,
     projector_fn=None,
+    refresh_mode="redundant",
+    process_group=None,
   ):
     check_int(seed, "seed", minimum=0)
+    check_choice(refresh_mode, "refresh_mode", distributed.REFRESH_MODES)
+    if refresh_mode == "owner" and not distributed.available():
+      raise ValueError("refresh_mode='owner' needs torch.distributed, which this build lacks")
+    self.refresh_mode = refresh_mode
+    self.process_group = process_group
+    self._refreshed = frozenset()  # (tensor id, slice) refreshed this step by the owner pass
     if not isinstance(skip_nonfinite, bool):
       raise TypeError(
         f"`skip_nonfinite` must be a bool, got {type(skip_nonfinite).__name__} {skip_nonfinite!r}"
@@ -341,8 +369,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         loss = closure()
     todo = [(i, group, p) for i, group, p in self._indexed_params() if p.grad is not None]
     if not self.skip_nonfinite:
-      for tensor_id, group, p in todo:
-        self._update(p, group, tensor_id)
+      self._update_all(todo)
       return loss
     self._resolve_pending()
     if not todo:
@@ -350,8 +377,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     ok = _finite_flags([p.grad for _, _, p in todo])
     if _reads_freely(ok) or any(self._refresh_due(p, g) for _, g, p in todo):
       if all(bool(flag) for flag in ok.values()):
-        for tensor_id, group, p in todo:
-          self._update(p, group, tensor_id)
+        self._update_all(todo)
       else:
         for _, group, p in todo:
           self._count_skip(p, group)
@@ -360,6 +386,72 @@ class QGaLoreAdamW(torch.optim.Optimizer):
       self._masked_update(p, group, tensor_id, ok[p.device])
     self._pending = (_PendingFlag(next(iter(ok.values()))), [(p, g) for _, g, p in todo])
     return loss
+
+  def _update_all(self, todo):
+    """:meth:`_update` of each ``(tensor_id, group, p)``, after the owner pass if enabled."""
+    if self.refresh_mode == "owner":
+      self._refreshed = self._owner_refresh(todo)
+    try:
+      for tensor_id, group, p in todo:
+        self._update(p, group, tensor_id)
+    finally:
+      self._refreshed = frozenset()
+
+  def _owner_refresh(self, todo):
+    """Computes each refresh due on this step on one process and broadcasts it.
+
+    Every process finds the same due matrices from its (identical) schedules and deals them
+    out with :func:`~qgalore_torch._src.distributed.assign_owners`. Each owner runs
+    :meth:`_refresh` of its matrices; then the stored projector and the schedule of every
+    due matrix are broadcast from its owner, in the same order on every process.
+
+    Returns:
+      The set of ``(tensor_id, slice_index)`` refreshed, which :meth:`_projector` skips.
+    """
+    if not distributed.dist.is_initialized():
+      raise RuntimeError(
+        "refresh_mode='owner' needs an initialised process group:"
+        " call torch.distributed.init_process_group before the first step"
+      )
+    pg = self.process_group
+    world, me = distributed.dist.get_world_size(pg), distributed.dist.get_rank(pg)
+    due = []  # (tensor_id, slice_index, index, p, group, matrix shape)
+    for tensor_id, group, p in todo:
+      if "rank" not in group:
+        continue
+      if not self.state[p]:
+        self._init_state(p, group)
+      state = self.state[p]
+      layout = _stack_layout(p, group)
+      for slice_index, index in enumerate(layout.indices()):
+        subspace = schedule.SubspaceState(*(state[key][index] for key in _SCHEDULE_KEYS))
+        if bool(schedule.refresh_due(subspace, state["step"])):
+          due.append((tensor_id, slice_index, index, p, group, layout.matrix_shape))
+    owners = distributed.assign_owners([distributed.refresh_cost(d[5]) for d in due], world)
+    keys = lambda state: [k for k in state if k.startswith("proj_") or k in _SCHEDULE_KEYS]
+    for (tensor_id, slice_index, index, p, group, _), owner in zip(due, owners, strict=True):
+      if distributed.is_dtensor(p):  # every process takes part in the gather
+        grad_MxN = p.grad.full_tensor().to(torch.float32)
+      elif owner == me:
+        grad_MxN = as_separate(_stack_layout(p, group).to_stack(p.grad)[index])
+        grad_MxN = grad_MxN.to(torch.float32)
+      if owner != me:
+        continue
+      state = self.state[p]
+      views = {key: state[key][index] for key in keys(state)}
+      matrix_state = dict(views)
+      self._refresh(matrix_state, grad_MxN, group, state["step"], (tensor_id, slice_index))
+      for key, view in views.items():
+        view.copy_(matrix_state[key])
+    works = []
+    for (_, _, index, p, _, _), owner in zip(due, owners, strict=True):
+      src = owner if pg is None else distributed.dist.get_global_rank(pg, owner)
+      state = self.state[p]
+      for key in keys(state):
+        works.append(_broadcast(state[key][index], src, pg, p.device))
+    for wait in works:
+      wait()
+    return frozenset((d[0], d[1]) for d in due)
 
   def _refresh_due(self, p, group):
     """Whether any matrix of ``p`` refreshes at its next step (reads CPU tensors only)."""
@@ -440,7 +532,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     params = ((group, p) for group in self.param_groups for p in group["params"])
     return [(i, group, p) for i, (group, p) in enumerate(params)]
 
-  def register_layerwise_hooks(self, accumulation_steps=1):
+  def register_layerwise_hooks(self, accumulation_steps=1, *, local_gradients=False):
     """Runs each parameter's update inside ``backward()``, once its gradient is complete.
 
     Layer-wise mode (GaLore section 4.2): a parameter is updated as soon as autograd has
@@ -456,8 +548,16 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     trainable parameter a gradient in every micro-batch. Do not call :meth:`step` or
     ``zero_grad`` in this mode; learning-rate schedulers work as usual.
 
+    Distributed training: refused (``ValueError``) on FSDP2 (DTensor) parameters, and
+    whenever ``torch.distributed`` is initialised with more than one process, since a hook
+    would update before DDP's all-reduce. DDP leaves no mark on the parameters it reduces,
+    so the check is on the process group, here and again at each hook's first call (for a
+    group initialised after the hooks); ``local_gradients=True`` states that no process
+    reduces these gradients (e.g. independent runs that share a process group).
+
     Args:
       accumulation_steps: micro-batches per optimizer step (>= 1).
+      local_gradients: see above.
 
     Returns:
       The hook handles; ``handle.remove()`` on each goes back to normal mode.
@@ -472,19 +572,27 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         " layer-wise mode updates as they arrive: build the optimizer with"
         " skip_nonfinite=False to use layer-wise hooks"
       )
+    params = [p for _, _, p in self._indexed_params() if p.requires_grad]
+    refusal = distributed.layerwise_refusal(params, local_gradients)
+    if refusal is not None:
+      raise ValueError(f"layer-wise hooks refused: {refusal}")
     return [
       p.register_post_accumulate_grad_hook(
-        self._layerwise_hook(group, accumulation_steps, tensor_id)
+        self._layerwise_hook(group, accumulation_steps, tensor_id, local_gradients)
       )
       for tensor_id, group, p in self._indexed_params()
       if p.requires_grad
     ]
 
-  def _layerwise_hook(self, group, accumulation_steps, tensor_id):
+  def _layerwise_hook(self, group, accumulation_steps, tensor_id, local_gradients):
     received = 0
 
     def hook(p):
       nonlocal received
+      if received == 0:  # a process group initialised after the hooks were registered
+        refusal = distributed.layerwise_refusal([p], local_gradients)
+        if refusal is not None:
+          raise ValueError(f"layer-wise hooks refused: {refusal}")
       received += 1
       if received % accumulation_steps == 0:
         with torch.no_grad():
@@ -494,7 +602,13 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     return hook
 
   def _init_state(self, p, group):
-    """Puts :meth:`_zero_state` into ``self.state[p]``."""
+    """Puts :meth:`_zero_state` into ``self.state[p]``, once a DTensor ``p`` is checked."""
+    if distributed.is_dtensor(p):
+      where = path_str(
+        next(i for i, g in enumerate(self.param_groups) if g is group),
+        next(i for i, q in enumerate(group["params"]) if q is p),
+      )
+      distributed.check_dtensor_param(p, where, group, self.skip_nonfinite)
     self.state[p].update(self._zero_state(p, group))
 
   @staticmethod
@@ -509,6 +623,8 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     section 1.3).
     """
     state = {"step": torch.zeros([], dtype=torch.float32, device=_HOST)}
+    if distributed.is_dtensor(p):
+      return {**state, **_dtensor_zero_state(p, group)}
     if "rank" not in group:
       moment_bits, min_size = group["moment_bits"], group["min_8bit_size"]
       zeros = [
@@ -528,6 +644,9 @@ class QGaLoreAdamW(torch.optim.Optimizer):
   def _update(self, p, group, tensor_id):
     if p.grad.is_sparse:
       raise RuntimeError("QGaLoreAdamW does not support sparse gradients")
+    if distributed.is_dtensor(p):
+      self._update_dtensor(p, group, tensor_id)
+      return
     if not self.state[p]:
       self._init_state(p, group)
     state = self.state[p]
@@ -561,7 +680,10 @@ class QGaLoreAdamW(torch.optim.Optimizer):
 
     ``slice_index`` is the matrix's row-major index in its stack (0 for a 2-D parameter).
     """
-    basis_RxK = self._projector(state, grad_MxN, group, step, (rounding["tensor_id"], slice_index))
+    matrix_id = (rounding["tensor_id"], slice_index)
+    basis_RxK = self._projector(
+      state, tuple(grad_MxN.shape), lambda: grad_MxN, group, step, matrix_id
+    )
     exp_avg, exp_avg_sq = _load_moments(state)
     scale = _number(group["scale"])
     functional.projected_step_(
@@ -601,35 +723,94 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     for key, values in restacked.items():
       state[key] = torch.stack(values).reshape(*layout.batch_shape, *values[0].shape)
 
-  def _projector(self, state, grad_MxN, group, step, matrix_id):
+  def _projector(self, state, shape, grad_fn, group, step, matrix_id):
     """The float32 ``basis_RxK`` of this step, refreshed first if due (docs/spec.md section 4).
 
-    ``state`` is one matrix's; ``step`` is its 0-based step, which the schedule reads;
-    ``matrix_id`` is ``(tensor id, slice index)``, which with ``step`` keys its sketch.
+    ``state`` is one matrix's, of canonical ``shape``; ``grad_fn()`` gives its float32 full
+    gradient, called on a refresh only (a DTensor's is gathered then); ``step`` is its
+    0-based step, which the schedule reads; ``matrix_id`` is ``(tensor id, slice index)``,
+    which with ``step`` keys its sketch. A matrix in ``self._refreshed`` was refreshed by
+    :meth:`_owner_refresh` on this step already.
     """
+    subspace = schedule.SubspaceState(*(state[key] for key in _SCHEDULE_KEYS))
+    # CPU tensors only: deciding costs no device synchronisation.
+    if matrix_id not in self._refreshed and bool(schedule.refresh_due(subspace, step)):
+      self._refresh(state, grad_fn(), group, step, matrix_id)
+    bits, group_size = group["proj_bits"], group["proj_group_size"]
+    stored = proj.stored_from_state(state, bits)
+    return proj.load_projector(stored, proj.basis_shape(shape, group["rank"]), bits, group_size)
+
+  def _refresh(self, state, grad_MxN, group, step, matrix_id):
+    """Refreshes one matrix's stored projector and schedule in ``state`` from ``grad_MxN``."""
     rank, bits, group_size = group["rank"], group["proj_bits"], group["proj_group_size"]
     stored = proj.stored_from_state(state, bits)
     subspace = schedule.SubspaceState(*(state[key] for key in _SCHEDULE_KEYS))
     basis_shape = proj.basis_shape(tuple(grad_MxN.shape), rank)
-    # CPU tensors only: deciding costs no device synchronisation.
-    if bool(schedule.refresh_due(subspace, step)):
-      key = (step.to(torch.int64), *matrix_id)
-      previous = lambda: proj.load_projector(stored, basis_shape, bits, group_size)
-      first = int(subspace.svd_count) == 0
-      stored, subspace = functional.refresh_projector(
-        grad_MxN,
-        stored,
-        subspace,
-        rank,
-        bits,
-        group_size,
-        group["cos_threshold"],
-        group["gamma_proj"],
-        projector_fn=self._basis_fn(group, key, previous, first, grad_MxN.device),
+    key = (step.to(torch.int64), *matrix_id)
+    previous = lambda: proj.load_projector(stored, basis_shape, bits, group_size)
+    first = int(subspace.svd_count) == 0
+    stored, subspace = functional.refresh_projector(
+      grad_MxN,
+      stored,
+      subspace,
+      rank,
+      bits,
+      group_size,
+      group["cos_threshold"],
+      group["gamma_proj"],
+      projector_fn=self._basis_fn(group, key, previous, first, grad_MxN.device),
+    )
+    state.update(proj.stored_to_state(stored))
+    state.update(subspace._asdict())
+
+  def _update_dtensor(self, p, group, tensor_id):
+    """:meth:`_update` of an FSDP2 parameter: a DTensor sharded along dim 0, or replicated.
+
+    The arithmetic is that of a plain tensor, on this process's shard: elementwise for
+    plain AdamW; for a projected matrix the refresh gathers the full gradient, and the
+    projection, Adam and back-projection run on the shard's rows (``m >= n``), or on the
+    all-reduced ``P^T G`` (``m < n``).
+    """
+    if not self.state[p]:
+      self._init_state(p, group)
+    state = self.state[p]
+    local = {k: v.to_local() if distributed.is_dtensor(v) else v for k, v in state.items()}
+    p_local, grad = p.to_local(), p.grad.to_local().to(torch.float32)
+    step = state["step"]
+    count = step + 1
+    b1, b2 = (_number(b) for b in group["betas"])
+    hyper = (b1, b2, *(_number(group[key]) for key in ("eps", "lr", "weight_decay")))
+    exp_avg, exp_avg_sq = local["exp_avg"], local["exp_avg_sq"]
+    if "rank" not in group:
+      functional.adamw_step_(
+        p_local, grad, exp_avg, exp_avg_sq, count, *hyper, seed=group["seed"], tensor_id=tensor_id
       )
-      state.update(proj.stored_to_state(stored))
-      state.update(subspace._asdict())
-    return proj.load_projector(stored, basis_shape, bits, group_size)
+    else:
+      shape = tuple(p.shape)
+      full_grad = lambda: p.grad.full_tensor().to(torch.float32)
+      basis_RxK = self._projector(local, shape, full_grad, group, step, (tensor_id, 0))
+      side, reduce = proj.projector_side(shape), None
+      if side == proj.LEFT and p.placements[0] != distributed.Replicate():
+        start, stop = distributed.local_rows(p)
+        basis_RxK = basis_RxK[:, start:stop]
+        pg = p.device_mesh.get_group()
+        reduce = lambda low_rank: distributed.dist.all_reduce(low_rank, group=pg)
+      functional.projected_step_(
+        p_local,
+        grad,
+        basis_RxK,
+        exp_avg,
+        exp_avg_sq,
+        count,
+        *hyper,
+        _number(group["scale"]),
+        side=side,
+        reduce=reduce,
+      )
+      for key in local:
+        if not distributed.is_dtensor(state[key]):
+          state[key] = local[key]  # the projector and schedule a refresh replaced
+    state["step"] = count
 
   def _basis_fn(self, group, key, previous, first, device):
     """``(grad_MxN, rank) -> basis_RxK`` of the group's ``svd_method`` (docs/spec.md 2.6).
@@ -779,6 +960,50 @@ def _check_saved_groups(groups, saved_groups):
           f" this optimizer's has {key}={show(mine)}: build the optimizer with the saved"
           f" settings, or leave its state fresh"
         )
+
+
+def _dtensor_zero_state(p, group):
+  """The zero state of a DTensor parameter, without ``step`` (float32 moments only).
+
+  Full-size moments are DTensors sharded like ``p``; a projected matrix's low-rank moments
+  are DTensors split by rows like ``p`` for side ``"right"`` (``m x r``) and replicated for
+  side ``"left"`` (``r x n``), its projector and schedule plain replicated tensors.
+  """
+  if "rank" not in group:
+    local = p.to_local()
+    zeros = lambda: torch.zeros_like(local, dtype=torch.float32)
+    return {key: distributed.wrap_like(zeros(), p, tuple(p.shape), True) for key in _MOMENT_KEYS}
+  shape = tuple(p.shape)
+  state = _matrix_zero_state(shape, group, p.device)
+  low_rank_shape = proj.low_rank_shape(shape, group["rank"])
+  sharded = proj.projector_side(shape) == proj.RIGHT and p.placements[0] != distributed.Replicate()
+  if sharded:
+    start, stop = distributed.local_rows(p)
+    local_shape = (stop - start, low_rank_shape[1])
+  else:
+    local_shape = low_rank_shape
+  for key in _MOMENT_KEYS:
+    local = torch.zeros(local_shape, dtype=torch.float32, device=p.to_local().device)
+    state[key] = distributed.wrap_like(local, p, low_rank_shape, sharded)
+  return state
+
+
+def _broadcast(tensor, src, group, device):
+  """Starts broadcasting ``tensor`` in place from ``src``; returns a function that waits.
+
+  A tensor off ``device`` (the schedule, kept on the CPU) travels through a copy on it, so a
+  backend that only moves device tensors (NCCL) can carry it.
+  """
+  buffer = tensor if tensor.device == device and tensor.is_contiguous() else tensor.to(device)
+  buffer = buffer.contiguous()
+  work = distributed.dist.broadcast(buffer, src, group=group, async_op=True)
+
+  def wait():
+    work.wait()
+    if buffer is not tensor:
+      tensor.copy_(buffer)
+
+  return wait
 
 
 def _reads_freely(flags):

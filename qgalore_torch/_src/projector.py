@@ -145,9 +145,16 @@ def randomized_projector(
   return sign_canonical(vt_LxK[:r])
 
 
-def project(grad_MxN: torch.Tensor, basis_RxK: torch.Tensor) -> torch.Tensor:
-  """Projects a canonical gradient: ``G P^T`` (m x r) or ``P^T G`` (r x n)."""
-  if projector_side(tuple(grad_MxN.shape)) == RIGHT:
+def project(
+  grad_MxN: torch.Tensor, basis_RxK: torch.Tensor, side: str | None = None
+) -> torch.Tensor:
+  """Projects a canonical gradient: ``G P^T`` (m x r) or ``P^T G`` (r x n).
+
+  ``side`` defaults to the side of ``grad_MxN``'s shape; a row shard of a larger matrix
+  passes the side of the whole matrix.
+  """
+  side = projector_side(tuple(grad_MxN.shape)) if side is None else side
+  if side == RIGHT:
     return grad_MxN @ basis_RxK.T
   return basis_RxK @ grad_MxN
 
