@@ -51,6 +51,15 @@ BENCHMARKS = (
     ["scan_compile_cpu", "scan_compile_gpu"],
   ),
   (
+    "sharded_state",
+    [],
+    "Optimizer state per device under FSDP (8 simulated devices)",
+    "The scanned LLaMA-60M's `qgalore_adamw` state placed by `qgalore_jax.state_shardings`"
+    " on a mesh of 8 CPU devices, params sharded FSDP-style: the bytes the fullest device"
+    " holds (summed from `addressable_shards`) against total / 8, float32 and 8-bit moments.",
+    ["sharded_state"],
+  ),
+  (
     "update_speed",
     ["--config", "60M"],
     "Speed of the JAX update, LLaMA-60M shapes",

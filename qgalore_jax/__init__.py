@@ -38,6 +38,7 @@ from qgalore_jax._src.quantization import quantize
 from qgalore_jax._src.quantization import quantized_nbytes
 from qgalore_jax._src.quantization import unpack_int4
 from qgalore_jax._src.schedule import SubspaceState
+from qgalore_jax._src.sharding import state_shardings
 
 __version__ = "0.1.0"
 
@@ -74,6 +75,7 @@ __all__ = (
   "scale_by_qgalore",
   "sign_canonical",
   "skipped_steps",
+  "state_shardings",
   "stochastic_round",
   "uniforms",
   "unpack_int4",

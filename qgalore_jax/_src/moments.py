@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qgalore_jax._src import sharding
 from qgalore_jax._src import trees
 from qgalore_jax._src.checks import check_int
 from qgalore_jax._src.checks import check_number
@@ -216,6 +217,17 @@ def init_moment(
   return QuantizedMoment(jnp.full(shape, zero_code, jnp.uint8), jnp.zeros(tiles, jnp.float32))
 
 
+def moment_spec(stored, spec: jax.sharding.PartitionSpec, mesh):
+  """The partition specs of a stored moment (:func:`init_moment`'s form) whose float or
+  code array is sharded as ``spec`` (docs/spec.md section 9): the tile maxima along the
+  tile grid where it splits evenly (:func:`~qgalore_jax._src.sharding.tile_spec`)."""
+  if not isinstance(stored, QuantizedMoment):
+    return spec
+  if isinstance(stored.absmax, optax.MaskedNode):
+    return QuantizedMoment(spec, optax.MaskedNode())
+  return QuantizedMoment(spec, sharding.tile_spec(spec, stored.absmax.shape, mesh))
+
+
 def load_moment(stored, signed: bool, moment_bits: int | None) -> jax.Array:
   """The float32 moment held by ``stored`` (a float array or a :class:`QuantizedMoment`)."""
   if moment_bits is None:
@@ -368,6 +380,12 @@ def scale_by_adam_8bit(
     leaves, treedef = jax.tree.flatten(params)
     mu = [init_moment(jnp.shape(p), True, 8, min_size=min_8bit_size) for p in leaves]
     nu = [init_moment(jnp.shape(p), False, 8, min_size=min_8bit_size) for p in leaves]
+    mesh = sharding.explicit_mesh(params)
+    if mesh is not None:  # each moment sharded as its param (docs/spec.md section 9)
+      param_spec = lambda p: jax.sharding.PartitionSpec(*sharding.spec_entries(p))
+      spec = lambda m, p: moment_spec(m, param_spec(p), mesh)
+      mu = [sharding.place(m, spec(m, p), mesh) for m, p in zip(mu, leaves)]
+      nu = [sharding.place(n, spec(n, p), mesh) for n, p in zip(nu, leaves)]
     return ScaleByAdam8bitState(
       count=jnp.zeros([], jnp.int32),
       mu=trees.pack(treedef, mu, QuantizedMoment),
@@ -403,7 +421,7 @@ def scale_by_adam_8bit(
       nu=trees.pack(treedef, [o[2] for o in out], QuantizedMoment),
     )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(init_fn, sharding.explicit_update(update_fn))
 
 
 def adamw_8bit(

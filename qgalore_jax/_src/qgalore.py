@@ -19,6 +19,7 @@ from qgalore_jax._src import layout
 from qgalore_jax._src import moments
 from qgalore_jax._src import projector as proj
 from qgalore_jax._src import schedule
+from qgalore_jax._src import sharding
 from qgalore_jax._src import trees
 from qgalore_jax._src.checks import check_bits
 from qgalore_jax._src.checks import check_choice
@@ -227,6 +228,32 @@ def scale_by_qgalore(
     # Every slice of a stack starts from the same state, held with the batch shape in front.
     return jax.tree.map(lambda a: jnp.broadcast_to(a, lay.batch_shape + a.shape), one_slice)
 
+  def leaf_specs(lay, state, param, mesh):
+    """Partition specs of a leaf's ``(mu, nu, projector, subspace)`` (docs/spec.md section 9).
+
+    Batch axes as the param's. Per matrix, the mesh axes of the param's matrix axes shard
+    the side of full length: the moments' ``m`` ("right") or ``n`` ("left"), their tile
+    grid along it, the projector's bytes (or basis rows) and the top vector; where that side
+    does not split evenly, and on the rank side, the array is replicated.
+    """
+    entries = sharding.spec_entries(param)
+    batch = tuple(entries[a] for a in lay.batch)
+    matrix = sharding.param_axes(entries, lay.output + lay.reduction)
+
+    def spec(x, full_axis):
+      rest = [None] * (x.ndim - len(batch))
+      if full_axis is not None and matrix is not None:
+        size = x.shape[len(batch) + full_axis]
+        rest[full_axis] = sharding.entry_if_divisible(size, matrix, mesh)
+      return jax.sharding.PartitionSpec(*batch, *rest)
+
+    full = 0 if leaf_layout(lay)[1] == proj.RIGHT else 1
+    mu, nu, stored, subspace = state
+    moment = lambda m: moments.moment_spec(m, spec(getattr(m, "codes", m), full), mesh)
+    projector = jax.tree.map(lambda a: spec(a, a.ndim - len(batch) - 1), stored)
+    fields = {f: spec(a, 0 if f == "top_vector" else None) for f, a in subspace._asdict().items()}
+    return moment(mu), moment(nu), projector, schedule.SubspaceState(**fields)
+
   def new_basis(g_MxN, carry, key):
     """The refresh's basis by ``svd_method`` (docs/spec.md sections 2.1 and 2.6).
 
@@ -353,6 +380,12 @@ def scale_by_qgalore(
     layouts = leaf_layouts(params)
     treedef = jax.tree.structure(params)
     per_leaf = [init_leaf(lay) for lay, _ in layouts]
+    mesh = sharding.explicit_mesh(params)
+    if mesh is not None:
+      per_leaf = [
+        sharding.place(state, leaf_specs(lay, state, p, mesh), mesh)
+        for state, (lay, _), p in zip(per_leaf, layouts, jax.tree.leaves(params), strict=True)
+      ]
     mu, nu, stored, subspace = ([leaf[i] for leaf in per_leaf] for i in range(4))
     return ScaleByQGaLoreState(
       count=jnp.zeros([], jnp.int32),
@@ -388,7 +421,7 @@ def scale_by_qgalore(
       subspace=trees.struct_of_trees(schedule.SubspaceState, treedef, subspace),
     )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(init_fn, sharding.explicit_update(update_fn))
 
 
 def _unwrap(x):

@@ -1,0 +1,193 @@
+"""Optimizer state on a device mesh (docs/spec.md section 9).
+
+Three pieces:
+
+* the placement rule: which mesh axes each state array is sharded along, from its param's
+  (:func:`entry_if_divisible`, :func:`param_axes`, used by each transform's ``init``);
+* :func:`explicit_update`: a transform's ``update`` under a mesh with Explicit axes, run
+  with those axes made Auto (the compiler partitions the SVD, the projections and the
+  moment codes as under an Auto mesh) and its outputs placed as its inputs were;
+* :func:`state_shardings`: the ``NamedSharding`` of every leaf of ``tx.init(params)``, for
+  ``jax.jit(tx.init, out_shardings=...)`` and orbax restore targets.
+"""
+
+import functools
+import math
+from typing import Any
+
+import jax
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
+
+from qgalore_jax._src import trees
+
+
+def explicit_mesh(tree) -> jax.sharding.AbstractMesh | None:
+  """The abstract mesh of the first array of ``tree`` sharded along Explicit axes, or None."""
+  if not hasattr(jax, "typeof"):  # a JAX before sharding in types has no Explicit axes
+    return None
+  for x in jax.tree.leaves(tree):
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is not None and not mesh.empty and mesh.explicit_axes:
+      return mesh
+  return None
+
+
+def spec_entries(x) -> tuple:
+  """One entry per axis of ``x``'s typed sharding: a mesh axis name, a tuple of them, or None."""
+  spec = tuple(jax.typeof(x).sharding.spec)
+  return spec + (None,) * (x.ndim - len(spec))
+
+
+def _axis_names(entry) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def param_axes(entries: tuple, axes) -> Any:
+  """The mesh axes of the param's ``axes`` together, as one spec entry (None if none)."""
+  names = [n for a in axes for n in _axis_names(entries[a])]
+  if not names:
+    return None
+  return names[0] if len(names) == 1 else tuple(names)
+
+
+def entry_if_divisible(size: int, entry, mesh) -> Any:
+  """``entry`` where ``size`` splits evenly over its mesh axes, else None (replicated)."""
+  ways = math.prod(mesh.shape[n] for n in _axis_names(entry))
+  return entry if size % ways == 0 else None
+
+
+def tile_spec(spec: PartitionSpec, tiles_shape: tuple[int, ...], mesh) -> PartitionSpec:
+  """The spec of an 8-bit moment's tile maxima, from its codes' ``spec``: each axis of the
+  tile grid keeps the codes' mesh axes where it splits evenly over them."""
+  entries = tuple(spec) + (None,) * (len(tiles_shape) - len(spec))
+  return PartitionSpec(*(entry_if_divisible(n, e, mesh) for n, e in zip(tiles_shape, entries)))
+
+
+def place(state, specs, mesh):
+  """``state`` resharded to ``specs`` (a tree of ``PartitionSpec`` over it) on ``mesh``."""
+  is_spec = lambda s: isinstance(s, PartitionSpec)
+  reshard = lambda s, x: jax.sharding.reshard(x, NamedSharding(mesh, s))
+  return jax.tree.map(reshard, specs, state, is_leaf=is_spec)
+
+
+def explicit_update(update_fn):
+  """``update_fn`` that also runs where updates or state are sharded along Explicit axes.
+
+  Under such a mesh every JAX operation type-checks the shardings of its operands, and an
+  SVD, a matmul over a sharded contracting axis or a tile reshape of a sharded moment does
+  not. The update instead runs with the mesh's axes made Auto (``jax.sharding.auto_axes``),
+  where the compiler partitions it as under an Auto mesh, and returns the updates sharded
+  as the gradients and the state as it came in: a jitted step keeps its types, hence one
+  trace. Without Explicit axes ``update_fn`` runs as it is.
+  """
+
+  @functools.wraps(update_fn)
+  def wrapped(updates, state, params=None):
+    mesh = explicit_mesh((updates, state))
+    if mesh is None:
+      return update_fn(updates, state, params)
+    out = jax.tree.map(lambda x: PartitionSpec(*spec_entries(x)), (updates, state))
+    run = jax.sharding.auto_axes(update_fn, out_sharding=out)
+    if jax.sharding.get_abstract_mesh().empty:  # arrays placed without `jax.set_mesh`
+      with jax.sharding.use_abstract_mesh(mesh):
+        return run(updates, state, params)
+    return run(updates, state, params)
+
+  return wrapped
+
+
+def _mesh_of(params) -> jax.sharding.Mesh:
+  meshes = {
+    s.mesh
+    for s in (getattr(p, "sharding", None) for p in jax.tree.leaves(params))
+    if isinstance(s, NamedSharding)
+  }
+  if len(meshes) != 1:
+    raise ValueError(
+      "state_shardings needs params placed on one mesh: each leaf a jax.Array or a"
+      " jax.ShapeDtypeStruct whose `.sharding` is a NamedSharding of that mesh; found"
+      f" {len(meshes)} meshes"
+    )
+  mesh = meshes.pop()
+  if not isinstance(mesh, jax.sharding.Mesh):
+    raise ValueError("state_shardings needs params on a concrete jax.sharding.Mesh")
+  return mesh
+
+
+def state_shardings(tx: optax.GradientTransformation, params) -> Any:
+  """The ``NamedSharding`` of every array of ``tx.init(params)`` (docs/spec.md section 9).
+
+  Each state array is sharded after its param: Adam moments of a leaf that is not projected
+  as the leaf; a projected matrix's low-rank moments along their full-size side (the side
+  of length ``m`` or ``n``) over the mesh axes that shard the param's matrix axes, and
+  replicated along the rank; its stored projector along its bytes, its schedule replicated;
+  8-bit codes as their moment, tile maxima along the tile grid where it splits evenly; batch
+  axes of a stack (a scanned model's layer axis) as the param's. A side that does not split
+  evenly over its mesh axes is replicated. Step counts and other scalars are replicated.
+
+  The placement is the one ``tx.init`` itself gives under a mesh with Explicit axes; this
+  function traces ``tx.init`` abstractly (nothing is allocated) with the params' mesh made
+  Explicit, so it serves meshes of either axis type. State arrays of other transforms that
+  do not follow their param's sharding (``jnp.zeros(p.shape)``) get the param's when they
+  have its shape.
+
+  Args:
+    tx: the optimizer, e.g. :func:`~qgalore_jax.qgalore_adamw`.
+    params: the params as placed for training: arrays, or ``jax.ShapeDtypeStruct`` with a
+      ``sharding``, every one a ``NamedSharding`` of the same mesh.
+
+  Returns:
+    A pytree shaped like ``tx.init(params)`` holding one ``NamedSharding`` of the params'
+    mesh per array (``optax.MaskedNode`` stays in place): the ``out_shardings`` of
+    ``jax.jit(tx.init)``, or the shardings of a checkpoint's restore target.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> from qgalore_jax import qgalore_adamw, state_shardings
+    >>> mesh = jax.make_mesh((1,), ("fsdp",))
+    >>> params = {"w": jnp.ones((32, 64)), "b": jnp.zeros(64)}  # a Flax kernel, (in, out)
+    >>> params = jax.device_put(params, {"w": NamedSharding(mesh, P("fsdp", None)),
+    ...                                  "b": NamedSharding(mesh, P())})
+    >>> tx = qgalore_adamw(1e-3, rank=8)
+    >>> shardings = state_shardings(tx, params)
+    >>> state = jax.jit(tx.init, out_shardings=shardings)(params)
+    >>> galore = state[0].inner_states["qgalore"].inner_state
+    >>> galore.mu["w"].shape, galore.mu["w"].sharding.spec  # [m, r]: sharded along m = out
+    ((64, 8), P('fsdp', None))
+  """
+  if not hasattr(jax.sharding, "AxisType"):
+    raise RuntimeError(f"state_shardings needs JAX with Explicit mesh axes, got {jax.__version__}")
+  mesh = _mesh_of(params)
+  explicit_axes = (jax.sharding.AxisType.Explicit,) * len(mesh.axis_names)
+  explicit = jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=explicit_axes)
+
+  def typed(p):
+    sharding = getattr(p, "sharding", None)
+    spec = sharding.spec if isinstance(sharding, NamedSharding) else PartitionSpec()
+    return jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=NamedSharding(explicit, spec))
+
+  abstract = jax.tree.map(typed, params)
+  with jax.set_mesh(explicit):
+    state = jax.eval_shape(tx.init, abstract)
+  specs = jax.tree.map(lambda s: _spec(s.sharding), state)
+  param_leaves, treedef = jax.tree.flatten(abstract)
+
+  def follow_param(i, spec, leaf):
+    p = param_leaves[i]
+    if isinstance(spec, PartitionSpec) and leaf.shape == p.shape and not any(spec):
+      return p.sharding.spec
+    return spec
+
+  specs = trees.map_param_trees(follow_param, treedef, specs, state)
+  is_spec = lambda s: isinstance(s, PartitionSpec)
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=is_spec)
+
+
+def _spec(sharding) -> PartitionSpec:
+  return sharding.spec if isinstance(sharding, NamedSharding) else PartitionSpec()

@@ -1,0 +1,221 @@
+"""qgalore_adamw on a mesh of 8 simulated CPU devices (docs/spec.md section 9).
+
+Each test runs a script in a fresh process with 8 devices (``run_on_8_cpu_devices``). The
+references are independent of the code under test: the same training on one device, the
+chaos floor of that one-device run (its input moved by one ulp), and placement rules
+written out by hand below.
+"""
+
+import textwrap
+
+import pytest
+
+from qgalore_jax._src.integration_test import run_on_8_cpu_devices
+
+# A small scanned model: an embedding left to (8-bit) AdamW, a stack of two 64 x 64 layers
+# and a head, projected. Shards of 8 rows or columns cut every 16 x 16 moment tile and every
+# 256-element projector group in two.
+PROBLEM = textwrap.dedent(
+  """
+  import jax, jax.numpy as jnp, numpy as np, optax
+  from jax.sharding import NamedSharding, PartitionSpec as P, AxisType
+  import qgalore_jax
+  from qgalore_jax import DimensionNumbers, qgalore_adamw, projection_stats, state_shardings
+
+  assert jax.device_count() == 8
+  rng = np.random.default_rng(0)
+  PARAMS = {
+    "embed": jnp.asarray(rng.normal(size=(16, 64)) / 4, jnp.float32),
+    "layers": jnp.asarray(rng.normal(size=(2, 64, 64)) / 8, jnp.float32),
+    "head": jnp.asarray(rng.normal(size=(64, 8)) / 8, jnp.float32),
+    "bias": jnp.zeros(64, jnp.float32),
+  }
+  FSDP = {"embed": P(None, "fsdp"), "layers": P(None, "fsdp", None), "head": P("fsdp", None),
+          "bias": P("fsdp")}
+  X = jnp.asarray(rng.normal(size=(64, 16)), jnp.float32)
+  Y = jnp.asarray(rng.normal(size=(64, 8)), jnp.float32)
+  NUMBERS = {"embed": None, "bias": None, "head": DimensionNumbers(0, 1),
+             "layers": DimensionNumbers(reduction_axis=1, output_axis=2, batch_axis=0)}
+
+  def optimizer(moment_bits=None):
+    return qgalore_adamw(1e-2, rank=8, update_proj_gap=10, dimension_numbers=NUMBERS,
+                         moment_bits=moment_bits, min_8bit_size=256, weight_decay=0.01)
+
+  def loss(p, x):
+    p = jax.tree.map(lambda a: jax.sharding.reshard(a, P()), p)  # FSDP: gather to compute
+    h = jnp.tanh(x @ p["embed"] + p["bias"])
+    for i in range(p["layers"].shape[0]):
+      h = jnp.tanh(h @ p["layers"][i])
+    return jnp.mean((h @ p["head"] - Y) ** 2)
+
+  def mesh_of(n):
+    return jax.make_mesh((n,), ("fsdp",), axis_types=(AxisType.Explicit,),
+                         devices=jax.devices()[:n])
+
+  def stepper(tx):
+    @jax.jit
+    def step(p, s, x):
+      u, s = tx.update(jax.grad(loss)(p, x), s, p)
+      return optax.apply_updates(p, u), s
+
+    return step
+
+  def train(tx, step, mesh, params, x, steps, state=None):
+    with jax.set_mesh(mesh):
+      params = jax.device_put(params, {k: NamedSharding(mesh, s) for k, s in FSDP.items()})
+      x = jax.device_put(x, NamedSharding(mesh, P()))
+      if state is None:
+        state = jax.jit(tx.init)(params)
+      for _ in range(steps):
+        params, state = step(params, state, x)
+      return params, state
+  """
+)
+
+EQUALITY = PROBLEM + textwrap.dedent(
+  """
+  import tempfile, time
+  import orbax.checkpoint as ocp
+
+  checkpoint = tempfile.mkdtemp() + "/step40"
+  for bits in (None, 8):
+    tx = optimizer(bits)
+    step = stepper(tx)
+    t0 = time.time()
+    want, want_state = train(tx, step, mesh_of(1), PARAMS, X, 50)
+    t1 = time.time()
+    got, got_state = train(tx, step, mesh_of(8), PARAMS, X, 40)
+    if bits == 8:  # for the restore below
+      with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(checkpoint, {"params": got, "opt_state": got_state})
+      saved = jax.tree.map(np.asarray, {"params": got, "opt_state": got_state})
+    got, got_state = train(tx, step, mesh_of(8), got, X, 10, got_state)
+    t2 = time.time()
+    nudged, _ = train(tx, step, mesh_of(1), PARAMS, X * (1 + 2**-23), 50)
+    t3 = time.time()
+    print(f"seconds: 1 device {t1 - t0:.1f}, 8 devices {t2 - t1:.1f}, nudged {t3 - t2:.1f}")
+    for k in PARAMS:
+      assert got[k].sharding.spec == FSDP[k], (k, got[k].sharding)
+      diff = float(np.max(np.abs(np.asarray(got[k]) - np.asarray(want[k]))))
+      chaos = float(np.max(np.abs(np.asarray(nudged[k]) - np.asarray(want[k]))))
+      print(f"bits={bits} {k}: 8 devices vs 1 {diff:.3g}, one-ulp nudge {chaos:.3g}")
+      assert 0 < chaos < 1e-2, chaos  # the nudge moves the run, not far
+      assert diff <= 4 * chaos, (k, diff, chaos)
+    counts = lambda s: jax.tree.map(np.asarray, projection_stats(s))
+    stats_got, stats_want = counts(got_state), counts(want_state)
+    assert stats_got["layers"]["svd_count"].tolist() == stats_want["layers"]["svd_count"].tolist()
+    assert int(stats_want["head"]["svd_count"]) >= 3
+    # The state stays where init put it: a low-rank moment sharded along its 64-long side.
+    galore = got_state[0].inner_states["qgalore"].inner_state
+    mu = galore.mu if bits is None else galore.mu.codes
+    assert mu["layers"].sharding.spec == P(None, "fsdp", None), mu["layers"].sharding
+    assert mu["head"].sharding.spec == P(None, "fsdp"), mu["head"].sharding
+
+  # The step-40 checkpoint of 8 devices, restored onto 1 device (Explicit) and 4 (Auto) with
+  # state_shardings targets: the saved bits, placed as asked, and from there the trajectory
+  # of the same state put on those devices directly.
+  for n, axis_type in ((1, AxisType.Explicit), (4, AxisType.Auto)):
+    mesh = jax.make_mesh((n,), ("fsdp",), axis_types=(axis_type,), devices=jax.devices()[:n])
+    abstract = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, FSDP[k]))
+                for k, a in PARAMS.items()}
+    shardings = state_shardings(tx, abstract)
+    with jax.set_mesh(mesh):
+      shapes = jax.eval_shape(tx.init, abstract)
+    as_target = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+    target = {"params": abstract, "opt_state": jax.tree.map(as_target, shapes, shardings)}
+    with ocp.StandardCheckpointer() as ckpt:
+      restored = ckpt.restore(checkpoint, target)
+    for a, b, t in zip(jax.tree.leaves(restored), jax.tree.leaves(saved), jax.tree.leaves(target)):
+      np.testing.assert_array_equal(np.asarray(a), b)
+      assert a.sharding.is_equivalent_to(t.sharding, a.ndim), (a.sharding, t.sharding)
+    resumed = train(tx, step, mesh, restored["params"], X, 10, restored["opt_state"])
+    direct = jax.device_put(saved, {"params": {k: a.sharding for k, a in abstract.items()},
+                                    "opt_state": shardings})
+    again = train(tx, step, mesh, direct["params"], X, 10, direct["opt_state"])
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(again)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    print(f"restored onto {n} devices and resumed: bit-exact")
+  print("SHARDED_OK")
+  """
+)
+
+
+@pytest.mark.slow
+def test_explicit_fsdp_training_matches_one_device_and_restores_onto_1_and_4_devices():
+  """50 steps with refreshes, FSDP on an Explicit mesh of 8, float and 8-bit moments; the
+  8-bit run's step-40 checkpoint restored onto 1 and 4 devices (one process, to share the
+  compiled steps)."""
+  run_on_8_cpu_devices(EQUALITY)
+
+
+PLACEMENT = PROBLEM + textwrap.dedent(
+  """
+  # state_shardings on params of an Auto mesh, against the rule of docs/spec.md section 9
+  # written out per leaf. Mesh of 8: a tile grid or group count of 4 or 2 stays replicated.
+  auto = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
+  params = jax.device_put(PARAMS, {k: NamedSharding(auto, s) for k, s in FSDP.items()})
+  tx = optimizer(8)
+  shardings = state_shardings(tx, params)
+  got = {jax.tree_util.keystr(path): s.spec
+         for path, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+  galore = "[0].inner_states['qgalore'].inner_state"
+  adam = "[0].inner_states['adam'].inner_state"
+  want = {
+    f"{galore}.count": P(),
+    f"{galore}.mu.codes['layers']": P(None, "fsdp", None),  # (2, m=64, r=8)
+    f"{galore}.nu.absmax['layers']": P(None, None, None),  # (2, 4, 1): 4 tiles
+    f"{galore}.mu.codes['head']": P(None, "fsdp"),  # (r=8, n=64): "left"
+    f"{galore}.projector.codes['layers']": P(None, "fsdp"),  # (2, 256 bytes)
+    f"{galore}.projector.scale['layers']": P(None, None),  # (2, 2 groups)
+    f"{galore}.subspace.top_vector['head']": P("fsdp"),
+    f"{galore}.subspace.cosines['layers']": P(None, None),
+    f"{galore}.subspace.gap['layers']": P(None),
+    f"{adam}.mu.codes['embed']": P(None, "fsdp"),  # as the param
+    f"{adam}.mu.absmax['embed']": P(None, None),  # (1, 4) tiles
+    f"{adam}.nu.codes['bias']": P("fsdp"),  # 1-D: float32, as the param
+  }
+  for key, spec in want.items():
+    assert got[key] == spec, (key, got[key], spec)
+  assert all(s.mesh == auto for s in jax.tree.leaves(shardings))
+  state = jax.jit(tx.init, out_shardings=shardings)(params)
+  for s, a in zip(jax.tree.leaves(shardings), jax.tree.leaves(state)):
+    assert a.sharding.is_equivalent_to(s, a.ndim), (a.sharding, s)
+  # Under an Explicit mesh, init places the state so itself.
+  explicit = mesh_of(8)
+  with jax.set_mesh(explicit):
+    placed = jax.jit(tx.init)(jax.device_put(PARAMS, {k: NamedSharding(explicit, s)
+                                                      for k, s in FSDP.items()}))
+  for s, a in zip(jax.tree.leaves(shardings), jax.tree.leaves(placed)):
+    assert a.sharding.spec == s.spec, (a.sharding, s)
+
+  # Shard independence: shards of 8 columns cut every 16 x 16 tile of the 8-bit moments and
+  # every 256-element group of the INT8 codes; the codes are those of one device, bit for
+  # bit (elementwise inputs: the first AdamW step's moments, an INT8 update).
+  g = {"w": jnp.asarray(rng.normal(size=(40, 64)), jnp.float32)}
+  w = {"w": jnp.asarray(rng.normal(size=(40, 64)), jnp.float32)}
+  opt = qgalore_jax.adamw_8bit(1e-3, min_8bit_size=256)
+  one_step = jax.jit(lambda g, s, w: opt.update(g, s, w)[1])
+  with jax.set_mesh(mesh_of(1)):
+    want_state = one_step(g, opt.init(w), w)
+  with jax.set_mesh(explicit):
+    cut = {"w": NamedSharding(explicit, P(None, "fsdp"))}
+    ws, gs = jax.device_put(w, cut), jax.device_put(g, cut)
+    got_state = one_step(gs, jax.jit(opt.init)(ws), ws)
+  assert got_state[0].mu.codes["w"].sharding.spec == P(None, "fsdp")
+  for a, b in zip(jax.tree.leaves(got_state), jax.tree.leaves(want_state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  apply = jax.jit(lambda q, u: qgalore_jax.apply_updates(q, u, seed=1, step=3))
+  u = {"w": g["w"] * 1e-3}
+  want_q = apply(qgalore_jax.quantize_params(w), u)
+  cut = {"w": NamedSharding(auto, P(None, "fsdp"))}
+  got_q = apply(qgalore_jax.quantize_params(jax.device_put(w, cut)), jax.device_put(u, cut))
+  for a, b in zip(jax.tree.leaves(got_q), jax.tree.leaves(want_q)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  print("SHARDED_OK")
+  """
+)
+
+
+@pytest.mark.slow
+def test_state_shardings_follow_the_params_and_codes_do_not_depend_on_the_mesh():
+  run_on_8_cpu_devices(PLACEMENT)
