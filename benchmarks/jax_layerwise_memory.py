@@ -66,7 +66,7 @@ def _abstract(cfg_name: str, variant: str, rank: int):
     return model.init_params(cfg, seed=0, scan=True, remat=True)[1]
 
   graphdef = nnx.graphdef(
-    nnx.eval_shape(lambda: model.Llama(cfg, nnx.Rngs(0), scan=True, remat=True))
+    nnx.eval_shape(lambda: model.Llama(cfg, nnx.Rngs(0), scan=True, remat=True, dtype=DTYPE))
   )
   to_bf16 = lambda x: jax.ShapeDtypeStruct(x.shape, DTYPE) if x.dtype == jnp.float32 else x
   params = jax.tree.map(to_bf16, jax.eval_shape(build))
@@ -96,7 +96,7 @@ def _abstract(cfg_name: str, variant: str, rank: int):
   opt_state = jax.eval_shape(lambda q: tx.init(qgalore_jax.dequantize_params(q, DTYPE)), qparams)
   if variant == "qgalore":
     return qgalore_jax.int8_train_step(loss, tx, dtype=DTYPE), qparams, opt_state
-  step = qgalore_jax.layerwise_train_step(*model.layerwise_fns(cfg), tx, dtype=DTYPE)
+  step = qgalore_jax.layerwise_train_step(*model.layerwise_fns(cfg, DTYPE), tx, dtype=DTYPE)
   return step, qparams, opt_state
 
 

@@ -46,20 +46,20 @@ def apply_rope(x_BTHD: jax.Array, positions_T: jax.Array, theta: float) -> jax.A
   return out.astype(x_BTHD.dtype)
 
 
-def _linear(d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Linear:
+def _linear(d_in: int, d_out: int, rngs: nnx.Rngs, dtype=None) -> nnx.Linear:
   init = nnx.initializers.normal(stddev=d_in**-0.5)
-  return nnx.Linear(d_in, d_out, use_bias=False, kernel_init=init, rngs=rngs)
+  return nnx.Linear(d_in, d_out, use_bias=False, kernel_init=init, dtype=dtype, rngs=rngs)
 
 
 class Attention(nnx.Module):
   """Causal multi-head self-attention with RoPE on queries and keys."""
 
-  def __init__(self, cfg: Config, rngs: nnx.Rngs):
+  def __init__(self, cfg: Config, rngs: nnx.Rngs, dtype=None):
     self.cfg = cfg
-    self.q = _linear(cfg.d_model, cfg.d_model, rngs)
-    self.k = _linear(cfg.d_model, cfg.d_model, rngs)
-    self.v = _linear(cfg.d_model, cfg.d_model, rngs)
-    self.o = _linear(cfg.d_model, cfg.d_model, rngs)
+    self.q = _linear(cfg.d_model, cfg.d_model, rngs, dtype)
+    self.k = _linear(cfg.d_model, cfg.d_model, rngs, dtype)
+    self.v = _linear(cfg.d_model, cfg.d_model, rngs, dtype)
+    self.o = _linear(cfg.d_model, cfg.d_model, rngs, dtype)
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     cfg = self.cfg
@@ -75,10 +75,10 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
   """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
 
-  def __init__(self, cfg: Config, rngs: nnx.Rngs):
-    self.gate = _linear(cfg.d_model, cfg.d_ff, rngs)
-    self.up = _linear(cfg.d_model, cfg.d_ff, rngs)
-    self.down = _linear(cfg.d_ff, cfg.d_model, rngs)
+  def __init__(self, cfg: Config, rngs: nnx.Rngs, dtype=None):
+    self.gate = _linear(cfg.d_model, cfg.d_ff, rngs, dtype)
+    self.up = _linear(cfg.d_model, cfg.d_ff, rngs, dtype)
+    self.down = _linear(cfg.d_ff, cfg.d_model, rngs, dtype)
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     return self.down(jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD))
@@ -87,25 +87,25 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
   """Pre-norm decoder block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
 
-  def __init__(self, cfg: Config, rngs: nnx.Rngs):
-    self.attn_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, rngs=rngs)
-    self.attn = Attention(cfg, rngs)
-    self.mlp_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, rngs=rngs)
-    self.mlp = MLP(cfg, rngs)
+  def __init__(self, cfg: Config, rngs: nnx.Rngs, dtype=None):
+    self.attn_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=dtype, rngs=rngs)
+    self.attn = Attention(cfg, rngs, dtype)
+    self.mlp_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=dtype, rngs=rngs)
+    self.mlp = MLP(cfg, rngs, dtype)
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD))
     return x_BTD + self.mlp(self.mlp_norm(x_BTD))
 
 
-def _stacked_blocks(cfg: Config, rngs: nnx.Rngs) -> Block:
+def _stacked_blocks(cfg: Config, rngs: nnx.Rngs, dtype=None) -> Block:
   """``cfg.num_layers`` blocks made at once: one ``Block`` whose parameters are stacked on a
   leading layer axis, each layer initialised from its own split of ``rngs``."""
 
   @nnx.split_rngs(splits=cfg.num_layers)
   @nnx.vmap(in_axes=(0,), out_axes=0)
   def create(rngs: nnx.Rngs) -> Block:
-    return Block(cfg, rngs)
+    return Block(cfg, rngs, dtype)
 
   return create(rngs)
 
@@ -126,20 +126,34 @@ class Llama(nnx.Module):
       ``init_params`` gives both the same weights for a seed.
     remat: recompute each block's activations in the backward pass instead of keeping
       them (``nnx.remat``): less memory, about one more forward pass of compute.
+    dtype: the dtype of the computation (activations) of every layer, e.g.
+      ``jnp.bfloat16``; ``None`` (the default): the parameters' and inputs' dtypes.
   """
 
-  def __init__(self, cfg: Config, rngs: nnx.Rngs, *, scan: bool = False, remat: bool = False):
+  def __init__(
+    self,
+    cfg: Config,
+    rngs: nnx.Rngs,
+    *,
+    scan: bool = False,
+    remat: bool = False,
+    dtype=None,
+  ):
     self.scanned = scan
     self.remat = remat
     self.embed = nnx.Embed(
-      cfg.vocab_size, cfg.d_model, embedding_init=nnx.initializers.normal(1.0), rngs=rngs
+      cfg.vocab_size,
+      cfg.d_model,
+      embedding_init=nnx.initializers.normal(1.0),
+      dtype=dtype,
+      rngs=rngs,
     )
     if scan:
-      self.layers = _stacked_blocks(cfg, rngs)
+      self.layers = _stacked_blocks(cfg, rngs, dtype)
     else:
-      self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
-    self.norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, rngs=rngs)
-    self.lm_head = _linear(cfg.d_model, cfg.vocab_size, rngs)
+      self.layers = nnx.List([Block(cfg, rngs, dtype) for _ in range(cfg.num_layers)])
+    self.norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=dtype, rngs=rngs)
+    self.lm_head = _linear(cfg.d_model, cfg.vocab_size, rngs, dtype)
 
   def __call__(self, tokens_BT: jax.Array) -> jax.Array:
     apply_block = nnx.remat(_apply_block) if self.remat else _apply_block
@@ -157,7 +171,7 @@ class Llama(nnx.Module):
     return self.lm_head(self.norm(x_BTD))
 
 
-def layerwise_fns(cfg: Config):
+def layerwise_fns(cfg: Config, dtype=None):
   """``(embed_fn, block_fn, head_fn)`` of the scanned model, for
   ``qgalore_jax.layerwise_train_step`` (``blocks="layers"``).
 
@@ -165,9 +179,9 @@ def layerwise_fns(cfg: Config):
   of its modules: ``embed_fn(outer, batch)`` looks the inputs up, ``block_fn(block, x)``
   applies one decoder block (the slice of the stacked ``layers`` params), and
   ``head_fn(outer, x, batch)`` applies the final norm and the head and returns the mean
-  next-token cross-entropy.
+  next-token cross-entropy. ``dtype``: as for ``Llama``.
   """
-  abstract = nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0), dtype=dtype))
   embed_def, norm_def, head_def = (
     nnx.graphdef(m) for m in (abstract.embed, abstract.norm, abstract.lm_head)
   )

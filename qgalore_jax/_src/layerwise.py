@@ -282,7 +282,9 @@ def layerwise_train_step(
     loss, (g_head, g_x) = jax.value_and_grad(lambda o, x: head_fn(o, x, batch), (0, 1))(
       outer, x_last
     )
-    read = flat_of(jax.tree.unflatten(jax.tree.structure(outer), _read_by(embed_fn, outer, batch)))
+    outer_def = jax.tree.structure(outer)
+    read = flat_of(jax.tree.unflatten(outer_def, _read_by(embed_fn, outer, batch)))
+    head_read = _read_by(lambda o, x: head_fn(o, x, batch), outer, x_last)
     early = [not b and not r for b, r in zip(in_blocks, read)]
     new_leaves, state_early = update(
       flat_of(g_head), float_leaves, _select(opt_state, treedef, early), early, leaves
@@ -328,7 +330,16 @@ def layerwise_train_step(
     # 4. The embedding (its gradient plus the head's, for a leaf both read) and the blocks'
     # other leaves, with their stacked gradients.
     (g_embed,) = embed_vjp(g_x0)
-    g_outer = jax.tree.map(jnp.add, g_head, g_embed)
+    # The head's gradient joins the embedding's only for a leaf both read (a tied
+    # embedding): for the others it is zero, and keeping it through the scan costs memory.
+    g_outer = outer_def.unflatten(
+      [
+        h + e if both else e
+        for h, e, both in zip(
+          outer_def.flatten_up_to(g_head), outer_def.flatten_up_to(g_embed), head_read
+        )
+      ]
+    )
     late = [not e and not s for e, s in zip(early, in_scan)]
     grads = [st if b else g for st, g, b in zip(stacked, flat_of(g_outer), in_blocks)]
     params = [_float(p, dtype) if b else f for p, f, b in zip(leaves, float_leaves, in_blocks)]

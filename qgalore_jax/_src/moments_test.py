@@ -460,3 +460,25 @@ def test_bad_min_8bit_size(value, error):
     scale_by_adam_8bit(min_8bit_size=value)
   with pytest.raises(error, match="min_8bit_size"):
     adamw_8bit(1e-3, min_8bit_size=value)
+
+
+def test_large_moments_update_in_row_chunks_with_the_codes_of_one_call(monkeypatch):
+  """A leaf above CHUNK_ELEMENTS is updated a chunk of tile rows at a time: the same codes,
+  absmax and direction as the whole leaf at once (tiles are independent)."""
+  rng = np.random.default_rng(0)
+  params = {"e": jnp.zeros((96, 40)), "b": jnp.zeros(40)}
+  grads = [{k: jnp.asarray(rng.normal(size=v.shape), jnp.float32) for k, v in params.items()}]
+  grads += [jax.tree.map(lambda g: 0.5 * g + 0.01, grads[0])]
+
+  def run():
+    tx = moments.scale_by_adam_8bit(min_8bit_size=16)
+    state = tx.init(params)
+    for g in grads:
+      updates, state = jax.jit(tx.update)(g, state)
+    return updates, state
+
+  whole = run()
+  monkeypatch.setattr(moments, "CHUNK_ELEMENTS", 16 * 40)  # 6 chunks of one tile row
+  chunked = run()
+  jax.tree.map(np.testing.assert_array_equal, chunked, whole)
+  assert chunked[1].mu.codes["e"].dtype == jnp.uint8
