@@ -105,6 +105,19 @@ def _tensor_ids(flat, tensor_ids, qparams) -> list:
   return out
 
 
+def _as_bits(x):
+  """A 16-bit float array as uint16 bits: XLA's CPU backend widens bfloat16 buffers that a
+  loop writes into to float32 (twice the memory); integer ones it keeps."""
+  if jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize == 2:
+    return jax.lax.bitcast_convert_type(x, jnp.uint16)
+  return x
+
+
+def _from_bits(x, dtype):
+  """Inverse of :func:`_as_bits`."""
+  return jax.lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
+
+
 def _read_by(fn, tree, *args) -> list[bool]:
   """Per leaf of ``tree``: whether ``fn(tree, *args)`` reads it (from its jaxpr)."""
   leaves, treedef = jax.tree.flatten(tree)
@@ -275,7 +288,7 @@ def layerwise_train_step(
     # 1. Forward: the blocks in a scan, keeping each block's input.
     x0, embed_vjp = jax.vjp(lambda o: embed_fn(o, batch), outer)
     x_last, inputs = jax.lax.scan(
-      lambda x, i: (block_fn(block_params(i), x), x), x0, jnp.arange(num_blocks)
+      lambda x, i: (block_fn(block_params(i), x), _as_bits(x)), x0, jnp.arange(num_blocks)
     )
 
     # 2. The head: loss, gradients, and the update of what the embedding does not read.
@@ -304,7 +317,8 @@ def layerwise_train_step(
 
     def backward(carry, xs):
       g_x, stacks, state, now, sub = carry
-      i, x_in = xs
+      i, x_bits = xs
+      x_in = _from_bits(x_bits, x0.dtype)
       params_i = block_params(i, now)
       _, block_vjp = jax.vjp(block_fn, params_i, x_in)
       g_block, g_x = block_vjp(g_x)
