@@ -50,7 +50,7 @@ def test_layerwise_step_matches_the_ordinary_step_to_the_chaos_floor():
 
   The two programs compute the same operations on the same numbers, but XLA fuses the
   gradient's computation differently in each, so a few gradients differ by an ulp; GaLore
-  with Adam then amplifies them across refreshes (docs/spec.md section 9.3). The yardstick
+  with Adam then amplifies them across refreshes (docs/spec.md section 10.3). The yardstick
   is the ordinary run started from weights moved by one ulp.
   """
   cfg, graphdef, params, dims, tx, ids, batches = _setup()

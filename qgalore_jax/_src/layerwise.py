@@ -3,7 +3,7 @@
 The gradient of a model whose blocks are stacked (scanned) is never held whole: a reverse
 scan recomputes one block at a time, takes its VJP, runs the optimizer on that block's
 slices of the weights and optimizer state, and writes them back in place (docs/spec.md
-section 9). The JAX counterpart of the torch twin's ``register_layerwise_hooks``.
+section 10). The JAX counterpart of the torch twin's ``register_layerwise_hooks``.
 """
 
 import contextlib
@@ -157,10 +157,12 @@ def layerwise_train_step(
   4. updates the rest (the embedding, the blocks' other parameters).
 
   The full gradient never exists: the largest gradient alive is one block's, besides the
-  outer parameters' and the small stacked ones. The result equals
-  :func:`~qgalore_jax.int8_train_step` on the same model bit for bit on CPU
-  (docs/spec.md section 9): the optimizer works per leaf and per slice of a stack, here on
-  the same numbers.
+  outer parameters' and the small stacked ones. The step computes what
+  :func:`~qgalore_jax.int8_train_step` computes on the same model (docs/spec.md section
+  10): the optimizer works per leaf and per slice of a stack. XLA compiles the blocks' VJPs
+  differently in the two programs, so a few gradient elements can differ in their last bit,
+  and over many steps the two runs drift apart as far as runs whose inputs differ by one
+  ulp do (section 10.3).
 
   Limits (errors at the first call): ``optimizer`` must be a plain
   :func:`~qgalore_jax.qgalore_adamw` (``skip_nonfinite=False``, not wrapped), since
