@@ -265,7 +265,7 @@ def scale_by_qgalore(
     warm = lambda: proj.randomized_projector(g_MxN, rank, start_KxL, subspace_iters)
     return jax.lax.cond(carry[1].svd_count == 0, randomized, warm)
 
-  def refresh_slice(g_MxN, carry, key):
+  def refresh_slice(g_MxN, carry, key, hp):
     """A slice's (stored projector, schedule) after its refresh (docs/spec.md section 4)."""
     basis_shape = proj.basis_shape(g_MxN.shape, rank)
     old_subspace = carry[1]
@@ -279,11 +279,11 @@ def scale_by_qgalore(
     ok = finite & jnp.all(jnp.isfinite(basis_RxK))
     new = (
       proj.store_projector(basis_RxK, proj_bits, proj_group_size),
-      schedule.record_refresh(old_subspace, basis_RxK[0], cos_threshold, gamma_proj),
+      schedule.record_refresh(old_subspace, basis_RxK[0], hp["cos_threshold"], gamma_proj),
     )
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, carry)
 
-  def refresh_due_slices(g, lay, due, carry, count, tensor_id):
+  def refresh_due_slices(g, lay, due, carry, count, tensor_id, hp):
     """Refreshes the slices flagged in ``due``, one SVD each, none for the others.
 
     Each canonical matrix is formed inside this branch: a transposed operand of the cond
@@ -293,19 +293,19 @@ def scale_by_qgalore(
     canonical = lambda x: lay.slice_layout.to_stack(x)[0].astype(jnp.float32)
     if lay.num_slices == 1:
       one = jax.tree.map(lambda a: a[0], carry)
-      new = refresh_slice(canonical(g_slices[0]), one, (count, tensor_id, 0))
+      new = refresh_slice(canonical(g_slices[0]), one, (count, tensor_id, 0), hp)
       return jax.tree.map(lambda a: a[None], new)
     order = jnp.nonzero(due, size=lay.num_slices, fill_value=0)[0]
 
     def body(j, carry):
       i = order[j]
       one = jax.tree.map(lambda a: a[i], carry)
-      new = refresh_slice(canonical(g_slices[i]), one, (count, tensor_id, i))
+      new = refresh_slice(canonical(g_slices[i]), one, (count, tensor_id, i), hp)
       return jax.tree.map(lambda a, v: a.at[i].set(v), carry, new)
 
     return jax.lax.fori_loop(jnp.int32(0), jnp.sum(due, dtype=jnp.int32), body, carry)
 
-  def update_slice(g, mu, nu, stored, lay, count_inc):
+  def update_slice(g, mu, nu, stored, lay, count_inc, hp):
     """Projected Adam on one matrix ``g`` (a slice, laid out as ``lay``; no batch axes)."""
     basis_shape, side, _ = leaf_layout(lay)
     basis_RxK = proj.load_projector(stored, basis_shape, proj_bits, proj_group_size)
@@ -315,9 +315,9 @@ def scale_by_qgalore(
       moments.load_moment(mu, True, moment_bits),
       moments.load_moment(nu, False, moment_bits),
       count_inc,
-      b1,
-      b2,
-      eps,
+      hp["b1"],
+      hp["b2"],
+      hp["eps"],
     )
     # A leaf that stores its input axes first (a Flax kernel) gets its update written in
     # that layout by the matmul itself; transposing the (out, in) result would cost two
@@ -326,23 +326,23 @@ def scale_by_qgalore(
       direction = proj.project_back_transposed(u, basis_RxK, side)
     else:
       direction = proj.project_back(u, basis_RxK, side)
-    direction = lay.from_stack((scale * direction)[None], transposed=lay.reduction_first)
+    direction = lay.from_stack((hp["scale"] * direction)[None], transposed=lay.reduction_first)
     mu = moments.store_moment(mu, True, moment_bits, mu_dtype, min_8bit_size)
     nu = moments.store_moment(nu, False, moment_bits, min_size=min_8bit_size)
     return direction.astype(g.dtype), mu, nu
 
-  def update_leaf(g, mu, nu, stored, subspace, lay, count, count_inc, tensor_id):
+  def update_leaf(g, mu, nu, stored, subspace, lay, count, count_inc, tensor_id, hp):
     # State arrays hold the batch shape in front; the update works on (S, ...) stacks.
     to_batch = lambda t: jax.tree.map(lay.slices_to_batch, t)
     mu, nu, stored, subspace = jax.tree.map(lay.batch_to_slices, (mu, nu, stored, subspace))
     due = schedule.refresh_due(subspace, count)
     stored, subspace = jax.lax.cond(
       jnp.any(due),
-      lambda carry: refresh_due_slices(g, lay, due, carry, count, tensor_id),
+      lambda carry: refresh_due_slices(g, lay, due, carry, count, tensor_id, hp),
       lambda carry: carry,
       (stored, subspace),
     )
-    one = lambda g, mu, nu, stored: update_slice(g, mu, nu, stored, lay.slice_layout, count_inc)
+    one = lambda g, mu, nu, stored: update_slice(g, mu, nu, stored, lay.slice_layout, count_inc, hp)
     direction, mu, nu = layout.map_slices(one, (lay.to_slices(g), mu, nu, stored))
     return (lay.from_slices(direction), *to_batch((mu, nu, stored, subspace)))
 
@@ -385,13 +385,13 @@ def scale_by_qgalore(
       subspace=trees.struct_of_trees(schedule.SubspaceState, treedef, subspace),
     )
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params, hp):
     del params
     layouts = leaf_layouts(updates)
     leaves, treedef = jax.tree.flatten(updates)
     count_inc = optax.safe_increment(state.count)
     per_leaf = [
-      update_leaf(g, mu, nu, stored, sub, lay, state.count, count_inc, tensor_id)
+      update_leaf(g, mu, nu, stored, sub, lay, state.count, count_inc, tensor_id, hp)
       for g, mu, nu, stored, sub, (lay, tensor_id) in zip(
         leaves,
         trees.unpack(treedef, state.mu, moment_cls),
@@ -411,7 +411,11 @@ def scale_by_qgalore(
       subspace=trees.struct_of_trees(schedule.SubspaceState, treedef, subspace),
     )
 
-  return optax.GradientTransformation(init_fn, sharding.explicit_update(update_fn))
+  # Hyperparameters that are arrays (optax.inject_hyperparams) enter the update as arguments:
+  # under Explicit mesh axes it runs with the axes made Auto, where a closed-over array of
+  # the Explicit mesh cannot be used.
+  hyperparams = dict(scale=scale, cos_threshold=cos_threshold, b1=b1, b2=b2, eps=eps)
+  return optax.GradientTransformation(init_fn, sharding.explicit_update(update_fn, hyperparams))
 
 
 def _unwrap(x):

@@ -41,6 +41,15 @@ PROBLEM = textwrap.dedent(
     return qgalore_adamw(1e-2, rank=8, update_proj_gap=10, dimension_numbers=NUMBERS,
                          moment_bits=moment_bits, min_8bit_size=256, weight_decay=0.01)
 
+  def injected():  # hyperparameters as arrays, the chain under apply_if_finite
+    make = optax.inject_hyperparams(qgalore_adamw, static_args=qgalore_jax.STATIC_ARGS)
+    return make(learning_rate=1e-2, rank=8, update_proj_gap=10, dimension_numbers=NUMBERS,
+                weight_decay=0.01, skip_nonfinite=True)
+
+  def galore_state(state):
+    is_galore = lambda x: isinstance(x, qgalore_jax.ScaleByQGaLoreState)
+    return next(x for x in jax.tree.leaves(state, is_leaf=is_galore) if is_galore(x))
+
   def loss(p, x):
     p = jax.tree.map(lambda a: jax.sharding.reshard(a, P()), p)  # FSDP: gather to compute
     h = jnp.tanh(x @ p["embed"] + p["bias"])
@@ -79,7 +88,7 @@ EQUALITY = PROBLEM + textwrap.dedent(
 
   checkpoint = tempfile.mkdtemp() + "/step40"
   for bits in (None, 8):
-    tx = optimizer(bits)
+    tx = injected() if bits is None else optimizer(bits)
     step = stepper(tx)
     t0 = time.time()
     want, want_state = train(tx, step, mesh_of(1), PARAMS, X, 50)
@@ -106,7 +115,7 @@ EQUALITY = PROBLEM + textwrap.dedent(
     assert stats_got["layers"]["svd_count"].tolist() == stats_want["layers"]["svd_count"].tolist()
     assert int(stats_want["head"]["svd_count"]) >= 3
     # The state stays where init put it: a low-rank moment sharded along its 64-long side.
-    galore = got_state[0].inner_states["qgalore"].inner_state
+    galore = galore_state(got_state)
     mu = galore.mu if bits is None else galore.mu.codes
     assert mu["layers"].sharding.spec == P(None, "fsdp", None), mu["layers"].sharding
     assert mu["head"].sharding.spec == P(None, "fsdp"), mu["head"].sharding
@@ -142,9 +151,9 @@ EQUALITY = PROBLEM + textwrap.dedent(
 
 @pytest.mark.slow
 def test_explicit_fsdp_training_matches_one_device_and_restores_onto_1_and_4_devices():
-  """50 steps with refreshes, FSDP on an Explicit mesh of 8, float and 8-bit moments; the
-  8-bit run's step-40 checkpoint restored onto 1 and 4 devices (one process, to share the
-  compiled steps)."""
+  """50 steps with refreshes, FSDP on an Explicit mesh of 8: float moments (hyperparameters
+  injected as arrays, skip_nonfinite) and 8-bit moments; the 8-bit run's step-40
+  checkpoint restored onto 1 and 4 devices (one process, to share the compiled steps)."""
   run_on_8_cpu_devices(EQUALITY)
 
 
