@@ -295,15 +295,36 @@ def scale_by_qgalore(
       one = jax.tree.map(lambda a: a[0], carry)
       new = refresh_slice(canonical(g_slices[0]), one, (count, tensor_id, 0), hp)
       return jax.tree.map(lambda a: a[None], new)
-    order = jnp.nonzero(due, size=lay.num_slices, fill_value=0)[0]
 
-    def body(j, carry):
-      i = order[j]
-      one = jax.tree.map(lambda a: a[i], carry)
-      new = refresh_slice(canonical(g_slices[i]), one, (count, tensor_id, i), hp)
-      return jax.tree.map(lambda a, v: a.at[i].set(v), carry, new)
+    def refresh_in_turn(g_slices, due, carry, count, hp, first=0):
+      order = jnp.nonzero(due, size=due.shape[0], fill_value=0)[0]
 
-    return jax.lax.fori_loop(jnp.int32(0), jnp.sum(due, dtype=jnp.int32), body, carry)
+      def body(j, carry):
+        i = order[j]
+        one = jax.tree.map(lambda a: a[i], carry)
+        new = refresh_slice(canonical(g_slices[i]), one, (count, tensor_id, first + i), hp)
+        return jax.tree.map(lambda a, v: a.at[i].set(v), carry, new)
+
+      return jax.lax.fori_loop(jnp.int32(0), jnp.sum(due, dtype=jnp.int32), body, carry)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or lay.num_slices % mesh.size:
+      return refresh_in_turn(g_slices, due, carry, count, hp)
+    # On a mesh the stack is split over every device (an all-to-all of the gradient), and
+    # each device refreshes its own due slices: each SVD runs once, not once per device.
+    per_device = lay.num_slices // mesh.size
+
+    arrays = {k: v for k, v in hp.items() if isinstance(v, jax.Array)}
+
+    def local(g_slices, due, carry, count, arrays):
+      first = jax.lax.axis_index(mesh.axis_names) * per_device
+      return refresh_in_turn(g_slices, due, carry, count, {**hp, **arrays}, first)
+
+    split = jax.sharding.PartitionSpec(mesh.axis_names)
+    whole = jax.sharding.PartitionSpec()
+    in_specs = (split, split, split, whole, jax.tree.map(lambda _: whole, arrays))
+    run = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=split)
+    return run(g_slices, due, carry, count, arrays)
 
   def update_slice(g, mu, nu, stored, lay, count_inc, hp):
     """Projected Adam on one matrix ``g`` (a slice, laid out as ``lay``; no batch axes)."""

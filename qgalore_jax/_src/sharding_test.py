@@ -220,6 +220,20 @@ PLACEMENT = PROBLEM + textwrap.dedent(
   got_q = apply(qgalore_jax.quantize_params(jax.device_put(w, cut)), jax.device_put(u, cut))
   for a, b in zip(jax.tree.leaves(got_q), jax.tree.leaves(want_q)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  # A stack of 8 slices on 8 devices: each device refreshes its own slice (one SVD each),
+  # and the projectors and schedules are one device's, bit for bit.
+  g = {"w": jnp.asarray(rng.normal(size=(8, 64, 96)), jnp.float32)}
+  galore = qgalore_jax.scale_by_qgalore(rank=8, dimension_numbers=DimensionNumbers(1, 2, 0))
+  refresh = jax.jit(lambda g, s: galore.update(g, s)[1])
+  with jax.set_mesh(mesh_of(1)):
+    want_state = refresh(g, galore.init(g))
+  with jax.set_mesh(explicit):
+    gs = jax.device_put(g, {"w": NamedSharding(explicit, P(None, "fsdp", None))})
+    got_state = refresh(gs, jax.jit(galore.init)(gs))
+  assert np.asarray(got_state.subspace.svd_count["w"]).tolist() == [1] * 8
+  for a, b in zip(jax.tree.leaves(got_state[3:]), jax.tree.leaves(want_state[3:])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   print("SHARDED_OK")
   """
 )
