@@ -24,7 +24,7 @@ from qgalore_jax._src import trees
 
 
 def explicit_mesh(tree) -> jax.sharding.AbstractMesh | None:
-  """The abstract mesh of the first array of ``tree`` sharded along Explicit axes, or None."""
+  """The abstract mesh of the first array of ``tree`` typed on Explicit mesh axes, or None."""
   if not hasattr(jax, "typeof"):  # a JAX before sharding in types has no Explicit axes
     return None
   for x in jax.tree.leaves(tree):
