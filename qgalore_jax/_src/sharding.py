@@ -68,6 +68,20 @@ def tile_spec(spec: PartitionSpec, tiles_shape: tuple[int, ...], mesh) -> Partit
   return PartitionSpec(*(entry_if_divisible(n, e, mesh) for n, e in zip(tiles_shape, entries)))
 
 
+def refuse_explicit_shards(arrays, name: str, where: str) -> None:
+  """Raises ``NotImplementedError`` where one of ``arrays`` is sharded along Explicit mesh
+  axes: ``where`` (INT8 weights) does not run there yet, while under Auto axes it does."""
+  if explicit_mesh(arrays) is None:
+    return
+  for x in jax.tree.leaves(arrays):
+    if any(spec_entries(x)):
+      raise NotImplementedError(
+        f"{where} does not yet run on arrays sharded along Explicit mesh axes, and"
+        f" parameter {name} is {jax.typeof(x)}; INT8 weights run sharded on a mesh of Auto"
+        " axes (jax.sharding.AxisType.Auto), and replicated under Explicit ones"
+      )
+
+
 def place(state, specs, mesh):
   """``state`` resharded to ``specs`` (a tree of ``PartitionSpec`` over it) on ``mesh``."""
   is_spec = lambda s: isinstance(s, PartitionSpec)

@@ -242,3 +242,25 @@ PLACEMENT = PROBLEM + textwrap.dedent(
 @pytest.mark.slow
 def test_state_shardings_follow_the_params_and_codes_do_not_depend_on_the_mesh():
   run_on_8_cpu_devices(PLACEMENT)
+
+
+def test_int8_weights_sharded_along_explicit_axes_are_refused_by_name():
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import AxisType
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from qgalore_jax import apply_updates
+  from qgalore_jax import quantize_params
+
+  mesh = jax.make_mesh((1,), ("fsdp",), axis_types=(AxisType.Explicit,))
+  w = {"k": jnp.ones((32, 16))}
+  with jax.set_mesh(mesh):
+    replicated = jax.device_put(w, NamedSharding(mesh, P()))
+    qparams = quantize_params(replicated)  # replicated: runs
+    sharded = jax.device_put(w, NamedSharding(mesh, P("fsdp", None)))
+    with pytest.raises(NotImplementedError, match=r"quantize_params .* parameter \['k'\]"):
+      quantize_params(sharded)
+    with pytest.raises(NotImplementedError, match=r"apply_updates .* parameter \['k'\]"):
+      apply_updates(qparams, sharded, seed=0, step=0)
