@@ -1,4 +1,4 @@
-"""Q-GaLore as an optax gradient transformation (docs/spec.md sections 1, 2, 4, 5 and 7).
+"""Q-GaLore as an optax gradient transformation (docs/spec.md sections 1, 2, 4, 5, 7 and 9).
 
 ``scale_by_qgalore`` is the core transform: projected Adam on every leaf it is given, with
 no learning rate and no decay. The user alias ``qgalore_adamw`` lives in ``alias.py``;
@@ -308,7 +308,8 @@ def scale_by_qgalore(
       return jax.lax.fori_loop(jnp.int32(0), jnp.sum(due, dtype=jnp.int32), body, carry)
 
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or lay.num_slices % mesh.size:
+    # Inside a caller's shard_map (manual axes) the slices are already where they stay.
+    if mesh.empty or mesh.size == 1 or mesh.manual_axes or lay.num_slices % mesh.size:
       return refresh_in_turn(g_slices, due, carry, count, hp)
     # On a mesh the stack is split over every device (an all-to-all of the gradient), and
     # each device refreshes its own due slices: each SVD runs once, not once per device.
