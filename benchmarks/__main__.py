@@ -56,7 +56,9 @@ BENCHMARKS = (
     "Optimizer state per device under FSDP (8 simulated devices)",
     "The scanned LLaMA-60M's `qgalore_adamw` state placed by `qgalore_jax.state_shardings`"
     " on a mesh of 8 CPU devices, params sharded FSDP-style: the bytes the fullest device"
-    " holds (summed from `addressable_shards`) against total / 8, float32 and 8-bit moments.",
+    " holds (summed from `addressable_shards`) against total / 8, float32 and 8-bit moments;"
+    " then the SVDs each device runs on a step where every matrix refreshes, and the"
+    " collectives of the compiled update.",
     ["sharded_state"],
   ),
   (

@@ -45,7 +45,7 @@ def fsdp_spec(path, shape, stacked: bool):
   return P(*("fsdp" if a == axis else None for a in range(len(shape))))
 
 
-def measure(config: str, rank: int) -> dict:
+def measure(config: str, rank: int, refresh: bool = True) -> dict:
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -71,10 +71,10 @@ def measure(config: str, rank: int) -> dict:
   zeros = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), params_abstract)
   params = jax.jit(zeros, out_shardings=jax.tree.map(lambda a: a.sharding, params_abstract))()
   rows = []
+  report = None
+  numbers = model.dimension_numbers(llama)
   for bits in (None, 8):
-    tx = qgalore_jax.qgalore_adamw(
-      1e-3, rank=rank, dimension_numbers=model.dimension_numbers(llama), moment_bits=bits
-    )
+    tx = qgalore_jax.qgalore_adamw(1e-3, rank=rank, dimension_numbers=numbers, moment_bits=bits)
     state = jax.jit(tx.init, out_shardings=qgalore_jax.state_shardings(tx, params_abstract))(params)
     per_device = collections.Counter()
     replicated = 0
@@ -95,8 +95,11 @@ def measure(config: str, rank: int) -> dict:
         "ratio_to_even_split": most / (total / DEVICES),
       }
     )
+    if bits is None and refresh:
+      report = refresh_report(tx, params, state, mesh, numbers)
     del state
   return {
+    "refresh": report,
     "config": config,
     "rank": rank,
     "devices": DEVICES,
@@ -105,6 +108,56 @@ def measure(config: str, rank: int) -> dict:
     "jax": jax.__version__,
     "date": datetime.date.today().isoformat(),
     "rows": rows,
+  }
+
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def svd_flops(a: int, b: int) -> float:
+  """Flops of a thin SVD of an a x b matrix with both sets of vectors: ``6 M N^2 + 20 N^3``
+  (M = max, N = min; Golub and Van Loan, Matrix Computations, 4th ed., section 8.6.3)."""
+  big, small = max(a, b), min(a, b)
+  return 6 * big * small**2 + 20 * small**3
+
+
+def refresh_report(tx, params, state, mesh, dimension_numbers) -> dict:
+  """SVDs per device on a step where every matrix refreshes, and the collectives of the
+  compiled update (the gradient given as a param-shaped array, sharded as the param)."""
+  import re
+
+  import jax
+
+  from qgalore_jax._src import layout
+
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p))
+  with jax.set_mesh(mesh):
+    hlo = update.lower(params, state, params).compile().as_text()
+  collectives = {kind: len(re.findall(rf"= \S+ {kind}(?:-start)?\(", hlo)) for kind in COLLECTIVES}
+  svd_calls = re.findall(r"custom_call_target=\"[a-z_]*gesdd", hlo)
+  # Which leaves are projected, and as which stacks (the rule of scale_by_qgalore).
+  is_spec = lambda x: isinstance(x, layout.DimensionNumbers) or x is None
+  numbers = jax.tree.leaves(dimension_numbers(params), is_leaf=is_spec)
+  per_device = mesh.size
+  svds_total = svds_device = flops_total = flops_device = 0
+  for p, spec in zip(jax.tree.leaves(params), numbers, strict=True):
+    if spec is None:
+      continue
+    lay = spec.resolve(p.shape)
+    one = svd_flops(*lay.matrix_shape)
+    split = lay.num_slices % per_device == 0
+    on_device = lay.num_slices // per_device if split else lay.num_slices
+    svds_total += lay.num_slices
+    svds_device += on_device
+    flops_total += lay.num_slices * one
+    flops_device += on_device * one
+  return {
+    "collectives_in_hlo": collectives,
+    "svd_calls_in_hlo": len(svd_calls),
+    "svds_per_refresh_step": svds_total,
+    "svds_per_device": svds_device,
+    "svd_gflops_per_refresh_step": flops_total / 1e9,
+    "svd_gflops_per_device": flops_device / 1e9,
   }
 
 
@@ -123,6 +176,19 @@ def table(result: dict) -> str:
       f" {row['max_device_bytes'] / MB:.2f} | {row['ratio_to_even_split']:.3f} |"
       f" {row['replicated_bytes'] / MB:.3f} |"
     )
+  r = result["refresh"]
+  if not r:
+    return "\n".join(lines) + "\n"
+  kinds = ", ".join(f"{n} {k}" for k, n in r["collectives_in_hlo"].items() if n)
+  lines += [
+    "",
+    f"A step where every matrix refreshes runs {r['svds_per_refresh_step']} SVDs"
+    f" ({r['svd_gflops_per_refresh_step']:.2f} GFLOP); each device runs"
+    f" {r['svds_per_device']} of them ({r['svd_gflops_per_device']:.2f} GFLOP): a stack"
+    " whose slices split evenly over the devices is refreshed slice by slice where each"
+    " slice lives. Collectives in the compiled update (float32 moments; each counted once"
+    f" in the HLO text, branches included): {kinds}.",
+  ]
   return "\n".join(lines) + "\n"
 
 
@@ -130,6 +196,12 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", default="60m", help="a key of examples.llama.CONFIGS, or tiny")
   parser.add_argument("--rank", type=int, default=128)
+  parser.add_argument(
+    "--refresh",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="also compile the update and report its SVDs per device and collectives",
+  )
   parser.add_argument("--out", default=str(RESULTS), help="directory of the JSON and markdown")
   args = parser.parse_args(argv)
   if os.environ.get(_CHILD) != "1":  # 8 simulated devices need a fresh process
@@ -144,7 +216,7 @@ def main(argv=None) -> dict:
       pathlib.Path(args.out) / f"sharded_state{'' if args.config == '60m' else '_' + args.config}"
     )
     return json.loads(stem.with_suffix(".json").read_text())
-  result = measure(args.config, args.rank)
+  result = measure(args.config, args.rank, args.refresh)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   stem = out / f"sharded_state{'' if args.config == '60m' else '_' + args.config}"

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from qgalore_jax._src import layout
+from qgalore_jax._src import sharding
 from qgalore_jax._src.checks import check_bits
 from qgalore_jax._src.checks import check_int
 from qgalore_jax._src.generator import uniforms
@@ -261,6 +262,7 @@ def quantize_params(
         f" {jnp.result_type(p)}, but only floating-point leaves with dimension numbers (2-D"
         " matrices, or leaves given `dimension_numbers`) can be quantised"
       )
+    sharding.refuse_explicit_shards(p, name, "quantize_params")
     lay = spec.resolve(tuple(p.shape), f"parameter {name}")
     out.append(QuantizedWeight(*_quantize_leaf(p, lay, bits, group_size), lay, bits, group_size))
   return treedef.unflatten(out)
@@ -284,9 +286,14 @@ def dequantize_params(qparams, dtype=jnp.float32):
     >>> dequantize_params(qparams)["kernel"].tolist()
     [[0.0, 1.0], [2.0, 3.0]]
   """
-  return jax.tree.map(
-    lambda x: x.dequantize(dtype) if is_quantized(x) else x, qparams, is_leaf=is_quantized
-  )
+
+  def leaf(path, x):
+    if not is_quantized(x):
+      return x
+    sharding.refuse_explicit_shards(x, path_str(path), "dequantize_params")
+    return x.dequantize(dtype)
+
+  return jax.tree_util.tree_map_with_path(leaf, qparams, is_leaf=is_quantized)
 
 
 def _add_update(p: QuantizedArray, update_MxN: jax.Array, bits: int, group_size: int) -> jax.Array:
@@ -334,6 +341,7 @@ def _apply_leaf(p, u, path, seed, step, tensor_id):
       f"update for parameter {path_str(path)} has shape {jnp.shape(u)}, but the weight has"
       f" shape {p.shape}"
     )
+  sharding.refuse_explicit_shards((p, u), path_str(path), "apply_updates")
   lay = p.layout
   # Each slice draws the uniforms of a separate matrix with its own tensor id.
   ids = jnp.asarray(tensor_id, jnp.uint32).reshape(lay.num_slices)

@@ -424,7 +424,7 @@ def scale_by_adam_8bit(
       nu=trees.pack(treedef, nu, QuantizedMoment),
     )
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params, hp):
     del params
     leaves, treedef = jax.tree.flatten(updates)
     count_inc = optax.safe_increment(state.count)
@@ -436,9 +436,9 @@ def scale_by_adam_8bit(
         load_moment(mu, True, 8),
         load_moment(nu, False, 8),
         count_inc,
-        b1,
-        b2,
-        eps,
+        hp["b1"],
+        hp["b2"],
+        hp["eps"],
       )
       mu = store_moment(mu, True, 8, min_size=min_8bit_size)
       nu = store_moment(nu, False, 8, min_size=min_8bit_size)
@@ -457,7 +457,8 @@ def scale_by_adam_8bit(
       nu=trees.pack(treedef, [o[2] for o in out], QuantizedMoment),
     )
 
-  return optax.GradientTransformation(init_fn, sharding.explicit_update(update_fn))
+  hyperparams = dict(b1=b1, b2=b2, eps=eps)  # arguments of the update: see scale_by_qgalore
+  return optax.GradientTransformation(init_fn, sharding.explicit_update(update_fn, hyperparams))
 
 
 def adamw_8bit(

@@ -1,4 +1,4 @@
-"""Q-GaLore as an optax gradient transformation (docs/spec.md sections 1, 2, 4, 5 and 7).
+"""Q-GaLore as an optax gradient transformation (docs/spec.md sections 1, 2, 4, 5, 7 and 9).
 
 ``scale_by_qgalore`` is the core transform: projected Adam on every leaf it is given, with
 no learning rate and no decay. The user alias ``qgalore_adamw`` lives in ``alias.py``;
@@ -271,7 +271,7 @@ def scale_by_qgalore(
     warm = lambda: proj.randomized_projector(g_MxN, rank, start_KxL, subspace_iters)
     return jax.lax.cond(carry[1].svd_count == 0, randomized, warm)
 
-  def refresh_slice(g_MxN, carry, key):
+  def refresh_slice(g_MxN, carry, key, hp):
     """A slice's (stored projector, schedule) after its refresh (docs/spec.md section 4)."""
     basis_shape = proj.basis_shape(g_MxN.shape, rank)
     old_subspace = carry[1]
@@ -285,11 +285,11 @@ def scale_by_qgalore(
     ok = finite & jnp.all(jnp.isfinite(basis_RxK))
     new = (
       proj.store_projector(basis_RxK, proj_bits, proj_group_size),
-      schedule.record_refresh(old_subspace, basis_RxK[0], cos_threshold, gamma_proj),
+      schedule.record_refresh(old_subspace, basis_RxK[0], hp["cos_threshold"], gamma_proj),
     )
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, carry)
 
-  def refresh_due_slices(g, lay, due, carry, count, tensor_id):
+  def refresh_due_slices(g, lay, due, carry, count, tensor_id, hp):
     """Refreshes the slices flagged in ``due``, one SVD each, none for the others.
 
     Each canonical matrix is formed inside this branch: a transposed operand of the cond
@@ -303,19 +303,41 @@ def scale_by_qgalore(
     first = 0 if block is None else block * lay.num_slices
     if lay.num_slices == 1:
       one = jax.tree.map(lambda a: a[0], carry)
-      new = refresh_slice(canonical(g_slices[0]), one, (count, tensor_id, first))
+      new = refresh_slice(canonical(g_slices[0]), one, (count, tensor_id, first), hp)
       return jax.tree.map(lambda a: a[None], new)
-    order = jnp.nonzero(due, size=lay.num_slices, fill_value=0)[0]
 
-    def body(j, carry):
-      i = order[j]
-      one = jax.tree.map(lambda a: a[i], carry)
-      new = refresh_slice(canonical(g_slices[i]), one, (count, tensor_id, first + i))
-      return jax.tree.map(lambda a, v: a.at[i].set(v), carry, new)
+    def refresh_in_turn(g_slices, due, carry, count, hp, first=0):
+      order = jnp.nonzero(due, size=due.shape[0], fill_value=0)[0]
 
-    return jax.lax.fori_loop(jnp.int32(0), jnp.sum(due, dtype=jnp.int32), body, carry)
+      def body(j, carry):
+        i = order[j]
+        one = jax.tree.map(lambda a: a[i], carry)
+        new = refresh_slice(canonical(g_slices[i]), one, (count, tensor_id, first + i), hp)
+        return jax.tree.map(lambda a, v: a.at[i].set(v), carry, new)
 
-  def update_slice(g, mu, nu, stored, lay, count_inc):
+      return jax.lax.fori_loop(jnp.int32(0), jnp.sum(due, dtype=jnp.int32), body, carry)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    # Inside a caller's shard_map (manual axes) the slices are already where they stay.
+    if mesh.empty or mesh.size == 1 or mesh.manual_axes or lay.num_slices % mesh.size:
+      return refresh_in_turn(g_slices, due, carry, count, hp, first)
+    # On a mesh the stack is split over every device (an all-to-all of the gradient), and
+    # each device refreshes its own due slices: each SVD runs once, not once per device.
+    per_device = lay.num_slices // mesh.size
+
+    arrays = {k: v for k, v in hp.items() if isinstance(v, jax.Array)}
+
+    def local(g_slices, due, carry, count, arrays):
+      mine = first + jax.lax.axis_index(mesh.axis_names) * per_device
+      return refresh_in_turn(g_slices, due, carry, count, {**hp, **arrays}, mine)
+
+    split = jax.sharding.PartitionSpec(mesh.axis_names)
+    whole = jax.sharding.PartitionSpec()
+    in_specs = (split, split, split, whole, jax.tree.map(lambda _: whole, arrays))
+    run = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=split)
+    return run(g_slices, due, carry, count, arrays)
+
+  def update_slice(g, mu, nu, stored, lay, count_inc, hp):
     """Projected Adam on one matrix ``g`` (a slice, laid out as ``lay``; no batch axes)."""
     basis_shape, side, _ = leaf_layout(lay)
     basis_RxK = proj.load_projector(stored, basis_shape, proj_bits, proj_group_size)
@@ -325,9 +347,9 @@ def scale_by_qgalore(
       moments.load_moment(mu, True, moment_bits),
       moments.load_moment(nu, False, moment_bits),
       count_inc,
-      b1,
-      b2,
-      eps,
+      hp["b1"],
+      hp["b2"],
+      hp["eps"],
     )
     # A leaf that stores its input axes first (a Flax kernel) gets its update written in
     # that layout by the matmul itself; transposing the (out, in) result would cost two
@@ -336,23 +358,23 @@ def scale_by_qgalore(
       direction = proj.project_back_transposed(u, basis_RxK, side)
     else:
       direction = proj.project_back(u, basis_RxK, side)
-    direction = lay.from_stack((scale * direction)[None], transposed=lay.reduction_first)
+    direction = lay.from_stack((hp["scale"] * direction)[None], transposed=lay.reduction_first)
     mu = moments.store_moment(mu, True, moment_bits, mu_dtype, min_8bit_size)
     nu = moments.store_moment(nu, False, moment_bits, min_size=min_8bit_size)
     return direction.astype(g.dtype), mu, nu
 
-  def update_leaf(g, mu, nu, stored, subspace, lay, count, count_inc, tensor_id):
+  def update_leaf(g, mu, nu, stored, subspace, lay, count, count_inc, tensor_id, hp):
     # State arrays hold the batch shape in front; the update works on (S, ...) stacks.
     to_batch = lambda t: jax.tree.map(lay.slices_to_batch, t)
     mu, nu, stored, subspace = jax.tree.map(lay.batch_to_slices, (mu, nu, stored, subspace))
     due = schedule.refresh_due(subspace, count)
     stored, subspace = jax.lax.cond(
       jnp.any(due),
-      lambda carry: refresh_due_slices(g, lay, due, carry, count, tensor_id),
+      lambda carry: refresh_due_slices(g, lay, due, carry, count, tensor_id, hp),
       lambda carry: carry,
       (stored, subspace),
     )
-    one = lambda g, mu, nu, stored: update_slice(g, mu, nu, stored, lay.slice_layout, count_inc)
+    one = lambda g, mu, nu, stored: update_slice(g, mu, nu, stored, lay.slice_layout, count_inc, hp)
     direction, mu, nu = layout.map_slices(one, (lay.to_slices(g), mu, nu, stored))
     return (lay.from_slices(direction), *to_batch((mu, nu, stored, subspace)))
 
@@ -395,13 +417,13 @@ def scale_by_qgalore(
       subspace=trees.struct_of_trees(schedule.SubspaceState, treedef, subspace),
     )
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params, hp):
     del params
     layouts = leaf_layouts(updates)
     leaves, treedef = jax.tree.flatten(updates)
     count_inc = optax.safe_increment(state.count)
     per_leaf = [
-      update_leaf(g, mu, nu, stored, sub, lay, state.count, count_inc, tensor_id)
+      update_leaf(g, mu, nu, stored, sub, lay, state.count, count_inc, tensor_id, hp)
       for g, mu, nu, stored, sub, (lay, tensor_id) in zip(
         leaves,
         trees.unpack(treedef, state.mu, moment_cls),
@@ -421,7 +443,11 @@ def scale_by_qgalore(
       subspace=trees.struct_of_trees(schedule.SubspaceState, treedef, subspace),
     )
 
-  return optax.GradientTransformation(init_fn, sharding.explicit_update(update_fn))
+  # Hyperparameters that are arrays (optax.inject_hyperparams) enter the update as arguments:
+  # under Explicit mesh axes it runs with the axes made Auto, where a closed-over array of
+  # the Explicit mesh cannot be used.
+  hyperparams = dict(scale=scale, cos_threshold=cos_threshold, b1=b1, b2=b2, eps=eps)
+  return optax.GradientTransformation(init_fn, sharding.explicit_update(update_fn, hyperparams))
 
 
 def _unwrap(x):

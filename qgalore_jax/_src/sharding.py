@@ -24,7 +24,7 @@ from qgalore_jax._src import trees
 
 
 def explicit_mesh(tree) -> jax.sharding.AbstractMesh | None:
-  """The abstract mesh of the first array of ``tree`` sharded along Explicit axes, or None."""
+  """The abstract mesh of the first array of ``tree`` typed on Explicit mesh axes, or None."""
   if not hasattr(jax, "typeof"):  # a JAX before sharding in types has no Explicit axes
     return None
   for x in jax.tree.leaves(tree):
@@ -68,6 +68,20 @@ def tile_spec(spec: PartitionSpec, tiles_shape: tuple[int, ...], mesh) -> Partit
   return PartitionSpec(*(entry_if_divisible(n, e, mesh) for n, e in zip(tiles_shape, entries)))
 
 
+def refuse_explicit_shards(arrays, name: str, where: str) -> None:
+  """Raises ``NotImplementedError`` where one of ``arrays`` is sharded along Explicit mesh
+  axes: ``where`` (INT8 weights) does not run there yet, while under Auto axes it does."""
+  if explicit_mesh(arrays) is None:
+    return
+  for x in jax.tree.leaves(arrays):
+    if any(spec_entries(x)):
+      raise NotImplementedError(
+        f"{where} does not yet run on arrays sharded along Explicit mesh axes, and"
+        f" parameter {name} is {jax.typeof(x)}; INT8 weights run sharded on a mesh of Auto"
+        " axes (jax.sharding.AxisType.Auto), and replicated under Explicit ones"
+      )
+
+
 def place(state, specs, mesh):
   """``state`` resharded to ``specs`` (a tree of ``PartitionSpec`` over it) on ``mesh``."""
   is_spec = lambda s: isinstance(s, PartitionSpec)
@@ -75,8 +89,8 @@ def place(state, specs, mesh):
   return jax.tree.map(reshard, specs, state, is_leaf=is_spec)
 
 
-def explicit_update(update_fn):
-  """``update_fn`` that also runs where updates or state are sharded along Explicit axes.
+def explicit_update(update_fn, hyperparams: dict):
+  """An optax update function that also runs where its arrays have Explicit mesh axes.
 
   Under such a mesh every JAX operation type-checks the shardings of its operands, and an
   SVD, a matmul over a sharded contracting axis or a tile reshape of a sharded moment does
@@ -84,19 +98,30 @@ def explicit_update(update_fn):
   where the compiler partitions it as under an Auto mesh, and returns the updates sharded
   as the gradients and the state as it came in: a jitted step keeps its types, hence one
   trace. Without Explicit axes ``update_fn`` runs as it is.
+
+  Args:
+    update_fn: ``update_fn(updates, state, params, hyperparams)``.
+    hyperparams: the numbers ``update_fn`` reads, by name: Python numbers, or arrays (as
+      ``optax.inject_hyperparams`` gives them), which are passed in as arguments, since an
+      array closed over from the Explicit mesh cannot be used where its axes are Auto.
+
+  Returns:
+    ``update(updates, state, params=None)``.
   """
 
   @functools.wraps(update_fn)
   def wrapped(updates, state, params=None):
-    mesh = explicit_mesh((updates, state))
+    arrays = {k: v for k, v in hyperparams.items() if isinstance(v, jax.Array)}
+    mesh = explicit_mesh((updates, state, arrays))
     if mesh is None:
-      return update_fn(updates, state, params)
+      return update_fn(updates, state, params, hyperparams)
     out = jax.tree.map(lambda x: PartitionSpec(*spec_entries(x)), (updates, state))
-    run = jax.sharding.auto_axes(update_fn, out_sharding=out)
+    body = lambda u, s, p, a: update_fn(u, s, p, {**hyperparams, **a})
+    run = jax.sharding.auto_axes(body, out_sharding=out)
     if jax.sharding.get_abstract_mesh().empty:  # arrays placed without `jax.set_mesh`
       with jax.sharding.use_abstract_mesh(mesh):
-        return run(updates, state, params)
-    return run(updates, state, params)
+        return run(updates, state, params, arrays)
+    return run(updates, state, params, arrays)
 
   return wrapped
 

@@ -41,6 +41,15 @@ PROBLEM = textwrap.dedent(
     return qgalore_adamw(1e-2, rank=8, update_proj_gap=10, dimension_numbers=NUMBERS,
                          moment_bits=moment_bits, min_8bit_size=256, weight_decay=0.01)
 
+  def injected():  # hyperparameters as arrays, the chain under apply_if_finite
+    make = optax.inject_hyperparams(qgalore_adamw, static_args=qgalore_jax.STATIC_ARGS)
+    return make(learning_rate=1e-2, rank=8, update_proj_gap=10, dimension_numbers=NUMBERS,
+                weight_decay=0.01, skip_nonfinite=True)
+
+  def galore_state(state):
+    is_galore = lambda x: isinstance(x, qgalore_jax.ScaleByQGaLoreState)
+    return next(x for x in jax.tree.leaves(state, is_leaf=is_galore) if is_galore(x))
+
   def loss(p, x):
     p = jax.tree.map(lambda a: jax.sharding.reshard(a, P()), p)  # FSDP: gather to compute
     h = jnp.tanh(x @ p["embed"] + p["bias"])
@@ -79,7 +88,7 @@ EQUALITY = PROBLEM + textwrap.dedent(
 
   checkpoint = tempfile.mkdtemp() + "/step40"
   for bits in (None, 8):
-    tx = optimizer(bits)
+    tx = injected() if bits is None else optimizer(bits)
     step = stepper(tx)
     t0 = time.time()
     want, want_state = train(tx, step, mesh_of(1), PARAMS, X, 50)
@@ -106,7 +115,7 @@ EQUALITY = PROBLEM + textwrap.dedent(
     assert stats_got["layers"]["svd_count"].tolist() == stats_want["layers"]["svd_count"].tolist()
     assert int(stats_want["head"]["svd_count"]) >= 3
     # The state stays where init put it: a low-rank moment sharded along its 64-long side.
-    galore = got_state[0].inner_states["qgalore"].inner_state
+    galore = galore_state(got_state)
     mu = galore.mu if bits is None else galore.mu.codes
     assert mu["layers"].sharding.spec == P(None, "fsdp", None), mu["layers"].sharding
     assert mu["head"].sharding.spec == P(None, "fsdp"), mu["head"].sharding
@@ -142,9 +151,9 @@ EQUALITY = PROBLEM + textwrap.dedent(
 
 @pytest.mark.slow
 def test_explicit_fsdp_training_matches_one_device_and_restores_onto_1_and_4_devices():
-  """50 steps with refreshes, FSDP on an Explicit mesh of 8, float and 8-bit moments; the
-  8-bit run's step-40 checkpoint restored onto 1 and 4 devices (one process, to share the
-  compiled steps)."""
+  """50 steps with refreshes, FSDP on an Explicit mesh of 8: float moments (hyperparameters
+  injected as arrays, skip_nonfinite) and 8-bit moments; the 8-bit run's step-40
+  checkpoint restored onto 1 and 4 devices (one process, to share the compiled steps)."""
   run_on_8_cpu_devices(EQUALITY)
 
 
@@ -211,6 +220,20 @@ PLACEMENT = PROBLEM + textwrap.dedent(
   got_q = apply(qgalore_jax.quantize_params(jax.device_put(w, cut)), jax.device_put(u, cut))
   for a, b in zip(jax.tree.leaves(got_q), jax.tree.leaves(want_q)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  # A stack of 8 slices on 8 devices: each device refreshes its own slice (one SVD each),
+  # and the projectors and schedules are one device's, bit for bit.
+  g = {"w": jnp.asarray(rng.normal(size=(8, 64, 96)), jnp.float32)}
+  galore = qgalore_jax.scale_by_qgalore(rank=8, dimension_numbers=DimensionNumbers(1, 2, 0))
+  refresh = jax.jit(lambda g, s: galore.update(g, s)[1])
+  with jax.set_mesh(mesh_of(1)):
+    want_state = refresh(g, galore.init(g))
+  with jax.set_mesh(explicit):
+    gs = jax.device_put(g, {"w": NamedSharding(explicit, P(None, "fsdp", None))})
+    got_state = refresh(gs, jax.jit(galore.init)(gs))
+  assert np.asarray(got_state.subspace.svd_count["w"]).tolist() == [1] * 8
+  for a, b in zip(jax.tree.leaves(got_state[3:]), jax.tree.leaves(want_state[3:])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   print("SHARDED_OK")
   """
 )
@@ -219,3 +242,25 @@ PLACEMENT = PROBLEM + textwrap.dedent(
 @pytest.mark.slow
 def test_state_shardings_follow_the_params_and_codes_do_not_depend_on_the_mesh():
   run_on_8_cpu_devices(PLACEMENT)
+
+
+def test_int8_weights_sharded_along_explicit_axes_are_refused_by_name():
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import AxisType
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from qgalore_jax import apply_updates
+  from qgalore_jax import quantize_params
+
+  mesh = jax.make_mesh((1,), ("fsdp",), axis_types=(AxisType.Explicit,))
+  w = {"k": jnp.ones((32, 16))}
+  with jax.set_mesh(mesh):
+    replicated = jax.device_put(w, NamedSharding(mesh, P()))
+    qparams = quantize_params(replicated)  # replicated: runs
+    sharded = jax.device_put(w, NamedSharding(mesh, P("fsdp", None)))
+    with pytest.raises(NotImplementedError, match=r"quantize_params .* parameter \['k'\]"):
+      quantize_params(sharded)
+    with pytest.raises(NotImplementedError, match=r"apply_updates .* parameter \['k'\]"):
+      apply_updates(qparams, sharded, seed=0, step=0)
