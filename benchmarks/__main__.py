@@ -51,6 +51,25 @@ BENCHMARKS = (
     ["scan_compile_cpu", "scan_compile_gpu"],
   ),
   (
+    "jax_layerwise_memory",
+    [],
+    "Layer-wise training in JAX: peak memory up to LLaMA-7B (XLA memory analysis)",
+    "The compiled peak of one train step of the scanned LLaMA in the paper's 7B setting"
+    " (bfloat16, INT8 block matrices, rank 1024 at 7B): AdamW, the ordinary Q-GaLore step"
+    " and `qgalore_jax.layerwise_train_step` with float and 8-bit moments, at batch 1 and"
+    " 16 x 256, beside the authors' measured peaks.",
+    ["jax_layerwise_memory"],
+  ),
+  (
+    "jax_layerwise_speed",
+    [],
+    "Layer-wise training in JAX: step time",
+    "Median time of a normal train step of the scanned LLaMA with Q-GaLore and INT8 weights:"
+    " the ordinary step, the ordinary step with rematerialised blocks, and the layer-wise"
+    " step, timed in interleaved rounds.",
+    ["jax_layerwise_speed"],
+  ),
+  (
     "sharded_state",
     [],
     "Optimizer state per device under FSDP (8 simulated devices)",

@@ -133,9 +133,11 @@ def main(argv=None):
   path = pathlib.Path(args.json) if args.json else RESULTS / "jax_layerwise_speed.json"
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
+  table = to_markdown(rows, settings)
+  path.with_suffix(".md").write_text(table)
   print()
-  print(to_markdown(rows, settings))
-  print(f"written to {path}")
+  print(table)
+  print(f"written to {path} and {path.with_suffix('.md')}")
 
 
 if __name__ == "__main__":
