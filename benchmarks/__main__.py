@@ -58,7 +58,7 @@ BENCHMARKS = (
     " (bfloat16, INT8 block matrices, rank 1024 at 7B): AdamW, the ordinary Q-GaLore step"
     " and `qgalore_jax.layerwise_train_step` with float and 8-bit moments, at batch 1 and"
     " 16 x 256, beside the authors' measured peaks.",
-    ["jax_layerwise_memory"],
+    ["jax_layerwise_memory", "jax_layerwise_memory_real"],
   ),
   (
     "jax_layerwise_speed",

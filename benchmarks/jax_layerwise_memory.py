@@ -146,7 +146,7 @@ def measure(cfg_name: str, variant: str, batch: int, seq: int) -> dict:
   return row
 
 
-def to_markdown(rows: list[dict], settings: dict) -> str:
+def to_markdown(rows: list[dict], settings: dict, real: list[dict] = ()) -> str:
   lines = [
     f"One train step of the scanned LLaMA (`examples/llama`), XLA compiled memory analysis,"
     f" GB (1e9 bytes); bfloat16 weights and compute, INT8 projected weights, blocks"
@@ -163,6 +163,21 @@ def to_markdown(rows: list[dict], settings: dict) -> str:
       f" | {r['weights'] / GB:.2f} | {r['opt_state'] / GB:.2f} | {r['temp'] / GB:.2f}"
       f" | **{r['peak_bytes'] / GB:.2f}** | {paper} |"
     )
+  if real:
+    lines += [
+      "",
+      "A real step on this CPU against the analysis (resident high-water mark over two steps,"
+      " above the resident size before the arguments were allocated):",
+      "",
+      "| config | batch x seq | step | measured | analysis | measured / analysis |",
+      "|---|---|---|---:|---:|---:|",
+    ]
+    for r in real:
+      lines.append(
+        f"| {r['config']} | {r['batch']} x {r['seq']} | {r['variant']}"
+        f" | {r['measured'] / GB:.3f} GB | {r['analysis'] / GB:.3f} GB"
+        f" | {r['measured'] / r['analysis']:.2f} |"
+      )
   return "\n".join(lines) + "\n"
 
 
@@ -252,7 +267,7 @@ def main(argv=None):
   path = pathlib.Path(args.json) if args.json else RESULTS / "jax_layerwise_memory.json"
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(result, indent=1) + "\n")
-  table = to_markdown(rows, settings)
+  table = to_markdown(rows, settings, real)
   path.with_suffix(".md").write_text(table)
   print()
   print(table)

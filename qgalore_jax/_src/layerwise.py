@@ -49,7 +49,7 @@ def _check_optimizer(optimizer) -> None:
       " exists, so the optimizer must update every parameter from its own gradient and"
       " state alone: build it with qgalore_adamw(...) with skip_nonfinite=False, unwrapped."
       " Transformations that need the whole gradient cannot run layer by layer:"
-      " optax.clip_by_global_norm (the norm is known only after the last block), "
+      " optax.clip_by_global_norm (the norm is known only after the last block),"
       " optax.apply_if_finite / skip_nonfinite=True (a NaN found in an early block comes"
       " after later blocks were updated), optax.MultiSteps (micro-batches: each call of the"
       " layer-wise step is one optimizer step on its whole batch). For those, train with"
@@ -358,7 +358,10 @@ def layerwise_train_step(
     )
     late = [not e and not s for e, s in zip(early, in_scan)]
     grads = [st if b else g for st, g, b in zip(stacked, flat_of(g_outer), in_blocks)]
-    params = [_float(p, dtype) if b else f for p, f, b in zip(leaves, float_leaves, in_blocks)]
+    params = [
+      (_float(p, dtype) if b else f) if keep else _MASKED
+      for p, f, b, keep in zip(leaves, float_leaves, in_blocks, late)
+    ]
     new_leaves = [c if s else p for p, c, s in zip(new_leaves, stacks, in_scan)]
     new_leaves, state_late = update(
       grads, params, _select(opt_state, treedef, late), late, new_leaves
