@@ -78,7 +78,7 @@ WORKER = textwrap.dedent(
     params = {k: put(a, FSDP[k]) for k, a in PARAMS.items()}
     x, y = put(X, P()), put(Y, P())
     state = jax.jit(tx.init)(params)
-    for _ in range(10):  # refreshes at steps 0, 3, 6 and 9
+    for _ in range(7):  # refreshes at steps 0, 3 and 6
       params, state = step(params, state, x, y)
   for k in PARAMS:
     assert params[k].sharding.spec == FSDP[k], (k, params[k].sharding)
@@ -150,7 +150,7 @@ def _wait(procs: dict[str, subprocess.Popen], logs: dict[str, pathlib.Path], tim
 
 @pytest.mark.slow
 def test_two_processes_of_4_cpu_devices_train_as_one_process_of_8(tmp_path):
-  """An FSDP-sharded stack of 8 layers and a head, 10 steps of qgalore_adamw (8-bit moments,
+  """An FSDP-sharded stack of 8 layers and a head, 7 steps of qgalore_adamw (8-bit moments,
   refreshes every 3 steps: the stack's refreshed one slice per device across processes)."""
   _require_gloo()
   two, one = tmp_path / "two.npz", tmp_path / "one.npz"
@@ -175,7 +175,11 @@ def test_two_processes_of_4_cpu_devices_train_as_one_process_of_8(tmp_path):
   for k in params:  # the weights: bit for bit
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
   svd_count = next(k for k in want.files if k.endswith("svd_count['layers']"))
-  assert want[svd_count].tolist() == [4] * 8  # refreshes at steps 0, 3, 6, 9
+  assert want[svd_count].tolist() == [3] * 8  # refreshes at steps 0, 3, 6
+  inexact = [k for k in want.files if not np.array_equal(got[k], want[k])]
+  print(
+    f"bit for bit: {len(want.files) - len(inexact)} of {len(want.files)} arrays; not: {inexact}"
+  )
   for k in want.files:
     if np.issubdtype(want[k].dtype, np.floating):
       # A float statistic that a cross-process all-reduce sums (the subspace cosines) may
