@@ -185,5 +185,5 @@ def test_two_processes_of_4_cpu_devices_train_as_one_process_of_8(tmp_path):
       # A float statistic that a cross-process all-reduce sums (the subspace cosines) may
       # differ in its last bit: gloo sums in another order than one process does.
       np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
-    else:  # 8-bit and projector codes, counts, gaps
+    else:  # 8-bit and projector codes, counts: exact
       np.testing.assert_array_equal(got[k], want[k], err_msg=k)
