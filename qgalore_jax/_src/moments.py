@@ -315,8 +315,9 @@ def scale_by_adam(
     dtype = lambda p: jnp.result_type(p) if mu_dtype is None else mu_dtype
     return optax.ScaleByAdamState(
       count=jnp.zeros([], jnp.int32),
-      mu=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), dtype(p)), params),
-      nu=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), params),
+      # zeros_like: placed as the param, on a mesh of Explicit axes too (as optax's).
+      mu=jax.tree.map(lambda p: jnp.zeros_like(p, dtype(p)), params),
+      nu=jax.tree.map(lambda p: jnp.zeros_like(p, jnp.result_type(p)), params),
     )
 
   def update_fn(updates, state, params=None):
