@@ -81,11 +81,10 @@ model.CONFIGS["test"] = model.Config(
 )
 out = pathlib.Path(sys.argv[1])
 flags = ["--model", "test", "--steps", "4", "--batch-size", "8", "--rank", "8",
-         "--update-proj-gap", "2", "--eval-every", "4", "--eval-batches", "1", "--log-every", "1",
-         "--checkpoint-every", "2"]
-train.main([*flags, "--mesh", "fsdp=8", "--out-dir", str(out / "eight")])
+         "--update-proj-gap", "2", "--eval-every", "4", "--eval-batches", "1", "--log-every", "1"]
+train.main([*flags, "--mesh", "fsdp=8", "--checkpoint-every", "4", "--out-dir", str(out / "eight")])
 assert jax.device_count() == 8, jax.devices()
-train.main([*flags, "--out-dir", str(out / "one")])
+train.main([*flags, "--checkpoint-every", "0", "--out-dir", str(out / "one")])
 
 def losses(run):
   lines = (out / run / "qgalore" / "metrics.jsonl").read_text().splitlines()
