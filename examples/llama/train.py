@@ -5,6 +5,7 @@ Examples::
   python -m examples.llama.train --compare           # every optimizer, tiny model, CPU
   python -m examples.llama.train --optimizer qgalore --steps 1000
   python -m examples.llama.train --model 60m --dataset c4 --batch-size 512 --steps 10000
+  python -m examples.llama.train --mesh fsdp=8       # FSDP over 8 devices (CPU: simulated)
 
 (the paper's 60M run adds ``--rank 128 --update-proj-gap 200 --learning-rate 0.015``).
 
@@ -25,6 +26,12 @@ a reverse scan over the blocks updates each block as soon as its gradient exists
 full gradient never exists (``qgalore_jax.layerwise_train_step``, docs/layerwise.md). Its
 optimizer is not guarded against non-finite steps (``skip_nonfinite`` needs the whole
 gradient first).
+
+``--mesh NAME=N`` shards the run FSDP-style over N devices (``examples/llama/mesh.py``):
+each weight along its largest axis that N divides, the optimizer state after it
+(``qgalore_jax.state_shardings``), each batch along its batch axis; checkpoints restore
+onto the mesh. On a CPU it asks XLA for N simulated devices when ``XLA_FLAGS`` names no
+count.
 
 A run writes ``metrics.jsonl`` (one JSON object per log or eval event) and orbax
 checkpoints (params, optimizer state, step, data position) under ``--out-dir/<optimizer>``
