@@ -445,6 +445,10 @@ def main(argv: list[str] | None = None) -> None:
   cfg, args = parse_args(argv)
   if cfg.mesh is not None:  # before JAX starts its backend, which reads the flag once
     mesh_lib.request_host_devices(mesh_lib.parse(cfg.mesh)[1])
+    try:
+      mesh_lib.make_mesh(cfg.mesh)  # too few devices: say so before building anything
+    except ValueError as e:
+      raise SystemExit(f"python -m examples.llama.train: error: {e}") from None
   if args.compare:
     # Compare runs are short and always start fresh, so they keep no checkpoints.
     compare(dataclasses.replace(cfg, checkpoint_every=0), tuple(args.optimizers.split(",")))
