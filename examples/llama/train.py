@@ -5,6 +5,7 @@ Examples::
   python -m examples.llama.train --compare           # every optimizer, tiny model, CPU
   python -m examples.llama.train --optimizer qgalore --steps 1000
   python -m examples.llama.train --model 60m --dataset c4 --batch-size 512 --steps 10000
+  python -m examples.llama.train --mesh fsdp=8       # FSDP over 8 devices (CPU: simulated)
 
 (the paper's 60M run adds ``--rank 128 --update-proj-gap 200 --learning-rate 0.015``).
 
@@ -25,6 +26,12 @@ a reverse scan over the blocks updates each block as soon as its gradient exists
 full gradient never exists (``qgalore_jax.layerwise_train_step``, docs/layerwise.md). Its
 optimizer is not guarded against non-finite steps (``skip_nonfinite`` needs the whole
 gradient first).
+
+``--mesh NAME=N`` shards the run FSDP-style over N devices (``examples/llama/mesh.py``):
+each weight along its largest axis that N divides, the optimizer state after it
+(``qgalore_jax.state_shardings``), each batch along its batch axis; checkpoints restore
+onto the mesh. On a CPU it asks XLA for N simulated devices when ``XLA_FLAGS`` names no
+count.
 
 A run writes ``metrics.jsonl`` (one JSON object per log or eval event) and orbax
 checkpoints (params, optimizer state, step, data position) under ``--out-dir/<optimizer>``
@@ -47,11 +54,14 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 from tqdm import tqdm
 
 import qgalore_jax
 from examples.llama import cli
 from examples.llama import data
+from examples.llama import mesh as mesh_lib
 from examples.llama import model
 from examples.llama import optimizers
 from examples.llama import report
@@ -65,6 +75,7 @@ class RunConfig(cli.RunConfig):
   scan: bool = True
   remat: bool = False
   layerwise: bool = False
+  mesh: str | None = None  # "NAME=N": FSDP over N devices (examples/llama/mesh.py)
 
   @property
   def scanned(self) -> bool:
@@ -73,7 +84,10 @@ class RunConfig(cli.RunConfig):
     return self.scan and self.optimizer not in optimizers.UNSCANNED
 
   def check(self) -> None:
-    """Raises ``ValueError`` for ``layerwise`` with a model or optimizer it cannot train."""
+    """Raises ``ValueError`` for a bad ``mesh``, or ``layerwise`` with a model or optimizer
+    it cannot train."""
+    if self.mesh is not None:
+      mesh_lib.parse(self.mesh)
     if not self.layerwise:
       return
     if self.optimizer not in optimizers.QGALORE_VARIANTS:
@@ -153,8 +167,14 @@ def tree_bytes(tree) -> int:
   return sum(x.nbytes for x in jax.tree.leaves(tree))
 
 
-def init_state(cfg: RunConfig):
-  """``(graphdef, params, opt_state, tx, int8_weights)`` of a fresh run."""
+def init_state(cfg: RunConfig, mesh: jax.sharding.Mesh | None = None):
+  """``(graphdef, params, opt_state, tx, int8_weights)`` of a fresh run.
+
+  With a ``mesh`` (``mesh_lib.make_mesh``) the weights are sharded FSDP-style
+  (``mesh_lib.param_shardings``) and the optimizer state after them
+  (``qgalore_jax.state_shardings``). The weights are drawn on one device first, so that a
+  sharded run starts from the same numbers as a single-device one.
+  """
   graphdef, params = model.init_params(
     model.CONFIGS[cfg.model], cfg.seed, scan=cfg.scanned, remat=cfg.remat
   )
@@ -163,20 +183,39 @@ def init_state(cfg: RunConfig):
   tx, int8_weights = optimizers.build(
     cfg.optimizer, lr_schedule(cfg), low_rank, llama, guard=not cfg.layerwise
   )
-  opt_state = tx.init(params)  # from the float weights, before they are quantised
+  if mesh is None:
+    opt_state = tx.init(params)  # from the float weights, before they are quantised
+  else:
+    params = jax.device_put(params, mesh_lib.param_shardings(params, mesh, cfg.scanned))
+    shardings = qgalore_jax.state_shardings(tx, params)
+    opt_state = jax.jit(tx.init, out_shardings=shardings)(params)
   if int8_weights:
     params = qgalore_jax.quantize_params(
       params,
       group_size=optimizers.INT8_GROUP_SIZE,
       dimension_numbers=model.dimension_numbers(llama),
     )
+    if mesh is not None:
+      params = jax.device_put(params, mesh_lib.param_shardings(params, mesh, cfg.scanned))
   return graphdef, params, opt_state, tx, int8_weights
 
 
-def make_data(cfg: RunConfig):
-  """``(train_batches(position), heldout_batches)`` for the configured dataset."""
+def pin_shardings(train_step, params, opt_state):
+  """``train_step`` returning params and optimizer state placed as ``params`` and
+  ``opt_state`` are (the loss replicated), still jitted with both donated: without this
+  XLA picks the outputs' shardings, which may gather a weight whole or change from step
+  to step (a recompilation)."""
+  shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+  mesh = jax.tree.leaves(params)[0].sharding.mesh
+  out = (shardings(params), shardings(opt_state), NamedSharding(mesh, PartitionSpec()))
+  return jax.jit(train_step, out_shardings=out, donate_argnums=(0, 1))
+
+
+def make_data(cfg: RunConfig, mesh: jax.sharding.Mesh | None = None):
+  """``(train_batches(position), heldout_batches)`` for the configured dataset; with a
+  ``mesh``, each batch placed on it (``mesh_lib.batch_sharding``)."""
   config = model.CONFIGS[cfg.model]
-  return data.make_batches(
+  train_batches, heldout = data.make_batches(
     cfg.dataset,
     model_name=cfg.model,
     seq_len=config.seq_len,
@@ -185,6 +224,11 @@ def make_data(cfg: RunConfig):
     eval_batches=cfg.eval_batches,
     seed=cfg.seed,
   )
+  if mesh is None:
+    return train_batches, heldout
+  place = functools.partial(jax.device_put, device=mesh_lib.batch_sharding(cfg.batch_size, mesh))
+  placed = lambda position: map(place, train_batches(position))
+  return placed, [place(batch) for batch in heldout]
 
 
 def _drop_empty(tree):
@@ -267,10 +311,13 @@ def train(cfg: RunConfig, progress: bool = True, wrap_step=None) -> dict:
   if cfg.scan and not cfg.scanned:
     print(f"{cfg.optimizer}: {optimizers.UNSCANNED[cfg.optimizer]}", file=sys.stderr)
   cfg.check()
-  graphdef, params, opt_state, tx, int8_weights = init_state(cfg)
+  mesh = None if cfg.mesh is None else mesh_lib.make_mesh(cfg.mesh)
+  graphdef, params, opt_state, tx, int8_weights = init_state(cfg, mesh)
   ids = model.tensor_ids(model.CONFIGS[cfg.model], scan=cfg.scanned)
   layerwise_model = cfg.model if cfg.layerwise else None
   train_step = make_train_step(graphdef, tx, int8_weights, cfg.seed, ids, layerwise_model)
+  if mesh is not None:
+    train_step = pin_shardings(train_step, params, opt_state)
   if wrap_step is not None:
     train_step = wrap_step(train_step)
   eval_step = make_eval_step(graphdef, int8_weights)
@@ -281,12 +328,13 @@ def train(cfg: RunConfig, progress: bool = True, wrap_step=None) -> dict:
     if manager.latest_step() is not None:
       params, opt_state, start, position = restore_checkpoint(manager, params, opt_state)
       print(f"{cfg.optimizer}: resuming at step {start} from {manager.directory}", file=sys.stderr)
-  train_batches, heldout = make_data(cfg)
+  train_batches, heldout = make_data(cfg, mesh)
   if progress:
     millions = model.param_count(model.CONFIGS[cfg.model]) / 1e6
     blocks = "scanned" if cfg.scanned else "unscanned"
+    where = "" if mesh is None else f", FSDP over {cfg.mesh} ({mesh.devices.size} devices)"
     print(
-      f"{cfg.optimizer}: {cfg.model} LLaMA, {millions:.2f}M parameters, {blocks} blocks",
+      f"{cfg.optimizer}: {cfg.model} LLaMA, {millions:.2f}M parameters, {blocks} blocks{where}",
       file=sys.stderr,
     )
   tokens_per_step = cfg.batch_size * model.CONFIGS[cfg.model].seq_len
@@ -371,7 +419,21 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Names
     action="store_true",
     help="recompute block activations in the backward pass (nnx.remat): less memory",
   )
+  parser.add_argument(
+    "--mesh",
+    default=None,
+    metavar="NAME=N",
+    help="train FSDP-sharded over a one-axis mesh of N devices, e.g. fsdp=8: each weight"
+    " split along its largest axis that N divides, the optimizer state after it, each batch"
+    " along its batch axis. On a CPU the N devices are simulated"
+    f" (XLA_FLAGS={mesh_lib.HOST_DEVICES_FLAG}=N, set here when XLA_FLAGS has no count)",
+  )
   args = parser.parse_args(argv)
+  if args.mesh is not None:
+    try:
+      mesh_lib.parse(args.mesh)
+    except ValueError as e:
+      parser.error(str(e))
   return cli.run_config(RunConfig, args), args
 
 
@@ -381,6 +443,12 @@ def main(argv: list[str] | None = None) -> None:
   # spin while they wait, so on a busy machine 28 small SVDs took 43 s instead of 0.1 s.
   os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
   cfg, args = parse_args(argv)
+  if cfg.mesh is not None:  # before JAX starts its backend, which reads the flag once
+    mesh_lib.request_host_devices(mesh_lib.parse(cfg.mesh)[1])
+    try:
+      mesh_lib.make_mesh(cfg.mesh)  # too few devices: say so before building anything
+    except ValueError as e:
+      raise SystemExit(f"python -m examples.llama.train: error: {e}") from None
   if args.compare:
     # Compare runs are short and always start fresh, so they keep no checkpoints.
     compare(dataclasses.replace(cfg, checkpoint_every=0), tuple(args.optimizers.split(",")))
