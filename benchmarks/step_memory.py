@@ -198,7 +198,8 @@ NOTES = """
   matrix's update as soon as its gradient exists, inside the backward pass, and free the
   gradient early; scanned, the backward pass is one loop that returns every layer's
   gradient at once, and the optimizer then works on whole stacks, with a stack-sized buffer
-  for each of its stages. Layer-wise updates inside the backward loop would remove this.
+  for each of its stages. Layer-wise updates inside the backward loop remove this
+  (`qgalore_jax.layerwise_train_step`, `benchmarks/jax_layerwise_memory.py`).
 """
 
 
