@@ -45,6 +45,7 @@ import qgalore_jax
 from benchmarks.llama_shapes import RANKS
 from benchmarks.llama_shapes import nbytes
 from benchmarks.step_memory import device_name
+from benchmarks.tables import write_results
 from examples.llama import model
 from examples.llama import train
 
@@ -265,13 +266,7 @@ def main(argv=None):
   headline = [r for r in rows if r["variant"] == "qgalore-layerwise-8bit"] or rows
   result["peak_bytes"] = headline[0]["peak_bytes"]
   path = pathlib.Path(args.json) if args.json else RESULTS / "jax_layerwise_memory.json"
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(result, indent=1) + "\n")
-  table = to_markdown(rows, settings, real)
-  path.with_suffix(".md").write_text(table)
-  print()
-  print(table)
-  print(f"written to {path} and {path.with_suffix('.md')}")
+  write_results(path, result, to_markdown(rows, settings, real))
 
 
 if __name__ == "__main__":

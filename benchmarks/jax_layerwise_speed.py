@@ -20,7 +20,6 @@ the table gives the median time per step and its ratio to ``ordinary``.
 
 import argparse
 import datetime
-import json
 import pathlib
 import statistics
 import time
@@ -33,6 +32,7 @@ from flax import nnx
 import qgalore_jax
 from benchmarks.llama_shapes import RANKS
 from benchmarks.step_memory import device_name
+from benchmarks.tables import write_results
 from examples.llama import model
 from examples.llama import optimizers
 from examples.llama import train
@@ -131,13 +131,7 @@ def main(argv=None):
     "date": datetime.date.today().isoformat(),
   }
   path = pathlib.Path(args.json) if args.json else RESULTS / "jax_layerwise_speed.json"
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
-  table = to_markdown(rows, settings)
-  path.with_suffix(".md").write_text(table)
-  print()
-  print(table)
-  print(f"written to {path} and {path.with_suffix('.md')}")
+  write_results(path, {"settings": settings, "rows": rows}, to_markdown(rows, settings))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Markdown pieces shared by the speed benchmarks (framework-free)."""
 
+import json
+
 
 def bandwidth_lines(result: dict, measured: str, counted: str) -> list[str]:
   """The normal steps of ``result`` against the memory-bandwidth floor, as markdown lines.
@@ -51,3 +53,13 @@ def floor_rows(floor: dict, median_ms: dict) -> list[str]:
       f" | {ms:.3f} | {ms / row['ms']:.2f}x |"
     )
   return lines
+
+
+def write_results(path, result: dict, table: str) -> None:
+  """Writes ``result`` as JSON at ``path`` and ``table`` beside it as markdown; prints both."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(result, indent=1) + "\n")
+  path.with_suffix(".md").write_text(table)
+  print()
+  print(table)
+  print(f"written to {path} and {path.with_suffix('.md')}")

@@ -3,8 +3,6 @@ on 8 simulated CPU devices that follows the one-device run."""
 
 import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import pytest
@@ -12,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from examples.llama import mesh as mesh_lib
 from examples.llama import train
+from qgalore_jax._src.integration_test import run_on_8_cpu_devices
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -111,21 +110,10 @@ print("SHARDED_OK")
 
 @pytest.mark.slow
 def test_mesh_of_8_cpu_devices_follows_one_device(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", OPENBLAS_NUM_THREADS="1")
-  env.pop("XLA_FLAGS", None)
-  env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-  out = subprocess.run(
-    [sys.executable, "-c", SCRIPT, str(tmp_path)],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    check=False,
-  )
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "SHARDED_OK" in out.stdout, out.stdout[-3000:]
+  # No XLA_FLAGS: the example asks for the 8 devices itself.
+  stdout = run_on_8_cpu_devices(SCRIPT, str(tmp_path), set_device_count=False)
   # The 8-device losses equal the one-device ones to float32 rounding (measured: at most
   # one ulp, 2e-7 relative); the tolerance leaves room for an INT8 code that a one-ulp
   # difference rounds the other way.
-  diff = float(out.stdout.split("MAX_REL_DIFF")[1].split()[0])
+  diff = float(stdout.split("MAX_REL_DIFF")[1].split()[0])
   assert diff <= 1e-5, diff

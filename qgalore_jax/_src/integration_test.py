@@ -167,15 +167,22 @@ SHARDED_SCRIPT = textwrap.dedent(
 )
 
 
-def run_on_8_cpu_devices(script: str) -> None:
-  """Runs ``script`` in a fresh process with 8 simulated CPU devices; it prints SHARDED_OK."""
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  env["JAX_PLATFORMS"] = "cpu"
+def run_on_8_cpu_devices(script: str, *args: str, set_device_count: bool = True) -> str:
+  """Runs ``script`` in a fresh process with 8 simulated CPU devices; it prints SHARDED_OK.
+
+  ``set_device_count`` False leaves ``XLA_FLAGS`` unset, for a script that asks for the
+  devices itself. Returns the script's standard output.
+  """
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  if set_device_count:
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  else:
+    env.pop("XLA_FLAGS", None)
+    env["OPENBLAS_NUM_THREADS"] = "1"
   root = pathlib.Path(__file__).resolve().parents[2]
   env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
   out = subprocess.run(
-    [sys.executable, "-c", script],
+    [sys.executable, "-c", script, *args],
     env=env,
     capture_output=True,
     text=True,
@@ -183,7 +190,8 @@ def run_on_8_cpu_devices(script: str) -> None:
     check=False,
   )
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "SHARDED_OK" in out.stdout
+  assert "SHARDED_OK" in out.stdout, out.stdout[-3000:]
+  return out.stdout
 
 
 @pytest.mark.slow
