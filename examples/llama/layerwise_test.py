@@ -14,7 +14,8 @@ STEPS = 30
 
 
 def _setup():
-  cfg = model.CONFIGS["tiny"]
+  # The tiny config's layout at a third of its widths: the same program, compiled faster.
+  cfg = model.Config(vocab_size=64, d_model=64, d_ff=128, num_layers=3, num_heads=2, seq_len=32)
   graphdef, params = model.init_params(cfg, seed=0, scan=True)
   llama = nnx.eval_shape(lambda: model.Llama(cfg, nnx.Rngs(0), scan=True))
   dims = model.dimension_numbers(llama)
