@@ -34,7 +34,6 @@ import pathlib
 import platform
 import statistics
 import tempfile
-import time
 
 import torch
 import torch.distributed as dist
@@ -45,6 +44,7 @@ from benchmarks.llama_shapes import SPEED_CONFIGS
 from benchmarks.torch_step_speed import is_projected
 from benchmarks.torch_step_speed import reset_step_counters
 from benchmarks.torch_step_speed import source_version
+from benchmarks.torch_step_speed import time_step
 from benchmarks.torch_step_speed import torch_param_shapes
 from qgalore_torch import QGaLoreAdamW
 from qgalore_torch import compute_projector
@@ -93,13 +93,7 @@ def _timed(opt, device, reset):
   if reset:
     reset_step_counters(opt)
   dist.barrier()
-  if device.type == "cuda":
-    torch.cuda.synchronize(device)
-  start = time.perf_counter()
-  opt.step()
-  if device.type == "cuda":
-    torch.cuda.synchronize(device)
-  elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
+  elapsed = torch.tensor([time_step(opt, device)], dtype=torch.float64, device=device)
   dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
   return float(elapsed)
 

@@ -18,15 +18,12 @@ import optax
 from qgalore_jax._src import int8
 from qgalore_jax._src import trees
 from qgalore_jax._src.alias import PER_LEAF
+from qgalore_jax._src.layout import is_masked
 from qgalore_jax._src.layout import path_str
 from qgalore_jax._src.qgalore import BLOCK_INDEX
 from qgalore_jax._src.qgalore import projection_stats
 
 _MASKED = optax.MaskedNode()
-
-
-def _masked(x) -> bool:
-  return isinstance(x, optax.MaskedNode)
 
 
 @contextlib.contextmanager
@@ -313,7 +310,7 @@ def layerwise_train_step(
     def take_block(stacks, state, i):
       now = [_take(c, i) if s else _MASKED for c, s in zip(stacks, in_scan)]
       sub = trees.map_param_trees(
-        lambda j, v: _take(v, i) if in_scan[j] and not _masked(v) else v, treedef, state
+        lambda j, v: _take(v, i) if in_scan[j] and not is_masked(v) else v, treedef, state
       )
       return now, sub
 
@@ -330,7 +327,7 @@ def layerwise_train_step(
       now, sub = update(grads, params, sub, in_scan, now, block=i)
       stacks = [_put(c, n, i) if s else c for c, n, s in zip(stacks, now, in_scan)]
       state = trees.map_param_trees(
-        lambda j, v, n: _put(v, n, i) if in_scan[j] and not _masked(v) else v, treedef, state, sub
+        lambda j, v, n: _put(v, n, i) if in_scan[j] and not is_masked(v) else v, treedef, state, sub
       )
       now, sub = take_block(stacks, state, jnp.maximum(i - 1, 0))
       stacked = [g if b and not s else _MASKED for g, b, s in zip(g_flat, in_blocks, in_scan)]
