@@ -59,7 +59,26 @@ PAPER = {("7B", 16): 15.26, ("7B", 1): 15.08}
 DTYPE = jnp.bfloat16
 
 
-def _abstract(cfg_name: str, variant: str, rank: int):
+SCHEDULERS = ("memory", "concurrency")
+SCHEDULER_NAMES = {"memory": "memory-minimising", "concurrency": "default (concurrency)"}
+MEMORY_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def use_scheduler(scheduler: str) -> None:
+  """Selects XLA CPU's scheduler for this process's compilations (before JAX starts its CPU
+  backend: the flag is read then; compiler options of a single compile do not set it)."""
+  flags = os.environ.get("XLA_FLAGS", "").replace(MEMORY_SCHEDULER_FLAG, "").strip()
+  flags = f"{flags} {MEMORY_SCHEDULER_FLAG}".strip() if scheduler == "memory" else flags
+  if flags != os.environ.get("XLA_FLAGS", ""):
+    if jax._src.xla_bridge.backends_are_initialized():
+      raise RuntimeError(
+        f"XLA reads its CPU scheduler from XLA_FLAGS when JAX starts its backends, which this"
+        f" process has done: run the benchmark in a fresh process, or set XLA_FLAGS={flags!r}"
+      )
+    os.environ["XLA_FLAGS"] = flags
+
+
+def _abstract(cfg_name: str, variant: str, rank: int, micro_batches: int = 1):
   """``(step_fn, qparams, opt_state)``: the jitted step and abstract arguments."""
   cfg = model.CONFIGS[cfg_name.lower()]
 
@@ -97,7 +116,9 @@ def _abstract(cfg_name: str, variant: str, rank: int):
   opt_state = jax.eval_shape(lambda q: tx.init(qgalore_jax.dequantize_params(q, DTYPE)), qparams)
   if variant == "qgalore":
     return qgalore_jax.int8_train_step(loss, tx, dtype=DTYPE), qparams, opt_state
-  step = qgalore_jax.layerwise_train_step(*model.layerwise_fns(cfg, DTYPE), tx, dtype=DTYPE)
+  step = qgalore_jax.layerwise_train_step(
+    *model.layerwise_fns(cfg, DTYPE), tx, dtype=DTYPE, micro_batches=micro_batches
+  )
   return step, qparams, opt_state
 
 
@@ -115,11 +136,12 @@ def _breakdown(cfg_name: str, batch: int, seq: int, qparams) -> dict:
   }
 
 
-def measure(cfg_name: str, variant: str, batch: int, seq: int) -> dict:
+def measure(cfg_name: str, variant: str, batch: int, seq: int, micro_batches: int = 1) -> dict:
   """Compiles one step on abstract inputs; its memory analysis in bytes."""
   rank = RANKS.get(cfg_name.upper(), 128)
   start = time.perf_counter()
-  step_fn, qparams, opt_state = _abstract(cfg_name, variant, rank)
+  micro_batches = micro_batches if "layerwise" in variant else 1
+  step_fn, qparams, opt_state = _abstract(cfg_name, variant, rank, micro_batches)
   tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
   count = jax.ShapeDtypeStruct((), jnp.int32)
   compiled = step_fn.lower(qparams, opt_state, (tokens, tokens), count).compile()
@@ -131,6 +153,7 @@ def measure(cfg_name: str, variant: str, batch: int, seq: int) -> dict:
     "variant": variant,
     "batch": batch,
     "seq": seq,
+    "micro_batches": micro_batches,
     "rank": None if variant == "adamw-bf16" else rank,
     "weights": nbytes(qparams),
     "opt_state": nbytes(opt_state),
@@ -147,12 +170,17 @@ def measure(cfg_name: str, variant: str, batch: int, seq: int) -> dict:
   return row
 
 
+def _step_name(row: dict) -> str:
+  parts = row.get("micro_batches", 1)
+  return row["variant"] + (f", {parts} micro-batches" if parts > 1 else "")
+
+
 def to_markdown(rows: list[dict], settings: dict, real: list[dict] = ()) -> str:
   lines = [
     f"One train step of the scanned LLaMA (`examples/llama`), XLA compiled memory analysis,"
     f" GB (1e9 bytes); bfloat16 weights and compute, INT8 projected weights, blocks"
-    f" rematerialised; {settings['backend']} ({settings['device']}), jax {settings['jax']},"
-    f" {settings['date']}.",
+    f" rematerialised; XLA CPU's {SCHEDULER_NAMES[settings['scheduler']]} scheduler;"
+    f" {settings['backend']} ({settings['device']}), jax {settings['jax']}, {settings['date']}.",
     "",
     "| config | batch x seq | step | rank | weights | opt state | temp | peak | paper |",
     "|---|---|---|---:|---:|---:|---:|---:|---:|",
@@ -160,7 +188,7 @@ def to_markdown(rows: list[dict], settings: dict, real: list[dict] = ()) -> str:
   for r in rows:
     paper = f"{r['paper_gb']:.2f}" if r.get("paper_gb") else ""
     lines.append(
-      f"| {r['config']} | {r['batch']} x {r['seq']} | {r['variant']} | {r['rank'] or ''}"
+      f"| {r['config']} | {r['batch']} x {r['seq']} | {_step_name(r)} | {r['rank'] or ''}"
       f" | {r['weights'] / GB:.2f} | {r['opt_state'] / GB:.2f} | {r['temp'] / GB:.2f}"
       f" | **{r['peak_bytes'] / GB:.2f}** | {paper} |"
     )
@@ -232,29 +260,50 @@ def main(argv=None):
   parser.add_argument("--config", nargs="+", default=list(CONFIGS), type=str.upper)
   parser.add_argument("--batch", nargs="+", type=int, default=[1, 16])
   parser.add_argument("--seq", type=int, default=256)
+  parser.add_argument(
+    "--micro-batches",
+    nargs="+",
+    type=int,
+    default=[1],
+    help="micro-batches of the layer-wise rows (each value a row)",
+  )
   parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+  parser.add_argument(
+    "--scheduler",
+    choices=SCHEDULERS,
+    default="memory",
+    help="XLA CPU's instruction scheduler: the memory-minimising one (the default here) or"
+    " XLA's default, which orders for concurrency and keeps more buffers alive at once",
+  )
   parser.add_argument("--json", help="write the rows here (default: benchmarks/results/)")
   parser.add_argument("--real", action="store_true", help="also run a real step on this CPU")
   args = parser.parse_args(argv)
   for name in args.config:
     if name.lower() not in model.CONFIGS:
       parser.error(f"unknown config {name}; choose from {', '.join(CONFIGS)}")
+  use_scheduler(args.scheduler)
   rows, real = [], []
   for name in args.config:
     for batch in args.batch:
       for variant in args.variants:
-        row = measure(name, variant, batch, args.seq)
-        print(
-          f"{name} batch {batch} x {args.seq} {variant}: peak {row['peak_bytes'] / GB:.2f} GB"
-          f" (built in {row['build_s']} s)",
-          flush=True,
-        )
-        rows.append(row)
+        splits = args.micro_batches if "layerwise" in variant else [1]
+        for micro_batches in splits:
+          if batch % micro_batches:
+            print(f"{name} batch {batch}: {micro_batches} micro-batches do not divide it; skipped")
+            continue
+          row = measure(name, variant, batch, args.seq, micro_batches)
+          print(
+            f"{name} batch {batch} x {args.seq} {_step_name(row)}: peak"
+            f" {row['peak_bytes'] / GB:.2f} GB (built in {row['build_s']} s)",
+            flush=True,
+          )
+          rows.append(row)
         if args.real and "layerwise" in variant:
           real.append(measure_real(name, variant, batch, args.seq))
           print(f"  real step on this CPU: {real[-1]}", flush=True)
   settings = {
     "seq": args.seq,
+    "scheduler": args.scheduler,
     "backend": jax.default_backend(),
     "device": device_name(),
     "jax": jax.__version__,

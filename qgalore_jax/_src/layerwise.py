@@ -8,6 +8,7 @@ section 10). The JAX counterpart of the torch twin's ``register_layerwise_hooks`
 
 import contextlib
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import jax
@@ -126,6 +127,94 @@ def _read_by(fn, tree, *args) -> list[bool]:
   return [v in used for v in jaxpr.invars]
 
 
+def _after(x, tree):
+  """``x``, in a program where it is computed only after every array of ``tree``.
+
+  XLA schedules by data dependence only (the CPU compiler drops optimization barriers), so
+  ``x`` passes through a conditional whose predicate reads one element of each array and
+  whose branches both return ``x``."""
+  firsts = [jnp.ravel(a)[:1].astype(jnp.float32) for a in jax.tree.leaves(tree)]
+  if not firsts:
+    return x
+  pred = jnp.isfinite(jnp.concatenate(firsts)).all()
+  return jax.lax.cond(pred, lambda x: x, lambda x: jax.tree.map(jnp.copy, x), x)
+
+
+def _split(tree, parts: int, what: str):
+  """Every leaf of ``tree`` split along its leading axis into ``parts`` equal parts,
+  stacked on a new leading axis."""
+
+  def split(a):
+    size = jnp.shape(a)[0] if jnp.ndim(a) else None
+    if size is None or size % parts:
+      raise ValueError(
+        f"micro_batches={parts} splits every leaf of {what} along its leading axis into"
+        f" equal parts; got a leaf of shape {jnp.shape(a)}"
+      )
+    return a.reshape(parts, size // parts, *a.shape[1:])
+
+  return jax.tree.map(split, tree)
+
+
+def _merge(tree):
+  """Inverse of :func:`_split`."""
+  return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), tree)
+
+
+def _sum_f32(acc, tree):
+  return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, tree)
+
+
+def _zeros_f32(tree):
+  return jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), jnp.float32), tree)
+
+
+def _head_in_parts(head_fn, outer, xs, batches, head_read):
+  """Loss and gradients of the head over micro-batches ``xs`` / ``batches`` (stacked on a
+  leading axis): the mean of the parts' losses, its gradient with respect to each part's
+  input, and with respect to the outer leaves the head reads (summed in float32; zeros
+  elsewhere)."""
+  parts = jax.tree.leaves(xs)[0].shape[0]
+  leaves, outer_def = jax.tree.flatten(outer)
+  read = [p for p, r in zip(leaves, head_read) if r]
+
+  def with_read(values):
+    it = iter(values)
+    return outer_def.unflatten([next(it) if r else p for p, r in zip(leaves, head_read)])
+
+  def part(acc, xs_c):
+    x, b = xs_c
+    loss = lambda r, x: head_fn(with_read(r), x, b) / parts
+    value, (g_read, g_x) = jax.value_and_grad(loss, (0, 1))(read, x)
+    return _sum_f32(acc, g_read), (value, g_x)
+
+  g_read, (losses, g_x) = jax.lax.scan(part, _zeros_f32(read), (xs, batches))
+  loss = losses.sum()
+  it = iter(g_read)
+  g_head = outer_def.unflatten(
+    [next(it).astype(p.dtype) if r else jnp.zeros_like(p) for p, r in zip(leaves, head_read)]
+  )
+  return loss, g_head, g_x
+
+
+def _block_vjp_in_parts(block_fn, params_fn, xs, g_ys):
+  """One block's VJP over micro-batches (inputs ``xs`` and output cotangents ``g_ys``
+  stacked on a leading axis): the parameter gradients summed in float32 (returned in the
+  parameters' dtypes) and each part's input cotangent. ``params_fn()`` gives the block's
+  float parameters; it is called in the loop over the parts, so XLA keeps the weights
+  stored (INT8) across the loop rather than dequantised."""
+  params = jax.eval_shape(params_fn)
+
+  def part(acc, xs_c):
+    x, g_y = xs_c
+    _, block_vjp = jax.vjp(block_fn, params_fn(), x)
+    g_params, g_x = block_vjp(g_y)
+    return _sum_f32(acc, g_params), g_x
+
+  acc, g_xs = jax.lax.scan(part, _zeros_f32(params), (xs, g_ys))
+  return jax.tree.map(lambda a, p: a.astype(p.dtype), acc, params), g_xs
+
+
 def layerwise_train_step(
   embed_fn: Callable[[Any, Any], jax.Array],
   block_fn: Callable[[Any, jax.Array], jax.Array],
@@ -136,6 +225,7 @@ def layerwise_train_step(
   seed: int = 0,
   dtype=jnp.float32,
   tensor_ids=None,
+  micro_batches: int = 1,
 ):
   """A jitted layer-wise train step for a model whose blocks are scanned (stacked).
 
@@ -164,8 +254,15 @@ def layerwise_train_step(
   Limits (errors at the first call): ``optimizer`` must be a plain
   :func:`~qgalore_jax.qgalore_adamw` (``skip_nonfinite=False``, not wrapped), since
   global-norm clipping, ``apply_if_finite`` and ``optax.MultiSteps`` need the whole
-  gradient before the first update. Each call is one optimizer step on its whole batch;
-  to accumulate micro-batches use ``int8_train_step`` with ``optax.MultiSteps``.
+  gradient before the first update. Each call is one optimizer step on its whole batch.
+
+  Micro-batches (``micro_batches=k``): the batch is split into ``k`` equal parts along the
+  leading axis of every leaf; the head and each block's recompute and VJP run on one part
+  at a time, and each parameter's gradient is summed over the parts (in float32) before its
+  one update, so the activations alive are one part's. The loss is the mean of the parts'
+  ``head_fn`` values, the mean over the batch when ``head_fn`` returns a mean over equally
+  many items per part. A refresh sees the whole batch's gradient. The block inputs of the
+  whole batch are kept, as without micro-batches.
 
   Args:
     embed_fn: ``embed_fn(outer, batch) -> x``: ``outer`` is a dict of the float params
@@ -181,6 +278,7 @@ def layerwise_train_step(
     seed: seed of the stochastic rounding.
     dtype: dtype of the dequantised weights the model sees.
     tensor_ids: see :func:`~qgalore_jax.apply_updates`.
+    micro_batches: parts to split each batch into (see above); 1: the whole batch at once.
 
   Returns:
     ``step(qparams, opt_state, batch, step) -> (qparams, opt_state, loss)``, jitted, with
@@ -214,6 +312,9 @@ def layerwise_train_step(
   _check_optimizer(optimizer)
   if not isinstance(blocks, str):
     raise TypeError(f"`blocks` must be a str (a key of the params), got {blocks!r}")
+  if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+    raise ValueError(f"`micro_batches` must be a positive int, got {micro_batches!r}")
+  parts = micro_batches
 
   def step_fn(qparams, opt_state, batch, step):
     if not isinstance(qparams, dict) or blocks not in qparams:
@@ -284,23 +385,36 @@ def layerwise_train_step(
         values.append(_float(one, dtype)[0] if b else _MASKED)
       return treedef.unflatten(values)[blocks]
 
-    # 1. Forward: the blocks in a scan, keeping each block's input.
+    # 1. Forward: the blocks in a scan, keeping each block's input (with micro-batches,
+    # split along a new leading axis and run one part at a time).
     x0, embed_vjp = jax.vjp(lambda o: embed_fn(o, batch), outer)
+    if parts > 1:
+      batches = _split(batch, parts, "the batch")
+      x0 = _split(x0, parts, "embed_fn's output")
+    run_block = lambda p, x: block_fn(p, x) if parts == 1 else jax.lax.map(partial(block_fn, p), x)
     x_last, inputs = jax.lax.scan(
-      lambda x, i: (block_fn(block_params(i), x), _as_bits(x)), x0, jnp.arange(num_blocks)
+      lambda x, i: (run_block(block_params(i), x), _as_bits(x)), x0, jnp.arange(num_blocks)
     )
 
     # 2. The head: loss, gradients, and the update of what the embedding does not read.
-    loss, (g_head, g_x) = jax.value_and_grad(lambda o, x: head_fn(o, x, batch), (0, 1))(
-      outer, x_last
-    )
     outer_def = jax.tree.structure(outer)
     read = flat_of(jax.tree.unflatten(outer_def, _read_by(embed_fn, outer, batch)))
-    head_read = _read_by(lambda o, x: head_fn(o, x, batch), outer, x_last)
+    if parts == 1:
+      loss, (g_head, g_x) = jax.value_and_grad(lambda o, x: head_fn(o, x, batch), (0, 1))(
+        outer, x_last
+      )
+      head_read = _read_by(lambda o, x: head_fn(o, x, batch), outer, x_last)
+    else:
+      head_read = _read_by(lambda o, x: head_fn(o, x, batch), outer, _merge(x_last))
+      loss, g_head, g_x = _head_in_parts(head_fn, outer, x_last, batches, head_read)
     early = [not b and not r for b, r in zip(in_blocks, read)]
     new_leaves, state_early = update(
       flat_of(g_head), float_leaves, _select(opt_state, treedef, early), early, leaves
     )
+    # The reverse scan starts after the loss and these updates: XLA would otherwise put
+    # them (and the head's weight gradient) after it, keeping the head's temporaries (the
+    # logits, their gradient) alive through the whole scan.
+    g_x = _after(g_x, [loss, state_early, *(v for v, e in zip(new_leaves, early) if e)])
 
     # 3. Reverse scan: each block's VJP and the update of its projected slices. The carry
     # holds the stacks and, read out by the previous iteration, block i's slices of them:
@@ -319,12 +433,15 @@ def layerwise_train_step(
       i, x_bits = xs
       x_in = _from_bits(x_bits, x0.dtype)
       params_i = block_params(i, now)
-      _, block_vjp = jax.vjp(block_fn, params_i, x_in)
-      g_block, g_x = block_vjp(g_x)
+      if parts == 1:
+        _, block_vjp = jax.vjp(block_fn, params_i, x_in)
+        g_block, g_x = block_vjp(g_x)
+      else:
+        g_block, g_x = _block_vjp_in_parts(block_fn, partial(block_params, i, now), x_in, g_x)
       g_flat = flat_of(block=g_block)
       grads = [g[None] if s else g for g, s in zip(g_flat, in_scan)]
       params = [p[None] if s else p for p, s in zip(flat_of(block=params_i), in_scan)]
-      now, sub = update(grads, params, sub, in_scan, now, block=i)
+      now, sub = update(grads, params, _after(sub, g_x), in_scan, now, block=i)
       stacks = [_put(c, n, i) if s else c for c, n, s in zip(stacks, now, in_scan)]
       state = trees.map_param_trees(
         lambda j, v, n: _put(v, n, i) if in_scan[j] and not is_masked(v) else v, treedef, state, sub
@@ -342,7 +459,7 @@ def layerwise_train_step(
 
     # 4. The embedding (its gradient plus the head's, for a leaf both read) and the blocks'
     # other leaves, with their stacked gradients.
-    (g_embed,) = embed_vjp(g_x0)
+    (g_embed,) = embed_vjp(g_x0 if parts == 1 else _merge(g_x0))
     # The head's gradient joins the embedding's only for a leaf both read (a tied
     # embedding): for the others it is zero, and keeping it through the scan costs memory.
     g_outer = outer_def.unflatten(

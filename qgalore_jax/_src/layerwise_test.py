@@ -47,14 +47,14 @@ def loss_fn(p, tokens):
 TOKENS = jnp.arange(24) % 16
 
 
-def _run(step_fn, tx, params, steps):
+def _run(step_fn, tx, params, steps, tokens=TOKENS):
   qparams = qgalore_jax.quantize_params(
     jax.tree.map(jnp.copy, params), dimension_numbers=DIMS, group_size=64
   )
   state = tx.init(qgalore_jax.dequantize_params(qparams))
   losses = []
   for t in range(steps):
-    qparams, state, loss = step_fn(qparams, state, TOKENS, jnp.int32(t))
+    qparams, state, loss = step_fn(qparams, state, tokens, jnp.int32(t))
     losses.append(float(loss))
   return qgalore_jax.dequantize_params(qparams), state, np.array(losses)
 
@@ -94,6 +94,50 @@ def test_matches_the_ordinary_step(moment_bits):
     if a.dtype == jnp.int32:
       np.testing.assert_array_equal(a, b)
   assert want_losses[-1] < want_losses[0] - 0.5
+
+
+def batch_head(p, x, tokens):
+  """``head`` on a batch of sequences, the mean over all of them."""
+  logp = jax.nn.log_softmax(x @ p["head"])
+  return -jnp.mean(jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], 2))
+
+
+def batch_loss_fn(p, tokens):
+  x, _ = jax.lax.scan(lambda x, bp: (block(bp, x), None), embed(p, tokens), p["layers"])
+  return batch_head(p, x, tokens)
+
+
+BATCH = (jnp.arange(4 * 12) * 7 % 16).reshape(4, 12)
+
+
+@pytest.mark.parametrize("micro_batches", [2, 4])
+def test_micro_batches_train_as_the_whole_batch(micro_batches):
+  """12 steps of micro-batches, refreshes every 3, against the ordinary step on the whole
+  batch: within the chaos floor (the gradients are summed over the parts, so only their
+  rounding differs), the same refresh decisions, and the loss the mean over the batch."""
+  tx = qgalore_jax.qgalore_adamw(1e-2, rank=4, update_proj_gap=3, dimension_numbers=DIMS)
+  step = qgalore_jax.layerwise_train_step(embed, block, batch_head, tx, micro_batches=micro_batches)
+  ordinary = qgalore_jax.int8_train_step(batch_loss_fn, tx)
+  got, got_state, got_losses = _run(step, tx, _params(), 12, BATCH)
+  want, want_state, want_losses = _run(ordinary, tx, _params(), 12, BATCH)
+  nudged, _, _ = _run(ordinary, tx, _params(1 + 2**-23), 12, BATCH)
+  assert _distance(got, want) <= 4 * _distance(nudged, want) + 1e-7
+  np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
+  count = lambda s: jax.tree.leaves(qgalore_jax.projection_stats(s))
+  for a, b in zip(count(got_state), count(want_state)):
+    if a.dtype == jnp.int32:
+      np.testing.assert_array_equal(a, b)
+  assert want_losses[-1] < want_losses[0] - 0.5
+
+
+def test_micro_batches_must_split_the_batch_evenly():
+  tx = qgalore_jax.qgalore_adamw(1e-2, rank=4, dimension_numbers=DIMS)
+  with pytest.raises(ValueError, match="positive int"):
+    qgalore_jax.layerwise_train_step(embed, block, batch_head, tx, micro_batches=0)
+  step = qgalore_jax.layerwise_train_step(embed, block, batch_head, tx, micro_batches=3)
+  params = _params()
+  with pytest.raises(ValueError, match="equal parts; got a leaf of shape \\(4, 12\\)"):
+    step(params, tx.init(params), BATCH, jnp.int32(0))
 
 
 def test_randomized_refresh_draws_each_slice_its_own_sketch():
