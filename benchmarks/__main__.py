@@ -57,8 +57,20 @@ BENCHMARKS = (
     "The compiled peak of one train step of the scanned LLaMA in the paper's 7B setting"
     " (bfloat16, INT8 block matrices, rank 1024 at 7B): AdamW, the ordinary Q-GaLore step"
     " and `qgalore_jax.layerwise_train_step` with float and 8-bit moments, at batch 1 and"
-    " 16 x 256, beside the authors' measured peaks.",
-    ["jax_layerwise_memory", "jax_layerwise_memory_real"],
+    " 16 x 256, beside the authors' measured peaks; compiled with XLA CPU's"
+    " memory-minimising scheduler. Then the layer-wise step with micro-batches"
+    " (`--config 7B --batch 16 64 --variants qgalore-layerwise-8bit --micro-batches 1 4 16"
+    " --json benchmarks/results/jax_layerwise_memory_micro.json`), the 7B rows under XLA's"
+    " default scheduler (`--config 7B --batch 1 16 --variants qgalore qgalore-layerwise-8bit"
+    " --scheduler concurrency --json benchmarks/results/jax_layerwise_memory_concurrency.json`)"
+    " and a real 130M step against its analysis (`--config 130M --batch 4 --variants"
+    " qgalore-layerwise-8bit --real --json benchmarks/results/jax_layerwise_memory_real.json`).",
+    [
+      "jax_layerwise_memory",
+      "jax_layerwise_memory_micro",
+      "jax_layerwise_memory_concurrency",
+      "jax_layerwise_memory_real",
+    ],
   ),
   (
     "jax_layerwise_speed",

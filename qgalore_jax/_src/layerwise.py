@@ -49,9 +49,9 @@ def _check_optimizer(optimizer) -> None:
       " Transformations that need the whole gradient cannot run layer by layer:"
       " optax.clip_by_global_norm (the norm is known only after the last block),"
       " optax.apply_if_finite / skip_nonfinite=True (a NaN found in an early block comes"
-      " after later blocks were updated), optax.MultiSteps (micro-batches: each call of the"
-      " layer-wise step is one optimizer step on its whole batch). For those, train with"
-      " int8_train_step"
+      " after later blocks were updated), optax.MultiSteps (each call of the layer-wise step"
+      " is one optimizer step on its whole batch: split a batch with micro_batches=k"
+      " instead). For those, train with int8_train_step"
     )
 
 
