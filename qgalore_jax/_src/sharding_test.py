@@ -86,18 +86,51 @@ EQUALITY = PROBLEM + textwrap.dedent(
   import tempfile, time
   import orbax.checkpoint as ocp
 
-  checkpoint = tempfile.mkdtemp() + "/step40"
+  def save(path, params, state):
+    with ocp.StandardCheckpointer() as ckpt:
+      ckpt.save(path, {"params": params, "opt_state": state})
+    return jax.tree.map(np.asarray, {"params": params, "opt_state": state})
+
+  def restore_and_resume(tx, step, checkpoint, saved, mesh, steps=10):
+    # Restored with state_shardings targets: the saved bits, placed as asked, and from there
+    # the trajectory of the uninterrupted run, the same state put on `mesh` directly.
+    abstract = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, FSDP[k]))
+                for k, a in PARAMS.items()}
+    shardings = state_shardings(tx, abstract)
+    with jax.set_mesh(mesh):
+      shapes = jax.eval_shape(tx.init, abstract)
+    as_target = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+    target = {"params": abstract, "opt_state": jax.tree.map(as_target, shapes, shardings)}
+    with ocp.StandardCheckpointer() as ckpt:
+      restored = ckpt.restore(checkpoint, target)
+    for a, b, t in zip(jax.tree.leaves(restored), jax.tree.leaves(saved), jax.tree.leaves(target)):
+      np.testing.assert_array_equal(np.asarray(a), b)
+      assert a.sharding.is_equivalent_to(t.sharding, a.ndim), (a.sharding, t.sharding)
+    resumed = train(tx, step, mesh, restored["params"], X, steps, restored["opt_state"])
+    direct = jax.device_put(saved, {"params": {k: a.sharding for k, a in abstract.items()},
+                                    "opt_state": shardings})
+    again = train(tx, step, mesh, direct["params"], X, steps, direct["opt_state"])
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(again)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    print(f"restored onto {mesh.size} devices and resumed: bit-exact")
+    return resumed
+
+  def any_mesh(n, axis_type):
+    return jax.make_mesh((n,), ("fsdp",), axis_types=(axis_type,), devices=jax.devices()[:n])
+
+  checkpoint = tempfile.mkdtemp() + "/step40-"
   for bits in (None, 8):
     tx = injected() if bits is None else optimizer(bits)
     step = stepper(tx)
     t0 = time.time()
-    want, want_state = train(tx, step, mesh_of(1), PARAMS, X, 50)
+    want, want_state = train(tx, step, mesh_of(1), PARAMS, X, 40)
+    if bits == 8:  # for the restores below
+      saved1 = save(checkpoint + "1", want, want_state)
+    want, want_state = train(tx, step, mesh_of(1), want, X, 10, want_state)
     t1 = time.time()
     got, got_state = train(tx, step, mesh_of(8), PARAMS, X, 40)
-    if bits == 8:  # for the restore below
-      with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(checkpoint, {"params": got, "opt_state": got_state})
-      saved = jax.tree.map(np.asarray, {"params": got, "opt_state": got_state})
+    if bits == 8:
+      saved8 = save(checkpoint + "8", got, got_state)
     got, got_state = train(tx, step, mesh_of(8), got, X, 10, got_state)
     t2 = time.time()
     nudged, _ = train(tx, step, mesh_of(1), PARAMS, X * (1 + 2**-23), 50)
@@ -120,40 +153,30 @@ EQUALITY = PROBLEM + textwrap.dedent(
     assert mu["layers"].sharding.spec == P(None, "fsdp", None), mu["layers"].sharding
     assert mu["head"].sharding.spec == P(None, "fsdp"), mu["head"].sharding
 
-  # The step-40 checkpoint of 8 devices, restored onto 1 device (Explicit) and 4 (Auto) with
-  # state_shardings targets: the saved bits, placed as asked, and from there the trajectory
-  # of the same state put on those devices directly.
-  for n, axis_type in ((1, AxisType.Explicit), (4, AxisType.Auto)):
-    mesh = jax.make_mesh((n,), ("fsdp",), axis_types=(axis_type,), devices=jax.devices()[:n])
-    abstract = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, FSDP[k]))
-                for k, a in PARAMS.items()}
-    shardings = state_shardings(tx, abstract)
-    with jax.set_mesh(mesh):
-      shapes = jax.eval_shape(tx.init, abstract)
-    as_target = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-    target = {"params": abstract, "opt_state": jax.tree.map(as_target, shapes, shardings)}
-    with ocp.StandardCheckpointer() as ckpt:
-      restored = ckpt.restore(checkpoint, target)
-    for a, b, t in zip(jax.tree.leaves(restored), jax.tree.leaves(saved), jax.tree.leaves(target)):
-      np.testing.assert_array_equal(np.asarray(a), b)
-      assert a.sharding.is_equivalent_to(t.sharding, a.ndim), (a.sharding, t.sharding)
-    resumed = train(tx, step, mesh, restored["params"], X, 10, restored["opt_state"])
-    direct = jax.device_put(saved, {"params": {k: a.sharding for k, a in abstract.items()},
-                                    "opt_state": shardings})
-    again = train(tx, step, mesh, direct["params"], X, 10, direct["opt_state"])
-    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(again)):
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    print(f"restored onto {n} devices and resumed: bit-exact")
+  # Checkpoints of the 8-bit runs across device counts, resumed with the steps compiled above:
+  # 8 devices' step 40 onto 1 device (Explicit) and 4 (Auto); the other way, 1 device's step
+  # 40 and the 4-device run's step 50 (resumed from the 8-device checkpoint) onto 8, resumed
+  # over a refresh (at steps 40 and 50).
+  t0 = time.time()
+  restore_and_resume(tx, step, checkpoint + "8", saved8, mesh_of(1))
+  t1 = time.time()
+  resumed4 = restore_and_resume(tx, step, checkpoint + "8", saved8, any_mesh(4, AxisType.Auto))
+  t2 = time.time()
+  restore_and_resume(tx, step, checkpoint + "1", saved1, mesh_of(8), steps=3)
+  saved4 = save(checkpoint + "4", *resumed4)
+  restore_and_resume(tx, step, checkpoint + "4", saved4, mesh_of(8), steps=3)
+  print(f"seconds: restores onto 1 {t1 - t0:.1f}, 4 {t2 - t1:.1f}, 8 {time.time() - t2:.1f}")
   print("SHARDED_OK")
   """
 )
 
 
 @pytest.mark.slow
-def test_explicit_fsdp_training_matches_one_device_and_restores_onto_1_and_4_devices():
+def test_explicit_fsdp_training_matches_one_device_and_checkpoints_cross_device_counts():
   """50 steps with refreshes, FSDP on an Explicit mesh of 8: float moments (hyperparameters
-  injected as arrays, skip_nonfinite) and 8-bit moments; the 8-bit run's step-40
-  checkpoint restored onto 1 and 4 devices (one process, to share the compiled steps)."""
+  injected as arrays, skip_nonfinite) and 8-bit moments; 8-bit checkpoints saved on 8
+  devices restored onto 1 and 4, and saved on 1 and 4 restored onto 8 (one process, to
+  share the compiled steps)."""
   run_on_8_cpu_devices(EQUALITY)
 
 
