@@ -244,6 +244,52 @@ PLACEMENT = PROBLEM + textwrap.dedent(
   for a, b in zip(jax.tree.leaves(got_q), jax.tree.leaves(want_q)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
+  # INT8 weights on the Explicit mesh: 3 int8_train_step steps with Adam of the kernel
+  # cut as above (shards of 320 codes) and a stack (shards of 384 codes per slice): the codes,
+  # scales and zeros are one device's, bit for bit, placed by the rule of docs/spec.md
+  # section 9.1, written out here, and the step traces once.
+  qw = {"w": np.asarray(w["w"]), "stack": np.float32(rng.normal(size=(2, 64, 48)) / 8),
+        "b": np.zeros(48, np.float32)}  # host arrays: each run places (and donates) its own
+  cut = {"w": P(None, "fsdp"), "stack": P(None, None, "fsdp"), "b": P("fsdp")}
+  xb = jnp.asarray(rng.normal(size=(16, 40)), jnp.float32)
+
+  def int8_loss(p, x):
+    p = jax.tree.map(lambda a: jax.sharding.reshard(a, P()), p)
+    h = jnp.tanh(x @ p["w"])
+    return sum(jnp.mean(jnp.tanh(h @ p["stack"][i] + p["b"]) ** 2) for i in range(2))
+
+  def int8_run(mesh):
+    with jax.set_mesh(mesh):
+      params = jax.device_put(qw, {k: NamedSharding(mesh, s) for k, s in cut.items()})
+      numbers = {"w": DimensionNumbers(0, 1), "stack": DimensionNumbers(1, 2, 0), "b": None}
+      opt = optax.adam(1e-2)
+
+      @jax.jit
+      def prepare(params):
+        qparams = qgalore_jax.quantize_params(params, dimension_numbers=numbers)
+        return qparams, opt.init(qgalore_jax.dequantize_params(qparams))
+
+      qparams, state = prepare(params)
+      train_step = qgalore_jax.int8_train_step(int8_loss, opt, seed=5)
+      x = jax.device_put(xb, NamedSharding(mesh, P()))
+      types = jax.tree.map(jax.typeof, qparams)
+      for t in range(3):
+        qparams, state, _ = train_step(qparams, state, x, jnp.int32(t))
+      assert train_step._cache_size() == 1
+      assert jax.tree.map(jax.typeof, qparams) == types
+      return qparams, jax.jit(qgalore_jax.dequantize_params)(qparams)
+
+  want_q, _ = int8_run(mesh_of(1))
+  got_q, got_w = int8_run(explicit)
+  placed = {"w": (P("fsdp"), P(None)), "stack": (P(None, "fsdp"), P(None, None))}
+  for k, (codes, scale) in placed.items():
+    assert got_q[k].codes.sharding.spec == codes, (k, got_q[k].codes.sharding)
+    assert got_q[k].scale.sharding.spec == got_q[k].zero.sharding.spec == scale, k
+    assert got_w[k].sharding.spec == cut[k], (k, got_w[k].sharding)
+  assert got_q["b"].sharding.spec == cut["b"]
+  for a, b in zip(jax.tree.leaves(got_q), jax.tree.leaves(want_q)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
   # A stack of 8 slices on 8 devices: each device refreshes its own slice (one SVD each),
   # and the projectors and schedules are one device's, bit for bit.
   g = {"w": jnp.asarray(rng.normal(size=(8, 64, 96)), jnp.float32)}
@@ -267,23 +313,41 @@ def test_state_shardings_follow_the_params_and_codes_do_not_depend_on_the_mesh()
   run_on_8_cpu_devices(PLACEMENT)
 
 
-def test_int8_weights_sharded_along_explicit_axes_are_refused_by_name():
+def test_int8_weights_sharded_along_explicit_axes_keep_their_values_and_types():
+  """On a 1-device Explicit mesh, with and without ``jax.set_mesh`` (quantize and dequantize
+  outside jit): the values of unsharded weights, placed by the rule of docs/spec.md section
+  9.1, written out here."""
+  import contextlib
+
   import jax
   import jax.numpy as jnp
+  import numpy as np
   from jax.sharding import AxisType
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
   from qgalore_jax import apply_updates
+  from qgalore_jax import dequantize_params
   from qgalore_jax import quantize_params
 
+  rng = np.random.default_rng(0)
+  w = {"k": np.float32(rng.normal(size=(32, 16))), "b": np.zeros(16, np.float32)}
+  u = {"k": np.float32(rng.normal(size=(32, 16)) * 1e-2), "b": np.ones(16, np.float32)}
+  want_q = quantize_params(w)  # no mesh
+  apply = jax.jit(lambda q, u, step: apply_updates(q, u, seed=3, step=step))  # eager: slow
+  want = (apply(want_q, u, jnp.int32(2)), dequantize_params(want_q))
   mesh = jax.make_mesh((1,), ("fsdp",), axis_types=(AxisType.Explicit,))
-  w = {"k": jnp.ones((32, 16))}
-  with jax.set_mesh(mesh):
-    replicated = jax.device_put(w, NamedSharding(mesh, P()))
-    qparams = quantize_params(replicated)  # replicated: runs
-    sharded = jax.device_put(w, NamedSharding(mesh, P("fsdp", None)))
-    with pytest.raises(NotImplementedError, match=r"quantize_params .* parameter \['k'\]"):
-      quantize_params(sharded)
-    with pytest.raises(NotImplementedError, match=r"apply_updates .* parameter \['k'\]"):
-      apply_updates(qparams, sharded, seed=0, step=0)
+  cut = {"k": NamedSharding(mesh, P("fsdp", None)), "b": NamedSharding(mesh, P("fsdp"))}
+  for set_mesh in (True, False):
+    with jax.set_mesh(mesh) if set_mesh else contextlib.nullcontext():
+      ws, us = jax.device_put(w, cut), jax.device_put(u, cut)
+      q = quantize_params(ws)
+      got = (apply(q, us, jnp.int32(2)), dequantize_params(q))
+    # 512 codes and 2 groups split along the kernel's (in, out) axes' mesh axis; dequantised,
+    # the kernel is split along its output axis.
+    assert q["k"].codes.sharding.spec == P("fsdp"), q["k"].codes.sharding
+    assert q["k"].scale.sharding.spec == q["k"].zero.sharding.spec == P("fsdp")
+    assert got[1]["k"].sharding.spec == P(None, "fsdp"), got[1]["k"].sharding
+    assert jax.tree.map(jax.typeof, got[0]) == jax.tree.map(jax.typeof, q)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
