@@ -259,7 +259,7 @@ def speed_child(settings: dict) -> dict:
       shapes=shapes,
       rank=8 if tiny else None,
       amortise_steps=steps,
-      bandwidth_size=2**16 if tiny else 2**26,
+      bandwidth_size=2**16 if tiny else None,
     )
     markdown = update_speed.to_markdown(result)
     stem = f"update_speed_{result['backend']}_{config}"
