@@ -316,10 +316,13 @@ def run(
   refresh_repeats=None,
   amortise_steps=10_000,
   svd_study=SVD_STUDY,
+  bandwidth_size=None,
 ):
   """Times the updates and returns the result as a JSON-ready dict (see the module docstring).
 
-  ``shapes`` (a ``llama_param_shapes`` tree) replaces the config's shapes, for tests.
+  ``shapes`` (a ``llama_param_shapes`` tree) replaces the config's shapes, for tests;
+  ``bandwidth_size`` is the length of the bandwidth triad's vectors (None:
+  :func:`measure_bandwidth`'s), smaller for tests.
   """
   rank = RANKS[config] if rank is None else rank
   repeats = REPEATS[config] if repeats is None else repeats
@@ -353,7 +356,7 @@ def run(
       samples[name].append(time_call(update, grads, state, params))
   medians = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
   amortised, study = amortised_rows(medians, amortise_steps, gap, svd_study)
-  bandwidth = measure_bandwidth()
+  bandwidth = measure_bandwidth() if bandwidth_size is None else measure_bandwidth(bandwidth_size)
   floor = {}
   for name, (update, state) in cases.items():
     if not name.endswith("[refresh]"):

@@ -12,10 +12,9 @@ splits evenly:
 * a batch along its batch axis.
 
 The mesh's axis is Auto (``jax.sharding.AxisType.Auto``): XLA partitions the model, the
-optimizer and the INT8 weights' quantisers, which under Explicit axes accept replicated
-weights only. On a CPU the devices are simulated: ``XLA_FLAGS`` must hold
-``--xla_force_host_platform_device_count=N`` before JAX starts its backend, which
-:func:`request_host_devices` arranges when it can.
+optimizer and the INT8 weights' quantisers. On a CPU the devices are simulated:
+``XLA_FLAGS`` must hold ``--xla_force_host_platform_device_count=N`` before JAX starts its
+backend, which :func:`request_host_devices` arranges when it can.
 """
 
 import os

@@ -172,7 +172,19 @@ def _per_slice(quantized: QuantizedArray, lay: StackLayout) -> QuantizedArray:
 @functools.partial(jax.jit, static_argnames=("lay", "bits", "group_size"))
 def _quantize_leaf(p, lay, bits, group_size):
   quantized = layout.map_slices(lambda w: quantize(w, bits, group_size), (lay.to_stack(p),))
-  return _per_slice(quantized, lay)
+  return tuple(_per_slice(quantized, lay))
+
+
+def _quantize_placed(p, lay, bits, group_size) -> tuple:
+  """The leaf's (codes, scale, zero); under Explicit mesh axes computed with them made Auto
+  and placed by :func:`sharding.int8_weight_specs` (docs/spec.md section 9.1)."""
+  quantize_leaf = functools.partial(_quantize_leaf, lay=lay, bits=bits, group_size=group_size)
+  mesh = sharding.explicit_mesh(p)
+  if mesh is None:
+    return quantize_leaf(p)
+  shapes = jax.eval_shape(quantize_leaf, jax.ShapeDtypeStruct(p.shape, p.dtype))
+  specs = sharding.int8_weight_specs(p, lay, mesh, [a.shape[-1] for a in shapes])
+  return sharding.in_auto_axes(quantize_leaf, specs, mesh, p)
 
 
 def quantize_params(
@@ -262,9 +274,8 @@ def quantize_params(
         f" {jnp.result_type(p)}, but only floating-point leaves with dimension numbers (2-D"
         " matrices, or leaves given `dimension_numbers`) can be quantised"
       )
-    sharding.refuse_explicit_shards(p, name, "quantize_params")
     lay = spec.resolve(tuple(p.shape), f"parameter {name}")
-    out.append(QuantizedWeight(*_quantize_leaf(p, lay, bits, group_size), lay, bits, group_size))
+    out.append(QuantizedWeight(*_quantize_placed(p, lay, bits, group_size), lay, bits, group_size))
   return treedef.unflatten(out)
 
 
@@ -287,13 +298,16 @@ def dequantize_params(qparams, dtype=jnp.float32):
     [[0.0, 1.0], [2.0, 3.0]]
   """
 
-  def leaf(path, x):
+  def leaf(x):
     if not is_quantized(x):
       return x
-    sharding.refuse_explicit_shards(x, path_str(path), "dequantize_params")
-    return x.dequantize(dtype)
+    mesh = sharding.explicit_mesh(x)
+    if mesh is None:
+      return x.dequantize(dtype)
+    spec = sharding.dequantized_spec(x.codes, x.layout, mesh)
+    return sharding.in_auto_axes(lambda q: q.dequantize(dtype), spec, mesh, x)
 
-  return jax.tree_util.tree_map_with_path(leaf, qparams, is_leaf=is_quantized)
+  return jax.tree.map(leaf, qparams, is_leaf=is_quantized)
 
 
 def _add_update(p: QuantizedArray, update_MxN: jax.Array, bits: int, group_size: int) -> jax.Array:
@@ -341,21 +355,32 @@ def _apply_leaf(p, u, path, seed, step, tensor_id):
       f"update for parameter {path_str(path)} has shape {jnp.shape(u)}, but the weight has"
       f" shape {p.shape}"
     )
-  sharding.refuse_explicit_shards((p, u), path_str(path), "apply_updates")
   lay = p.layout
   # Each slice draws the uniforms of a separate matrix with its own tensor id.
   ids = jnp.asarray(tensor_id, jnp.uint32).reshape(lay.num_slices)
 
-  def round_slice(codes, scale, zero, u, slice_id):
-    u_MxN = lay.slice_layout.to_stack(u)[0]  # transposed here, fused into the update
-    old = QuantizedArray(codes, scale, zero)
-    w_MxN = _add_update(old, u_MxN, p.bits, p.group_size)
-    noise = uniforms(seed, step, slice_id, lay.matrix_shape)
-    new = quantize(w_MxN, p.bits, p.group_size, noise=noise)
-    return _keep_unchanged_groups(old, new, u_MxN, p.bits, p.group_size)
+  def requantize(p, u, ids, keys):
+    seed_, step_ = keys.get("seed", seed), keys.get("step", step)
 
-  new = _per_slice(layout.map_slices(round_slice, (*p._slices(), lay.to_slices(u), ids)), lay)
-  return p._replace(codes=new.codes, scale=new.scale, zero=new.zero)
+    def round_slice(codes, scale, zero, u, slice_id):
+      u_MxN = lay.slice_layout.to_stack(u)[0]  # transposed here, fused into the update
+      old = QuantizedArray(codes, scale, zero)
+      w_MxN = _add_update(old, u_MxN, p.bits, p.group_size)
+      noise = uniforms(seed_, step_, slice_id, lay.matrix_shape)
+      new = quantize(w_MxN, p.bits, p.group_size, noise=noise)
+      return _keep_unchanged_groups(old, new, u_MxN, p.bits, p.group_size)
+
+    new = _per_slice(layout.map_slices(round_slice, (*p._slices(), lay.to_slices(u), ids)), lay)
+    return p._replace(codes=new.codes, scale=new.scale, zero=new.zero)
+
+  # Traced keys are passed in as arguments (see sharding.in_auto_axes), Python ints closed over.
+  keys = {k: v for k, v in (("seed", seed), ("step", step)) if isinstance(v, jax.Array)}
+  mesh = sharding.explicit_mesh((p, u, keys))
+  if mesh is None:
+    return requantize(p, u, ids, keys)
+  # Under Explicit axes: computed with them made Auto, the arrays placed as they came in.
+  specs = jax.tree.map(lambda a: jax.sharding.PartitionSpec(*sharding.spec_entries(a)), p)
+  return sharding.in_auto_axes(requantize, specs, mesh, p, u, ids, keys)
 
 
 def _slice_ids(tensor_id, p, path):

@@ -1,10 +1,12 @@
-"""qgalore_adamw inside Flax (NNX and linen), orbax checkpoints and sharded jit."""
+"""qgalore_adamw inside Flax (NNX and linen) and orbax checkpoints; ``run_on_8_cpu_devices``,
+which the sharded tests use (a mesh of 8 against one device: ``sharding_test.py`` on Explicit
+axes, ``moments_test.py`` and ``examples/llama/mesh_test.py`` on Auto ones, the latter with
+data-parallel batches)."""
 
 import os
 import pathlib
 import subprocess
 import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -118,55 +120,6 @@ def test_orbax_checkpoint_resume_is_identical(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, got_state, want_state)
 
 
-SHARDED_SCRIPT = textwrap.dedent(
-  """
-  import jax, jax.numpy as jnp, numpy as np, optax
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-  from qgalore_jax import qgalore_adamw, projection_stats
-  from qgalore_jax._src.integration_test import _regression_problem
-
-  assert jax.device_count() == 8, jax.devices()
-  params, x, y, loss_fn = _regression_problem()
-  x = jnp.tile(x, (4, 1))
-  y = jnp.tile(y, (4, 1))
-  tx = qgalore_adamw(1e-2, rank=4, update_proj_gap=3)
-
-  def step(params, state, x, y):
-    grads = jax.grad(loss_fn)(params, x, y)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  def run(params, x, y, jitted):
-    state = tx.init(params)
-    for _ in range(8):
-      params, state = jitted(params, state, x, y)
-    return params, state
-
-  mesh = Mesh(np.array(jax.devices()), ("data",))
-  replicated = NamedSharding(mesh, P())
-  batch = NamedSharding(mesh, P("data"))
-  sharded_params = jax.device_put(params, replicated)
-  got, got_state = run(sharded_params, jax.device_put(x, batch), jax.device_put(y, batch),
-                       jax.jit(step))
-  assert got["w1"].sharding.is_fully_replicated
-  single = jax.devices()[0]
-  put = lambda t: jax.device_put(t, single)
-  want, want_state = run(put(params), put(x), put(y), jax.jit(step))
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-  assert int(projection_stats(got_state)["w1"]["svd_count"]) == 3
-  # Weights themselves sharded across the mesh (FSDP-style): the SVD sees the whole matrix.
-  fsdp = {"w1": P(None, "data"), "b1": P("data"), "w2": P("data", None)}
-  fsdp_params = jax.device_put(params, jax.tree.map(lambda s: NamedSharding(mesh, s), fsdp))
-  got, _ = run(fsdp_params, x, y, jax.jit(step))
-  assert got["w1"].sharding.spec == P(None, "data")
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-  print("SHARDED_OK")
-  """
-)
-
-
 def run_on_8_cpu_devices(script: str, *args: str, set_device_count: bool = True) -> str:
   """Runs ``script`` in a fresh process with 8 simulated CPU devices; it prints SHARDED_OK.
 
@@ -192,9 +145,3 @@ def run_on_8_cpu_devices(script: str, *args: str, set_device_count: bool = True)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "SHARDED_OK" in out.stdout, out.stdout[-3000:]
   return out.stdout
-
-
-@pytest.mark.slow
-def test_mesh_of_8_cpu_devices_matches_one_device():
-  """Data-parallel batches, then weights sharded too: same result as one device."""
-  run_on_8_cpu_devices(SHARDED_SCRIPT)

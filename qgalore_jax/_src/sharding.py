@@ -6,7 +6,9 @@ Three pieces:
   (:func:`entry_if_divisible`, :func:`param_axes`, used by each transform's ``init``);
 * :func:`explicit_update`: a transform's ``update`` under a mesh with Explicit axes, run
   with those axes made Auto (the compiler partitions the SVD, the projections and the
-  moment codes as under an Auto mesh) and its outputs placed as its inputs were;
+  moment codes as under an Auto mesh) and its outputs placed as its inputs were; INT8
+  weights (``int8.py``) run so too, with :func:`int8_weight_specs` and
+  :func:`dequantized_spec` placing what they create;
 * :func:`state_shardings`: the ``NamedSharding`` of every leaf of ``tx.init(params)``, for
   ``jax.jit(tx.init, out_shardings=...)`` and orbax restore targets.
 """
@@ -68,18 +70,47 @@ def tile_spec(spec: PartitionSpec, tiles_shape: tuple[int, ...], mesh) -> Partit
   return PartitionSpec(*(entry_if_divisible(n, e, mesh) for n, e in zip(tiles_shape, entries)))
 
 
-def refuse_explicit_shards(arrays, name: str, where: str) -> None:
-  """Raises ``NotImplementedError`` where one of ``arrays`` is sharded along Explicit mesh
-  axes: ``where`` (INT8 weights) does not run there yet, while under Auto axes it does."""
-  if explicit_mesh(arrays) is None:
-    return
-  for x in jax.tree.leaves(arrays):
-    if any(spec_entries(x)):
-      raise NotImplementedError(
-        f"{where} does not yet run on arrays sharded along Explicit mesh axes, and"
-        f" parameter {name} is {jax.typeof(x)}; INT8 weights run sharded on a mesh of Auto"
-        " axes (jax.sharding.AxisType.Auto), and replicated under Explicit ones"
-      )
+def in_auto_axes(fn, out_specs, mesh, *args):
+  """``fn(*args)`` with the Explicit axes of ``mesh`` made Auto, its outputs placed at
+  ``out_specs`` (a tree of ``PartitionSpec`` over them): ``jax.sharding.auto_axes``, also
+  where the arrays were placed without ``jax.set_mesh`` (no abstract mesh in context).
+
+  ``args`` are passed to ``fn`` as arguments: an array closed over from the Explicit mesh
+  cannot be used where its axes are Auto.
+  """
+  run = jax.sharding.auto_axes(fn, out_sharding=out_specs)
+  if jax.sharding.get_abstract_mesh().empty:
+    with jax.sharding.use_abstract_mesh(mesh):
+      return run(*args)
+  return run(*args)
+
+
+def int8_weight_specs(x, lay, mesh, sizes) -> tuple[PartitionSpec, ...]:
+  """Specs of an INT8 weight's arrays (codes, scale, zero: ``batch + (size,)`` for each
+  of ``sizes``) from the leaf ``x`` they quantise, read through ``lay``: batch axes as the
+  leaf's, the last axis along the mesh axes of the leaf's matrix axes where it splits
+  evenly over them (as a stored projector's, docs/spec.md section 9.2)."""
+  entries = spec_entries(x)
+  batch = tuple(entries[a] for a in lay.batch)
+  matrix = param_axes(entries, lay.output + lay.reduction)
+  return tuple(PartitionSpec(*batch, entry_if_divisible(n, matrix, mesh)) for n in sizes)
+
+
+def dequantized_spec(codes, lay, mesh) -> PartitionSpec:
+  """Spec of the weight dequantised from ``codes`` (``batch + (bytes,)``), in the leaf's
+  shape of ``lay``: batch axes as the codes'; the mesh axes of the codes' last axis on the
+  first of the leaf's output axes, then reduction axes, whose length splits evenly over
+  them (replicated if none does)."""
+  entries = spec_entries(codes)
+  out = [None] * len(lay.shape)
+  for axis, entry in zip(lay.batch, entries[:-1]):
+    out[axis] = entry
+  if entries[-1] is not None:
+    for axis in lay.output + lay.reduction:
+      if entry_if_divisible(lay.shape[axis], entries[-1], mesh) is not None:
+        out[axis] = entries[-1]
+        break
+  return PartitionSpec(*out)
 
 
 def place(state, specs, mesh):
@@ -117,11 +148,7 @@ def explicit_update(update_fn, hyperparams: dict):
       return update_fn(updates, state, params, hyperparams)
     out = jax.tree.map(lambda x: PartitionSpec(*spec_entries(x)), (updates, state))
     body = lambda u, s, p, a: update_fn(u, s, p, {**hyperparams, **a})
-    run = jax.sharding.auto_axes(body, out_sharding=out)
-    if jax.sharding.get_abstract_mesh().empty:  # arrays placed without `jax.set_mesh`
-      with jax.sharding.use_abstract_mesh(mesh):
-        return run(updates, state, params, arrays)
-    return run(updates, state, params, arrays)
+    return in_auto_axes(body, out, mesh, updates, state, params, arrays)
 
   return wrapped
 

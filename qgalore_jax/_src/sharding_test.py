@@ -86,18 +86,51 @@ EQUALITY = PROBLEM + textwrap.dedent(
   import tempfile, time
   import orbax.checkpoint as ocp
 
-  checkpoint = tempfile.mkdtemp() + "/step40"
+  def save(path, params, state):
+    with ocp.StandardCheckpointer() as ckpt:
+      ckpt.save(path, {"params": params, "opt_state": state})
+    return jax.tree.map(np.asarray, {"params": params, "opt_state": state})
+
+  def restore_and_resume(tx, step, checkpoint, saved, mesh, steps=10):
+    # Restored with state_shardings targets: the saved bits, placed as asked, and from there
+    # the trajectory of the uninterrupted run, the same state put on `mesh` directly.
+    abstract = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, FSDP[k]))
+                for k, a in PARAMS.items()}
+    shardings = state_shardings(tx, abstract)
+    with jax.set_mesh(mesh):
+      shapes = jax.eval_shape(tx.init, abstract)
+    as_target = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+    target = {"params": abstract, "opt_state": jax.tree.map(as_target, shapes, shardings)}
+    with ocp.StandardCheckpointer() as ckpt:
+      restored = ckpt.restore(checkpoint, target)
+    for a, b, t in zip(jax.tree.leaves(restored), jax.tree.leaves(saved), jax.tree.leaves(target)):
+      np.testing.assert_array_equal(np.asarray(a), b)
+      assert a.sharding.is_equivalent_to(t.sharding, a.ndim), (a.sharding, t.sharding)
+    resumed = train(tx, step, mesh, restored["params"], X, steps, restored["opt_state"])
+    direct = jax.device_put(saved, {"params": {k: a.sharding for k, a in abstract.items()},
+                                    "opt_state": shardings})
+    again = train(tx, step, mesh, direct["params"], X, steps, direct["opt_state"])
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(again)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    print(f"restored onto {mesh.size} devices and resumed: bit-exact")
+    return resumed
+
+  def any_mesh(n, axis_type):
+    return jax.make_mesh((n,), ("fsdp",), axis_types=(axis_type,), devices=jax.devices()[:n])
+
+  checkpoint = tempfile.mkdtemp() + "/step40-"
   for bits in (None, 8):
     tx = injected() if bits is None else optimizer(bits)
     step = stepper(tx)
     t0 = time.time()
-    want, want_state = train(tx, step, mesh_of(1), PARAMS, X, 50)
+    want, want_state = train(tx, step, mesh_of(1), PARAMS, X, 40)
+    if bits == 8:  # for the restores below
+      saved1 = save(checkpoint + "1", want, want_state)
+    want, want_state = train(tx, step, mesh_of(1), want, X, 10, want_state)
     t1 = time.time()
     got, got_state = train(tx, step, mesh_of(8), PARAMS, X, 40)
-    if bits == 8:  # for the restore below
-      with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(checkpoint, {"params": got, "opt_state": got_state})
-      saved = jax.tree.map(np.asarray, {"params": got, "opt_state": got_state})
+    if bits == 8:
+      saved8 = save(checkpoint + "8", got, got_state)
     got, got_state = train(tx, step, mesh_of(8), got, X, 10, got_state)
     t2 = time.time()
     nudged, _ = train(tx, step, mesh_of(1), PARAMS, X * (1 + 2**-23), 50)
@@ -120,40 +153,30 @@ EQUALITY = PROBLEM + textwrap.dedent(
     assert mu["layers"].sharding.spec == P(None, "fsdp", None), mu["layers"].sharding
     assert mu["head"].sharding.spec == P(None, "fsdp"), mu["head"].sharding
 
-  # The step-40 checkpoint of 8 devices, restored onto 1 device (Explicit) and 4 (Auto) with
-  # state_shardings targets: the saved bits, placed as asked, and from there the trajectory
-  # of the same state put on those devices directly.
-  for n, axis_type in ((1, AxisType.Explicit), (4, AxisType.Auto)):
-    mesh = jax.make_mesh((n,), ("fsdp",), axis_types=(axis_type,), devices=jax.devices()[:n])
-    abstract = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, FSDP[k]))
-                for k, a in PARAMS.items()}
-    shardings = state_shardings(tx, abstract)
-    with jax.set_mesh(mesh):
-      shapes = jax.eval_shape(tx.init, abstract)
-    as_target = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-    target = {"params": abstract, "opt_state": jax.tree.map(as_target, shapes, shardings)}
-    with ocp.StandardCheckpointer() as ckpt:
-      restored = ckpt.restore(checkpoint, target)
-    for a, b, t in zip(jax.tree.leaves(restored), jax.tree.leaves(saved), jax.tree.leaves(target)):
-      np.testing.assert_array_equal(np.asarray(a), b)
-      assert a.sharding.is_equivalent_to(t.sharding, a.ndim), (a.sharding, t.sharding)
-    resumed = train(tx, step, mesh, restored["params"], X, 10, restored["opt_state"])
-    direct = jax.device_put(saved, {"params": {k: a.sharding for k, a in abstract.items()},
-                                    "opt_state": shardings})
-    again = train(tx, step, mesh, direct["params"], X, 10, direct["opt_state"])
-    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(again)):
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    print(f"restored onto {n} devices and resumed: bit-exact")
+  # Checkpoints of the 8-bit runs across device counts, resumed with the steps compiled above:
+  # 8 devices' step 40 onto 1 device (Explicit) and 4 (Auto); the other way, 1 device's step
+  # 40 and the 4-device run's step 50 (resumed from the 8-device checkpoint) onto 8, resumed
+  # over a refresh (at steps 40 and 50).
+  t0 = time.time()
+  restore_and_resume(tx, step, checkpoint + "8", saved8, mesh_of(1))
+  t1 = time.time()
+  resumed4 = restore_and_resume(tx, step, checkpoint + "8", saved8, any_mesh(4, AxisType.Auto))
+  t2 = time.time()
+  restore_and_resume(tx, step, checkpoint + "1", saved1, mesh_of(8), steps=3)
+  saved4 = save(checkpoint + "4", *resumed4)
+  restore_and_resume(tx, step, checkpoint + "4", saved4, mesh_of(8), steps=3)
+  print(f"seconds: restores onto 1 {t1 - t0:.1f}, 4 {t2 - t1:.1f}, 8 {time.time() - t2:.1f}")
   print("SHARDED_OK")
   """
 )
 
 
 @pytest.mark.slow
-def test_explicit_fsdp_training_matches_one_device_and_restores_onto_1_and_4_devices():
+def test_explicit_fsdp_training_matches_one_device_and_checkpoints_cross_device_counts():
   """50 steps with refreshes, FSDP on an Explicit mesh of 8: float moments (hyperparameters
-  injected as arrays, skip_nonfinite) and 8-bit moments; the 8-bit run's step-40
-  checkpoint restored onto 1 and 4 devices (one process, to share the compiled steps)."""
+  injected as arrays, skip_nonfinite) and 8-bit moments; 8-bit checkpoints saved on 8
+  devices restored onto 1 and 4, and saved on 1 and 4 restored onto 8 (one process, to
+  share the compiled steps)."""
   run_on_8_cpu_devices(EQUALITY)
 
 
@@ -221,6 +244,52 @@ PLACEMENT = PROBLEM + textwrap.dedent(
   for a, b in zip(jax.tree.leaves(got_q), jax.tree.leaves(want_q)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
+  # INT8 weights on the Explicit mesh: 3 int8_train_step steps with Adam of the kernel
+  # cut as above (shards of 320 codes) and a stack (shards of 384 codes per slice): the codes,
+  # scales and zeros are one device's, bit for bit, placed by the rule of docs/spec.md
+  # section 9.1, written out here, and the step traces once.
+  qw = {"w": np.asarray(w["w"]), "stack": np.float32(rng.normal(size=(2, 64, 48)) / 8),
+        "b": np.zeros(48, np.float32)}  # host arrays: each run places (and donates) its own
+  cut = {"w": P(None, "fsdp"), "stack": P(None, None, "fsdp"), "b": P("fsdp")}
+  xb = jnp.asarray(rng.normal(size=(16, 40)), jnp.float32)
+
+  def int8_loss(p, x):
+    p = jax.tree.map(lambda a: jax.sharding.reshard(a, P()), p)
+    h = jnp.tanh(x @ p["w"])
+    return sum(jnp.mean(jnp.tanh(h @ p["stack"][i] + p["b"]) ** 2) for i in range(2))
+
+  def int8_run(mesh):
+    with jax.set_mesh(mesh):
+      params = jax.device_put(qw, {k: NamedSharding(mesh, s) for k, s in cut.items()})
+      numbers = {"w": DimensionNumbers(0, 1), "stack": DimensionNumbers(1, 2, 0), "b": None}
+      opt = optax.adam(1e-2)
+
+      @jax.jit
+      def prepare(params):
+        qparams = qgalore_jax.quantize_params(params, dimension_numbers=numbers)
+        return qparams, opt.init(qgalore_jax.dequantize_params(qparams))
+
+      qparams, state = prepare(params)
+      train_step = qgalore_jax.int8_train_step(int8_loss, opt, seed=5)
+      x = jax.device_put(xb, NamedSharding(mesh, P()))
+      types = jax.tree.map(jax.typeof, qparams)
+      for t in range(3):
+        qparams, state, _ = train_step(qparams, state, x, jnp.int32(t))
+      assert train_step._cache_size() == 1
+      assert jax.tree.map(jax.typeof, qparams) == types
+      return qparams, jax.jit(qgalore_jax.dequantize_params)(qparams)
+
+  want_q, _ = int8_run(mesh_of(1))
+  got_q, got_w = int8_run(explicit)
+  placed = {"w": (P("fsdp"), P(None)), "stack": (P(None, "fsdp"), P(None, None))}
+  for k, (codes, scale) in placed.items():
+    assert got_q[k].codes.sharding.spec == codes, (k, got_q[k].codes.sharding)
+    assert got_q[k].scale.sharding.spec == got_q[k].zero.sharding.spec == scale, k
+    assert got_w[k].sharding.spec == cut[k], (k, got_w[k].sharding)
+  assert got_q["b"].sharding.spec == cut["b"]
+  for a, b in zip(jax.tree.leaves(got_q), jax.tree.leaves(want_q)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
   # A stack of 8 slices on 8 devices: each device refreshes its own slice (one SVD each),
   # and the projectors and schedules are one device's, bit for bit.
   g = {"w": jnp.asarray(rng.normal(size=(8, 64, 96)), jnp.float32)}
@@ -244,23 +313,41 @@ def test_state_shardings_follow_the_params_and_codes_do_not_depend_on_the_mesh()
   run_on_8_cpu_devices(PLACEMENT)
 
 
-def test_int8_weights_sharded_along_explicit_axes_are_refused_by_name():
+def test_int8_weights_sharded_along_explicit_axes_keep_their_values_and_types():
+  """On a 1-device Explicit mesh, with and without ``jax.set_mesh`` (quantize and dequantize
+  outside jit): the values of unsharded weights, placed by the rule of docs/spec.md section
+  9.1, written out here."""
+  import contextlib
+
   import jax
   import jax.numpy as jnp
+  import numpy as np
   from jax.sharding import AxisType
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
   from qgalore_jax import apply_updates
+  from qgalore_jax import dequantize_params
   from qgalore_jax import quantize_params
 
+  rng = np.random.default_rng(0)
+  w = {"k": np.float32(rng.normal(size=(32, 16))), "b": np.zeros(16, np.float32)}
+  u = {"k": np.float32(rng.normal(size=(32, 16)) * 1e-2), "b": np.ones(16, np.float32)}
+  want_q = quantize_params(w)  # no mesh
+  apply = jax.jit(lambda q, u, step: apply_updates(q, u, seed=3, step=step))  # eager: slow
+  want = (apply(want_q, u, jnp.int32(2)), dequantize_params(want_q))
   mesh = jax.make_mesh((1,), ("fsdp",), axis_types=(AxisType.Explicit,))
-  w = {"k": jnp.ones((32, 16))}
-  with jax.set_mesh(mesh):
-    replicated = jax.device_put(w, NamedSharding(mesh, P()))
-    qparams = quantize_params(replicated)  # replicated: runs
-    sharded = jax.device_put(w, NamedSharding(mesh, P("fsdp", None)))
-    with pytest.raises(NotImplementedError, match=r"quantize_params .* parameter \['k'\]"):
-      quantize_params(sharded)
-    with pytest.raises(NotImplementedError, match=r"apply_updates .* parameter \['k'\]"):
-      apply_updates(qparams, sharded, seed=0, step=0)
+  cut = {"k": NamedSharding(mesh, P("fsdp", None)), "b": NamedSharding(mesh, P("fsdp"))}
+  for set_mesh in (True, False):
+    with jax.set_mesh(mesh) if set_mesh else contextlib.nullcontext():
+      ws, us = jax.device_put(w, cut), jax.device_put(u, cut)
+      q = quantize_params(ws)
+      got = (apply(q, us, jnp.int32(2)), dequantize_params(q))
+    # 512 codes and 2 groups split along the kernel's (in, out) axes' mesh axis; dequantised,
+    # the kernel is split along its output axis.
+    assert q["k"].codes.sharding.spec == P("fsdp"), q["k"].codes.sharding
+    assert q["k"].scale.sharding.spec == q["k"].zero.sharding.spec == P("fsdp")
+    assert got[1]["k"].sharding.spec == P(None, "fsdp"), got[1]["k"].sharding
+    assert jax.tree.map(jax.typeof, got[0]) == jax.tree.map(jax.typeof, q)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
