@@ -31,7 +31,7 @@ Results go to ``benchmarks/results/sharded_refresh_<config>.json`` and ``.md``.
 
   python -m benchmarks.sharded_refresh --config 60m
   python -m benchmarks.sharded_refresh --config 1b --repeats 1 --timing-layers 8
-  python -m benchmarks.sharded_refresh --config small --repeats 0   # for the tests
+  python -m benchmarks.sharded_refresh --config stacks --repeats 0   # for the tests
 """
 
 import argparse
@@ -52,7 +52,7 @@ from benchmarks.tables import write_results
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 DEVICES = sharded_state.DEVICES
-RANKS = {"small": 4, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
+RANKS = {"stacks": 4, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
 LABELS = ("grad-sized", "low-rank", "projector", "scalar", "other")
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{$")
@@ -68,19 +68,53 @@ _SVD = re.compile(r'custom_call_target="[^"]*ge(?:sdd|svd)[^"]*"')
 _SVD_OPERAND = re.compile(r"operand_layout_constraints=\{[a-z]+\d*\[(\d+),(\d+)\]")
 
 
-def small_config():
-  """A model for the tests: 8 layers (a stack splits over 8 devices), sides 48 and 80, so
-  that no gradient, low-rank or projector array of rank 4 has another's element count."""
-  from examples.llama import configs
+def mesh_of(devices: int):
+  """An Explicit mesh ``("fsdp",)`` over the first ``devices`` devices."""
+  import jax
 
-  return configs.Config(vocab_size=64, d_model=48, d_ff=80, num_layers=8, num_heads=2)
+  explicit = (jax.sharding.AxisType.Explicit,)
+  return jax.make_mesh((devices,), ("fsdp",), axis_types=explicit, devices=jax.devices()[:devices])
 
 
-def model_config(name: str, layers: int | None = None):
+def abstract_problem(config: str, mesh, layers: int | None = None):
+  """``(params, dimension_numbers)``: the params as ``jax.ShapeDtypeStruct`` placed on
+  ``mesh``. A LLaMA config is the scanned model FSDP-sharded by ``sharded_state.fsdp_spec``
+  (``layers`` replaces its depth); ``stacks``, for the tests, is two stacks of 8 kernels
+  (in, out), each split along the side that its projection contracts (``attn``: 48 x 48,
+  "right"; ``down``: in 80, out 48, "left"); no gradient, low-rank or projector array of
+  rank 4 has another's element count."""
+  import jax
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  import qgalore_jax
   from examples.llama import model
 
-  cfg = small_config() if name == "small" else model.CONFIGS[name]
-  return cfg if layers is None else dataclasses.replace(cfg, num_layers=layers)
+  if config != "stacks":
+    cfg = model.CONFIGS[config]
+    cfg = cfg if layers is None else dataclasses.replace(cfg, num_layers=layers)
+    llama, params = sharded_state.sharded_llama(cfg, mesh)
+    return params, model.dimension_numbers(llama)
+  specs = {
+    "attn": ((8, 48, 48), P(None, "fsdp", None)),
+    "down": ((8, 80, 48), P(None, None, "fsdp")),
+  }
+  place = lambda shape, spec: jax.ShapeDtypeStruct(
+    shape, "float32", sharding=NamedSharding(mesh, spec)
+  )
+  params = {k: place(*v) for k, v in specs.items()}
+  return params, qgalore_jax.DimensionNumbers(reduction_axis=1, output_axis=2, batch_axis=0)
+
+
+def concrete(params):
+  """``(params, grads)``: arrays of the abstract ``params``' shapes and shardings, drawn at
+  random on the host (the same values on any mesh)."""
+  import jax
+  import numpy as np
+
+  rng = np.random.default_rng(0)
+  draw = lambda a: jax.device_put(0.02 * rng.standard_normal(a.shape, np.float32), a.sharding)
+  return jax.tree.map(draw, params), jax.tree.map(draw, params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,30 +302,42 @@ def collective_rows(found: list[Collective], sizes: dict) -> list[dict]:
   return rows
 
 
-def analyse(cfg, rank: int) -> dict:
-  """SVD flops per device and the collectives of the compiled update on ``DEVICES``
-  devices, for the full model of ``cfg`` (nothing is allocated)."""
+def compile_update(config: str, rank: int, layers: int | None, run: bool):
+  """The update of ``qgalore_adamw`` on ``DEVICES`` devices, compiled with a hook that
+  counts the SVDs as they run on every device (a partitioned debug callback, which moves
+  nothing between devices), as ``(compiled, args, params, numbers, shapes)``: ``args`` are
+  arrays (drawn at random) for a step where every matrix refreshes if ``run``, else None
+  and nothing is allocated; each run appends the shape of each SVD to ``shapes``, once per
+  device that runs it."""
   import jax
 
   import qgalore_jax
-  from examples.llama import model
 
-  mesh = jax.make_mesh((DEVICES,), ("fsdp",), axis_types=(jax.sharding.AxisType.Explicit,))
-  llama, params = sharded_state.sharded_llama(cfg, mesh)
-  numbers = model.dimension_numbers(llama)
-  tx = qgalore_jax.qgalore_adamw(1e-3, rank=rank, dimension_numbers=numbers)
-  shardings = qgalore_jax.state_shardings(tx, params)
+  shapes = []
+
+  def counting(g, r):
+    jax.debug.callback(lambda x: shapes.append(x.shape), g, partitioned=True)
+    return qgalore_jax.compute_projector(g, r)
+
+  mesh = mesh_of(DEVICES)
+  params, numbers = abstract_problem(config, mesh, layers)
+  tx = qgalore_jax.qgalore_adamw(1e-3, rank=rank, dimension_numbers=numbers, projector_fn=counting)
   with jax.set_mesh(mesh):
-    state = jax.eval_shape(tx.init, params)
-  state = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings
-  )
-  start = time.perf_counter()
-  with jax.set_mesh(mesh):
-    hlo = jax.jit(tx.update).lower(params, state, params).compile().as_text()
-  compile_s = time.perf_counter() - start
+    if run:
+      params, grads = concrete(params)
+      args = (grads, jax.jit(tx.init)(params), params)
+    else:
+      place = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+      state = jax.eval_shape(tx.init, params)
+      args = (params, jax.tree.map(place, state, qgalore_jax.state_shardings(tx, params)), params)
+    compiled = jax.jit(tx.update).lower(*args).compile()
+  return compiled, args if run else None, params, numbers, shapes
+
+
+def analyse(compiled, params, numbers, rank: int) -> dict:
+  """SVD flops per device and the collectives of ``compiled`` (:func:`compile_update`)."""
   layouts = sharded_state.projected_layouts(params, numbers)
-  found, svd_shapes = collectives(hlo, DEVICES)
+  found, svd_shapes = collectives(compiled.as_text(), DEVICES)
   expected = sorted(tuple(sorted(lay.matrix_shape)) for lay in layouts)
   if sorted(tuple(sorted(s)) for s in svd_shapes) != expected:
     raise AssertionError(f"SVDs in the HLO {svd_shapes} are not the stacks' {expected}")
@@ -302,38 +348,38 @@ def analyse(cfg, rank: int) -> dict:
     / split["svd_gflops_per_refresh_step"],
     "svd_shapes_in_hlo": [list(s) for s in svd_shapes],
     "stacks": [{"matrix": list(lay.matrix_shape), "slices": lay.num_slices} for lay in layouts],
-    "compile_s": compile_s,
     "collectives": collective_rows(found, label_sizes(layouts, rank)),
   }
 
 
-def time_steps(cfg, rank: int, devices: int, repeats: int) -> dict:
+def count_svds(compiled, args, params, numbers, shapes) -> dict:
+  """The SVDs that run on a step where every matrix refreshes, summed over the devices
+  (``compile_update(..., run=True)``)."""
+  import jax
+
+  jax.block_until_ready(compiled(*args))
+  jax.effects_barrier()
+  split = sharded_state.svd_split(sharded_state.projected_layouts(params, numbers), DEVICES)
+  return {
+    "svds_per_refresh_step": split["svds_per_refresh_step"],
+    "svds_run_all_devices": len(shapes),
+    "svd_gflops_per_refresh_step": split["svd_gflops_per_refresh_step"],
+    "svd_gflops_run_all_devices": sum(sharded_state.svd_flops(*s) for s in shapes) / 1e9,
+  }
+
+
+def time_steps(config: str, rank: int, layers: int | None, devices: int, repeats: int) -> dict:
   """Median wall seconds of the refresh step (every matrix refreshes) and of a normal step
-  on ``devices`` devices (an Explicit FSDP mesh), after one warm-up run of each."""
+  on ``devices`` devices, after one warm-up run of each."""
   import jax
 
   import qgalore_jax
-  from examples.llama import model
 
-  mesh = jax.make_mesh(
-    (devices,),
-    ("fsdp",),
-    axis_types=(jax.sharding.AxisType.Explicit,),
-    devices=jax.devices()[:devices],
-  )
-  llama, abstract = sharded_state.sharded_llama(cfg, mesh)
-  leaves, treedef = jax.tree.flatten(abstract)
-  shardings = treedef.unflatten([a.sharding for a in leaves])
-
-  def values(seed):  # the same values on any mesh (partitionable threefry)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    draw = lambda a, k: 0.02 * jax.random.normal(k, a.shape, a.dtype)
-    return treedef.unflatten([draw(a, k) for a, k in zip(leaves, keys, strict=True)])
-
-  tx = qgalore_jax.qgalore_adamw(1e-3, rank=rank, dimension_numbers=model.dimension_numbers(llama))
+  mesh = mesh_of(devices)
+  params, numbers = abstract_problem(config, mesh, layers)
+  tx = qgalore_jax.qgalore_adamw(1e-3, rank=rank, dimension_numbers=numbers)
   with jax.set_mesh(mesh):
-    params = jax.jit(lambda: values(0), out_shardings=shardings)()
-    grads = jax.jit(lambda: values(1), out_shardings=shardings)()
+    params, grads = concrete(params)
     first = jax.jit(tx.init)(params)
     update = jax.jit(tx.update)
 
@@ -360,32 +406,42 @@ def time_steps(cfg, rank: int, devices: int, repeats: int) -> dict:
 def measure(config: str, rank: int, repeats: int, timing_layers: int | None) -> dict:
   import jax
 
+  from examples.llama import model
+
   assert jax.device_count() == DEVICES, jax.devices()
-  cfg = model_config(config)
+  layers = 8 if config == "stacks" else model.CONFIGS[config].num_layers
   result = {
     "config": config,
     "rank": rank,
     "devices": DEVICES,
-    "layers": cfg.num_layers,
-    "analysis": analyse(cfg, rank),
+    "layers": layers,
     "jax": jax.__version__,
     "date": datetime.date.today().isoformat(),
     "cpu_cores": len(os.sched_getaffinity(0)),
+    "load_average": os.getloadavg(),
     "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
     "repeats": repeats,
-    "timing_layers": timing_layers or cfg.num_layers,
+    "timing_layers": timing_layers or layers,
   }
+  start = time.perf_counter()
+  compiled, args, params, numbers, shapes = compile_update(
+    config, rank, None, timing_layers is None
+  )
+  result["compile_s"] = time.perf_counter() - start
+  result["analysis"] = analyse(compiled, params, numbers, rank)
+  if timing_layers is not None:  # count the SVDs as they run on the smaller model
+    compiled, args, params, numbers, shapes = compile_update(config, rank, timing_layers, True)
+  result["svds_run"] = count_svds(compiled, args, params, numbers, shapes)
   if repeats:
-    timed = model_config(config, timing_layers)
-    result["timing"] = [time_steps(timed, rank, n, repeats) for n in (1, DEVICES)]
+    result["timing"] = [time_steps(config, rank, timing_layers, n, repeats) for n in (1, DEVICES)]
   return result
 
 
 def table(result: dict) -> str:
-  a = result["analysis"]
+  a, run = result["analysis"], result["svds_run"]
   d = result["devices"]
   lines = [
-    f"LLaMA-{result['config']} (scanned, {result['layers']} layers), rank {result['rank']},"
+    f"{result['config']} ({result['layers']} layers, scanned), rank {result['rank']},"
     f" float32 moments, FSDP over an Explicit mesh of {d} devices (JAX {result['jax']},"
     f" {result['date']})",
     "",
@@ -394,7 +450,13 @@ def table(result: dict) -> str:
     f" GFLOP in all; each device runs {a['svds_per_device']} of them,"
     f" {a['svd_gflops_per_device']:.2f} GFLOP: **{a['svd_fraction_per_device']:.3f} of the"
     f" total** (1/{d} = {1 / d:.3f}). The compiled update holds"
-    f" {len(a['svd_shapes_in_hlo'])} SVD calls, one per stack, of the stacks' matrix shapes.",
+    f" {len(a['svd_shapes_in_hlo'])} SVD calls, one per stack, of the stacks' matrix shapes."
+    f" Counted as they ran ({result['timing_layers']} layers), the {d} devices ran"
+    f" {run['svds_run_all_devices']} SVDs of {run['svd_gflops_run_all_devices']:.2f} GFLOP"
+    f" together for the {run['svds_per_refresh_step']} matrices"
+    f" ({run['svd_gflops_per_refresh_step']:.2f} GFLOP):"
+    f" {run['svds_run_all_devices'] / run['svds_per_refresh_step']:.2f} runs of each"
+    f" (1: each SVD on one device; {d}: on every device).",
     "",
     "Collectives of the compiled update: those of every step, then those a refresh adds."
     " Moves: what the whole array is (grad-sized: a gradient or a stack of them; low-rank:"
@@ -444,13 +506,16 @@ def table(result: dict) -> str:
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", default="60m", help="60m, 1b (examples.llama CONFIGS) or small")
+  parser.add_argument("--config", default="60m", help="a key of examples.llama CONFIGS, or stacks")
   parser.add_argument("--rank", type=int, default=None, help="default: the paper's for the config")
   parser.add_argument("--repeats", type=int, default=3, help="timed runs per step (0: no timing)")
   parser.add_argument("--timing-layers", type=int, default=None, help="layers of the timed model")
   parser.add_argument("--out", default=str(RESULTS), help="directory of the JSON and markdown")
   args = parser.parse_args(argv)
   path = pathlib.Path(args.out) / f"sharded_refresh_{args.config}.json"
+  # One BLAS thread per LAPACK call: 8 simulated devices that each start a pool of threads
+  # oversubscribe the cores, and a small SVD then takes many times longer.
+  os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
   if sharded_state.rerun_on_devices("benchmarks.sharded_refresh", argv or sys.argv[1:]):
     return json.loads(path.read_text())
   rank = args.rank or RANKS[args.config]

@@ -172,8 +172,11 @@ def projected_layouts(params, dimension_numbers) -> list:
   from qgalore_jax._src import layout
 
   is_spec = lambda x: isinstance(x, layout.DimensionNumbers) or x is None
-  numbers = jax.tree.leaves(dimension_numbers(params), is_leaf=is_spec)
-  pairs = zip(jax.tree.leaves(params), numbers, strict=True)
+  leaves = jax.tree.leaves(params)
+  numbers = dimension_numbers(params) if callable(dimension_numbers) else dimension_numbers
+  if isinstance(numbers, layout.DimensionNumbers):  # one for every leaf
+    numbers = [numbers] * len(leaves)
+  pairs = zip(leaves, jax.tree.leaves(numbers, is_leaf=is_spec), strict=True)
   return [spec.resolve(p.shape) for p, spec in pairs if spec is not None]
 
 
