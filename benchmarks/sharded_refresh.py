@@ -30,7 +30,8 @@ update (the gradient given sharded as its param):
 Results go to ``benchmarks/results/sharded_refresh_<config>.json`` and ``.md``.
 
   python -m benchmarks.sharded_refresh --config 60m
-  python -m benchmarks.sharded_refresh --config 1b --repeats 1 --timing-layers 8
+  python -m benchmarks.sharded_refresh --config 1b --repeats 0 --no-count   # HLO only
+  python -m benchmarks.sharded_refresh --config stacks-1b --repeats 1   # the 1B's shapes
   python -m benchmarks.sharded_refresh --config stacks --repeats 0   # for the tests
 """
 
@@ -52,7 +53,8 @@ from benchmarks.tables import write_results
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 DEVICES = sharded_state.DEVICES
-RANKS = {"stacks": 4, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
+STACKS = {"stacks": (48, 80), "stacks-1b": (2048, 5461)}  # (d, ff)
+RANKS = {"stacks": 4, "stacks-1b": 512, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
 LABELS = ("grad-sized", "low-rank", "projector", "scalar", "other")
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{$")
@@ -79,10 +81,11 @@ def mesh_of(devices: int):
 def abstract_problem(config: str, mesh, layers: int | None = None):
   """``(params, dimension_numbers)``: the params as ``jax.ShapeDtypeStruct`` placed on
   ``mesh``. A LLaMA config is the scanned model FSDP-sharded by ``sharded_state.fsdp_spec``
-  (``layers`` replaces its depth); ``stacks``, for the tests, is two stacks of 8 kernels
-  (in, out), each split along the side that its projection contracts (``attn``: 48 x 48,
-  "right"; ``down``: in 80, out 48, "left"); no gradient, low-rank or projector array of
-  rank 4 has another's element count."""
+  (``layers`` replaces its depth). ``stacks`` is two stacks of 8 kernels (in, out), each
+  split along the side that its projection contracts, as FSDP splits a LLaMA's q and down
+  kernels (``attn``: d x d, "right"; ``down``: in ff, out d, "left"), with ``(d, ff)`` =
+  (48, 80) for the tests (no gradient, low-rank or projector array of rank 4 has another's
+  element count) and the 1B's (2048, 5461) for ``stacks-1b``."""
   import jax
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
@@ -90,14 +93,15 @@ def abstract_problem(config: str, mesh, layers: int | None = None):
   import qgalore_jax
   from examples.llama import model
 
-  if config != "stacks":
+  if config not in STACKS:
     cfg = model.CONFIGS[config]
     cfg = cfg if layers is None else dataclasses.replace(cfg, num_layers=layers)
     llama, params = sharded_state.sharded_llama(cfg, mesh)
     return params, model.dimension_numbers(llama)
+  d, ff = STACKS[config]
   specs = {
-    "attn": ((8, 48, 48), P(None, "fsdp", None)),
-    "down": ((8, 80, 48), P(None, None, "fsdp")),
+    "attn": ((layers or 8, d, d), P(None, "fsdp", None)),
+    "down": ((layers or 8, ff, d), P(None, None, "fsdp")),
   }
   place = lambda shape, spec: jax.ShapeDtypeStruct(
     shape, "float32", sharding=NamedSharding(mesh, spec)
@@ -237,12 +241,12 @@ def collectives(hlo: str, devices: int) -> tuple[list[Collective], list[tuple[in
   return found, svds
 
 
-def label_sizes(layouts, rank: int, proj_bits: int = 4, group_size: int = 256) -> dict:
-  """Element counts of the arrays of each kind, for one matrix and for a whole stack.
+def label_sizes(layouts, rank: int, group_size: int = 256) -> dict:
+  """Element counts of the float arrays of each kind, for one matrix and for a whole stack.
 
   ``grad-sized``: a gradient (m x n); ``low-rank``: a projected gradient or moment (m x r
-  or r x n) or the float basis (r x k); ``projector``: the stored codes (bytes), scales and
-  zeros (one per group) and the top vector (k).
+  or r x n) or the float basis (r x k); ``projector``: the scales and zeros (one per group)
+  and the top vector (k). The stored codes are told apart by their type, bytes.
   """
   sizes = {"grad-sized": set(), "low-rank": set(), "projector": set()}
   for lay in layouts:
@@ -251,8 +255,7 @@ def label_sizes(layouts, rank: int, proj_bits: int = 4, group_size: int = 256) -
     for times in (1, lay.num_slices):
       sizes["grad-sized"].add(times * m * n)
       sizes["low-rank"] |= {times * r * (m if m >= n else n), times * r * k}
-      codes = -(-r * k * proj_bits // 8)
-      sizes["projector"] |= {times * codes, times * -(-r * k // group_size), times * k}
+      sizes["projector"] |= {times * -(-r * k // group_size), times * k}
   clash = sizes["grad-sized"] & (sizes["low-rank"] | sizes["projector"])
   if clash:
     raise ValueError(f"a gradient has the element count of a low-rank array: {sorted(clash)}")
@@ -260,15 +263,15 @@ def label_sizes(layouts, rank: int, proj_bits: int = 4, group_size: int = 256) -
 
 
 def label(c: Collective, sizes: dict) -> str:
-  """What ``c`` moves, by the element count of its whole array (:func:`label_sizes`)."""
-  if c.dtype in ("pred", "s32", "u32", "s64"):  # flags, gaps, counts
+  """What ``c`` moves: by its type (bytes: projector codes; integers: counts and flags),
+  else by the element count of its whole array (:func:`label_sizes`)."""
+  if c.dtype in ("pred", "s32", "u32", "s64"):
     return "scalar"
-  if c.elements in sizes["grad-sized"]:
-    return "grad-sized"
-  if c.elements in sizes["low-rank"]:
-    return "low-rank"
-  if c.elements in sizes["projector"] or c.dtype == "u8":
+  if c.dtype == "u8":
     return "projector"
+  for name in ("grad-sized", "low-rank", "projector"):
+    if c.elements in sizes[name]:
+      return name
   if c.elements < min(sizes["low-rank"]):
     return "scalar"
   return "grad-sized" if c.elements >= min(sizes["grad-sized"]) else "other"
@@ -403,13 +406,13 @@ def time_steps(config: str, rank: int, layers: int | None, devices: int, repeats
   }
 
 
-def measure(config: str, rank: int, repeats: int, timing_layers: int | None) -> dict:
+def measure(config: str, rank: int, repeats: int, timing_layers: int | None, count: bool) -> dict:
   import jax
 
   from examples.llama import model
 
   assert jax.device_count() == DEVICES, jax.devices()
-  layers = 8 if config == "stacks" else model.CONFIGS[config].num_layers
+  layers = 8 if config in STACKS else model.CONFIGS[config].num_layers
   result = {
     "config": config,
     "rank": rank,
@@ -424,21 +427,22 @@ def measure(config: str, rank: int, repeats: int, timing_layers: int | None) -> 
     "timing_layers": timing_layers or layers,
   }
   start = time.perf_counter()
-  compiled, args, params, numbers, shapes = compile_update(
-    config, rank, None, timing_layers is None
-  )
+  run = count and timing_layers is None
+  compiled, args, params, numbers, shapes = compile_update(config, rank, None, run)
   result["compile_s"] = time.perf_counter() - start
   result["analysis"] = analyse(compiled, params, numbers, rank)
-  if timing_layers is not None:  # count the SVDs as they run on the smaller model
+  if count and not run:  # count the SVDs as they run on the smaller model
     compiled, args, params, numbers, shapes = compile_update(config, rank, timing_layers, True)
-  result["svds_run"] = count_svds(compiled, args, params, numbers, shapes)
+  if count:
+    result["svds_run"] = count_svds(compiled, args, params, numbers, shapes)
+  del compiled, args
   if repeats:
     result["timing"] = [time_steps(config, rank, timing_layers, n, repeats) for n in (1, DEVICES)]
   return result
 
 
 def table(result: dict) -> str:
-  a, run = result["analysis"], result["svds_run"]
+  a, run = result["analysis"], result.get("svds_run")
   d = result["devices"]
   lines = [
     f"{result['config']} ({result['layers']} layers, scanned), rank {result['rank']},"
@@ -451,12 +455,16 @@ def table(result: dict) -> str:
     f" {a['svd_gflops_per_device']:.2f} GFLOP: **{a['svd_fraction_per_device']:.3f} of the"
     f" total** (1/{d} = {1 / d:.3f}). The compiled update holds"
     f" {len(a['svd_shapes_in_hlo'])} SVD calls, one per stack, of the stacks' matrix shapes."
-    f" Counted as they ran ({result['timing_layers']} layers), the {d} devices ran"
-    f" {run['svds_run_all_devices']} SVDs of {run['svd_gflops_run_all_devices']:.2f} GFLOP"
-    f" together for the {run['svds_per_refresh_step']} matrices"
-    f" ({run['svd_gflops_per_refresh_step']:.2f} GFLOP):"
-    f" {run['svds_run_all_devices'] / run['svds_per_refresh_step']:.2f} runs of each"
-    f" (1: each SVD on one device; {d}: on every device).",
+    + (
+      ""
+      if run is None
+      else f" Counted as they ran ({result['timing_layers']} layers), the {d} devices ran"
+      f" {run['svds_run_all_devices']} SVDs of {run['svd_gflops_run_all_devices']:.2f} GFLOP"
+      f" together for the {run['svds_per_refresh_step']} matrices"
+      f" ({run['svd_gflops_per_refresh_step']:.2f} GFLOP):"
+      f" {run['svds_run_all_devices'] / run['svds_per_refresh_step']:.2f} runs of each"
+      f" (1: each SVD on one device; {d}: on every device)."
+    ),
     "",
     "Collectives of the compiled update: those of every step, then those a refresh adds."
     " Moves: what the whole array is (grad-sized: a gradient or a stack of them; low-rank:"
@@ -494,7 +502,9 @@ def table(result: dict) -> str:
       f" {result['timing_layers']} layers of these shapes), 1 device against {d} simulated"
       f" devices in one process on a CPU of {result['cpu_cores']} cores: the {d} devices"
       f" share those cores, so a split cannot run faster than {result['cpu_cores']} devices"
-      " at once allow.",
+      " at once allow, and other jobs shared them too (load average"
+      f" {result['load_average'][0]:.1f} at the end). One BLAS thread per LAPACK call"
+      f" (OPENBLAS_NUM_THREADS={result['openblas_threads']}).",
       "",
       f"| step | 1 device (s) | {d} devices (s) | {d} devices / 1 |",
       "|---|---:|---:|---:|",
@@ -510,6 +520,12 @@ def main(argv=None) -> dict:
   parser.add_argument("--rank", type=int, default=None, help="default: the paper's for the config")
   parser.add_argument("--repeats", type=int, default=3, help="timed runs per step (0: no timing)")
   parser.add_argument("--timing-layers", type=int, default=None, help="layers of the timed model")
+  parser.add_argument(
+    "--count",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="run a refresh step (of --timing-layers) and count the SVDs as they run",
+  )
   parser.add_argument("--out", default=str(RESULTS), help="directory of the JSON and markdown")
   args = parser.parse_args(argv)
   path = pathlib.Path(args.out) / f"sharded_refresh_{args.config}.json"
@@ -519,7 +535,7 @@ def main(argv=None) -> dict:
   if sharded_state.rerun_on_devices("benchmarks.sharded_refresh", argv or sys.argv[1:]):
     return json.loads(path.read_text())
   rank = args.rank or RANKS[args.config]
-  result = measure(args.config, rank, args.repeats, args.timing_layers)
+  result = measure(args.config, rank, args.repeats, args.timing_layers, args.count)
   write_results(path, result, table(result))
   return result
 
