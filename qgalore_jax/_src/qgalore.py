@@ -347,11 +347,14 @@ def scale_by_qgalore(
       x if specs is None else jax.lax.with_sharding_constraint(x, getattr(specs, field))
     )
     basis_shape, side, _ = leaf_layout(lay)
-    # Each device dequantizes the whole stored projector (its codes are a fraction of the
-    # float basis) and keeps the columns it needs.
-    stored = jax.tree.map(lambda a: pin(a, "stored"), stored)
+    if proj_bits is not None:
+      # Each device dequantizes the whole stored projector (its codes are a fraction of the
+      # float basis' bytes), then keeps the columns it needs.
+      stored = jax.tree.map(lambda a: pin(a, "stored"), stored)
     basis_RxK = proj.load_projector(stored, basis_shape, proj_bits, proj_group_size)
-    basis_RxK = pin(pin(basis_RxK, "stored"), "basis")
+    if proj_bits is not None:
+      basis_RxK = pin(basis_RxK, "stored")
+    basis_RxK = pin(basis_RxK, "basis")
     g_MxN = pin(lay.to_stack(g)[0].astype(jnp.float32), "grad")
     r = pin(proj.project(g_MxN, basis_RxK), "low_rank")
     u, mu, nu = moments.adam_step(
@@ -389,9 +392,9 @@ def scale_by_qgalore(
       (stored, subspace),
     )
     specs = None
-    if entries is not None:
+    mesh = jax.sharding.get_abstract_mesh()
+    if entries is not None and not mesh.empty and not mesh.manual_axes:
       _, side, low_rank_shape = leaf_layout(lay)
-      mesh = jax.sharding.get_abstract_mesh()
       specs = sharding.projection_specs(entries, lay, side == proj.RIGHT, low_rank_shape, mesh)
 
     def one(g, mu, nu, stored):

@@ -152,10 +152,9 @@ def update_entries() -> list[tuple] | None:
 
 class ProjectionSpecs(NamedTuple):
   """Where the arrays of one matrix's projected update live (docs/spec.md section 9.5):
-  partition specs of the canonical gradient (m, n), the stored projector's arrays (whole
-  on every device), its dequantized basis (r, k), the projected
-  gradient and moments, the low-rank update before back-projection, and the update of the
-  slice in the leaf's own layout."""
+  partition specs of the canonical gradient (m, n), the stored projector's arrays (whole on
+  every device), its dequantized basis (r, k), the projected gradient and moments, the
+  low-rank update before back-projection, and the slice's update in the leaf's layout."""
 
   grad: PartitionSpec
   stored: PartitionSpec
