@@ -156,7 +156,9 @@ def refresh_report(tx, params, state, mesh, dimension_numbers) -> dict:
   update = jax.jit(lambda g, s, p: tx.update(g, s, p))
   with jax.set_mesh(mesh):
     hlo = update.lower(params, state, params).compile().as_text()
-  collectives = {kind: len(re.findall(rf"= \S+ {kind}(?:-start)?\(", hlo)) for kind in COLLECTIVES}
+  # A result type may be a tuple (spaces inside), e.g. an all-to-all of 8 pieces.
+  pattern = lambda kind: rf"^\s*(?:ROOT )?%\S+ = .*? {kind}(?:-start)?\("
+  collectives = {kind: len(re.findall(pattern(kind), hlo, re.M)) for kind in COLLECTIVES}
   svd_calls = re.findall(r"custom_call_target=\"[a-z_]*gesdd", hlo)
   return {
     "collectives_in_hlo": collectives,
