@@ -93,6 +93,32 @@ BENCHMARKS = (
     ["sharded_state"],
   ),
   (
+    "sharded_refresh",
+    ["--config", "60m"],
+    "What a step communicates under FSDP (8 simulated devices)",
+    "The scanned LLaMA-60M's `qgalore_adamw` update compiled on an Explicit mesh of 8 CPU"
+    " devices, params FSDP-sharded: SVD flops per device on a step where every matrix"
+    " refreshes (and the SVDs counted as they run), the collectives of a normal step and"
+    " those a refresh adds, labelled by what they move, and the wall time against one device.",
+    ["sharded_refresh_60m"],
+  ),
+  (
+    "sharded_refresh",
+    ["--config", "1b", "--repeats", "0", "--no-count"],
+    "What a step communicates under FSDP, LLaMA-1B (compiled only)",
+    "As above for the 1B, from the compiled program only: its refresh step does not fit this"
+    " machine's memory on 8 simulated devices.",
+    ["sharded_refresh_1b"],
+  ),
+  (
+    "sharded_refresh",
+    ["--config", "stacks-1b", "--repeats", "1"],
+    "Refresh wall time on LLaMA-1B shapes (8 simulated devices)",
+    "Two stacks of 8 kernels of the 1B's shapes (2048 x 2048 and 5461 x 2048, split as FSDP"
+    " splits q and down), rank 512: SVD flops, collectives and wall time, 1 device against 8.",
+    ["sharded_refresh_stacks-1b"],
+  ),
+  (
     "update_speed",
     ["--config", "60M"],
     "Speed of the JAX update, LLaMA-60M shapes",

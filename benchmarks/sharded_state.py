@@ -45,11 +45,44 @@ def fsdp_spec(path, shape, stacked: bool):
   return P(*("fsdp" if a == axis else None for a in range(len(shape))))
 
 
+def sharded_llama(cfg, mesh):
+  """The scanned LLaMA of ``cfg``, built abstractly: ``(model, params)``, the params as
+  ``jax.ShapeDtypeStruct`` placed FSDP-style on ``mesh`` (:func:`fsdp_spec`)."""
+  import jax
+  from flax import nnx
+  from jax.sharding import NamedSharding
+
+  from examples.llama import model
+
+  llama = nnx.eval_shape(lambda: model.Llama(cfg, nnx.Rngs(0), scan=True))
+  abstract = nnx.to_pure_dict(nnx.state(llama, nnx.Param))
+
+  def place(path, a):
+    stacked = jax.tree_util.keystr(path).startswith("['layers']")
+    sharding = NamedSharding(mesh, fsdp_spec(path, a.shape, stacked))
+    return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+
+  return llama, jax.tree_util.tree_map_with_path(place, abstract)
+
+
+def rerun_on_devices(module: str, argv) -> bool:
+  """Reruns ``python -m module argv`` in a fresh process with ``DEVICES`` simulated CPU
+  devices, unless this is that process; True where it did (the caller reads the results).
+  """
+  if os.environ.get(_CHILD) == "1":
+    return False
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **{_CHILD: "1"})
+  flag = f"--xla_force_host_platform_device_count={DEVICES}"
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flag).strip()
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+  subprocess.run([sys.executable, "-m", module, *argv], env=env, cwd=root, check=True)
+  return True
+
+
 def measure(config: str, rank: int, refresh: bool = True) -> dict:
   import jax
   import jax.numpy as jnp
-  from flax import nnx
-  from jax.sharding import NamedSharding
 
   import qgalore_jax
   from examples.llama import configs
@@ -58,16 +91,8 @@ def measure(config: str, rank: int, refresh: bool = True) -> dict:
   assert jax.device_count() == DEVICES, jax.devices()
   cfg = configs.Config(vocab_size=64, d_model=32, d_ff=48, num_layers=2, num_heads=2)
   cfg = cfg if config == "tiny" else model.CONFIGS[config]
-  llama = nnx.eval_shape(lambda: model.Llama(cfg, nnx.Rngs(0), scan=True))
-  abstract = nnx.to_pure_dict(nnx.state(llama, nnx.Param))
   mesh = jax.make_mesh((DEVICES,), ("fsdp",))
-
-  def place(path, a):
-    stacked = jax.tree_util.keystr(path).startswith("['layers']")
-    sharding = NamedSharding(mesh, fsdp_spec(path, a.shape, stacked))
-    return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
-
-  params_abstract = jax.tree_util.tree_map_with_path(place, abstract)
+  llama, params_abstract = sharded_llama(cfg, mesh)
   zeros = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), params_abstract)
   params = jax.jit(zeros, out_shardings=jax.tree.map(lambda a: a.sharding, params_abstract))()
   rows = []
@@ -128,32 +153,49 @@ def refresh_report(tx, params, state, mesh, dimension_numbers) -> dict:
 
   import jax
 
-  from qgalore_jax._src import layout
-
   update = jax.jit(lambda g, s, p: tx.update(g, s, p))
   with jax.set_mesh(mesh):
     hlo = update.lower(params, state, params).compile().as_text()
-  collectives = {kind: len(re.findall(rf"= \S+ {kind}(?:-start)?\(", hlo)) for kind in COLLECTIVES}
+  # A result type may be a tuple (spaces inside), e.g. an all-to-all of 8 pieces.
+  pattern = lambda kind: rf"^\s*(?:ROOT )?%\S+ = .*? {kind}(?:-start)?\("
+  collectives = {kind: len(re.findall(pattern(kind), hlo, re.M)) for kind in COLLECTIVES}
   svd_calls = re.findall(r"custom_call_target=\"[a-z_]*gesdd", hlo)
-  # Which leaves are projected, and as which stacks (the rule of scale_by_qgalore).
+  return {
+    "collectives_in_hlo": collectives,
+    "svd_calls_in_hlo": len(svd_calls),
+    **svd_split(projected_layouts(params, dimension_numbers), mesh.size),
+  }
+
+
+def projected_layouts(params, dimension_numbers) -> list:
+  """The ``StackLayout`` of each projected leaf (the rule of scale_by_qgalore)."""
+  import jax
+
+  from qgalore_jax._src import layout
+
   is_spec = lambda x: isinstance(x, layout.DimensionNumbers) or x is None
-  numbers = jax.tree.leaves(dimension_numbers(params), is_leaf=is_spec)
-  per_device = mesh.size
+  leaves = jax.tree.leaves(params)
+  numbers = dimension_numbers(params) if callable(dimension_numbers) else dimension_numbers
+  if isinstance(numbers, layout.DimensionNumbers):  # one for every leaf
+    numbers = [numbers] * len(leaves)
+  pairs = zip(leaves, jax.tree.leaves(numbers, is_leaf=is_spec), strict=True)
+  return [spec.resolve(p.shape) for p, spec in pairs if spec is not None]
+
+
+def svd_split(layouts, devices: int) -> dict:
+  """SVDs and their flops on a step where every matrix refreshes, in all and on each device:
+  a stack whose slices split evenly over the devices is refreshed where each slice lives
+  (docs/spec.md section 9.2), any other matrix on every device."""
   svds_total = svds_device = flops_total = flops_device = 0
-  for p, spec in zip(jax.tree.leaves(params), numbers, strict=True):
-    if spec is None:
-      continue
-    lay = spec.resolve(p.shape)
+  for lay in layouts:
     one = svd_flops(*lay.matrix_shape)
-    split = lay.num_slices % per_device == 0
-    on_device = lay.num_slices // per_device if split else lay.num_slices
+    split = lay.num_slices % devices == 0
+    on_device = lay.num_slices // devices if split else lay.num_slices
     svds_total += lay.num_slices
     svds_device += on_device
     flops_total += lay.num_slices * one
     flops_device += on_device * one
   return {
-    "collectives_in_hlo": collectives,
-    "svd_calls_in_hlo": len(svd_calls),
     "svds_per_refresh_step": svds_total,
     "svds_per_device": svds_device,
     "svd_gflops_per_refresh_step": flops_total / 1e9,
@@ -204,14 +246,8 @@ def main(argv=None) -> dict:
   )
   parser.add_argument("--out", default=str(RESULTS), help="directory of the JSON and markdown")
   args = parser.parse_args(argv)
-  if os.environ.get(_CHILD) != "1":  # 8 simulated devices need a fresh process
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **{_CHILD: "1"})
-    flag = f"--xla_force_host_platform_device_count={DEVICES}"
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flag).strip()
-    root = pathlib.Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "benchmarks.sharded_state", *(argv or sys.argv[1:])]
-    subprocess.run(cmd, env=env, cwd=root, check=True)
+  # 8 simulated devices need a fresh process
+  if rerun_on_devices("benchmarks.sharded_state", argv or sys.argv[1:]):
     stem = (
       pathlib.Path(args.out) / f"sharded_state{'' if args.config == '60m' else '_' + args.config}"
     )

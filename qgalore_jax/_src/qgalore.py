@@ -337,11 +337,26 @@ def scale_by_qgalore(
     run = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=split)
     return run(g_slices, due, carry, count, arrays)
 
-  def update_slice(g, mu, nu, stored, lay, count_inc, hp):
-    """Projected Adam on one matrix ``g`` (a slice, laid out as ``lay``; no batch axes)."""
+  def update_slice(g, mu, nu, stored, lay, count_inc, hp, specs=None):
+    """Projected Adam on one matrix ``g`` (a slice, laid out as ``lay``; no batch axes).
+
+    ``specs`` (:class:`sharding.ProjectionSpecs`, or None) pins where the projection's
+    operands and results live on a mesh (docs/spec.md section 9.5); values do not change.
+    """
+    pin = lambda x, field: (
+      x if specs is None else jax.lax.with_sharding_constraint(x, getattr(specs, field))
+    )
     basis_shape, side, _ = leaf_layout(lay)
+    if proj_bits is not None:
+      # Each device dequantizes the whole stored projector (its codes are a fraction of the
+      # float basis' bytes), then keeps the columns it needs.
+      stored = jax.tree.map(lambda a: pin(a, "stored"), stored)
     basis_RxK = proj.load_projector(stored, basis_shape, proj_bits, proj_group_size)
-    r = proj.project(lay.to_stack(g)[0].astype(jnp.float32), basis_RxK)
+    if proj_bits is not None:
+      basis_RxK = pin(basis_RxK, "stored")
+    basis_RxK = pin(basis_RxK, "basis")
+    g_MxN = pin(lay.to_stack(g)[0].astype(jnp.float32), "grad")
+    r = pin(proj.project(g_MxN, basis_RxK), "low_rank")
     u, mu, nu = moments.adam_step(
       r,
       moments.load_moment(mu, True, moment_bits),
@@ -351,6 +366,7 @@ def scale_by_qgalore(
       hp["b2"],
       hp["eps"],
     )
+    u = pin(u, "back")
     # A leaf that stores its input axes first (a Flax kernel) gets its update written in
     # that layout by the matmul itself; transposing the (out, in) result would cost two
     # passes over the matrix.
@@ -359,11 +375,12 @@ def scale_by_qgalore(
     else:
       direction = proj.project_back(u, basis_RxK, side)
     direction = lay.from_stack((hp["scale"] * direction)[None], transposed=lay.reduction_first)
+    direction = pin(direction, "update")
     mu = moments.store_moment(mu, True, moment_bits, mu_dtype, min_8bit_size)
     nu = moments.store_moment(nu, False, moment_bits, min_size=min_8bit_size)
     return direction.astype(g.dtype), mu, nu
 
-  def update_leaf(g, mu, nu, stored, subspace, lay, count, count_inc, tensor_id, hp):
+  def update_leaf(g, mu, nu, stored, subspace, lay, count, count_inc, tensor_id, hp, entries):
     # State arrays hold the batch shape in front; the update works on (S, ...) stacks.
     to_batch = lambda t: jax.tree.map(lay.slices_to_batch, t)
     mu, nu, stored, subspace = jax.tree.map(lay.batch_to_slices, (mu, nu, stored, subspace))
@@ -374,7 +391,15 @@ def scale_by_qgalore(
       lambda carry: carry,
       (stored, subspace),
     )
-    one = lambda g, mu, nu, stored: update_slice(g, mu, nu, stored, lay.slice_layout, count_inc, hp)
+    specs = None
+    mesh = jax.sharding.get_abstract_mesh()
+    if entries is not None and not mesh.empty and not mesh.manual_axes:
+      _, side, low_rank_shape = leaf_layout(lay)
+      specs = sharding.projection_specs(entries, lay, side == proj.RIGHT, low_rank_shape, mesh)
+
+    def one(g, mu, nu, stored):
+      return update_slice(g, mu, nu, stored, lay.slice_layout, count_inc, hp, specs)
+
     direction, mu, nu = layout.map_slices(one, (lay.to_slices(g), mu, nu, stored))
     return (lay.from_slices(direction), *to_batch((mu, nu, stored, subspace)))
 
@@ -422,15 +447,18 @@ def scale_by_qgalore(
     layouts = leaf_layouts(updates)
     leaves, treedef = jax.tree.flatten(updates)
     count_inc = optax.safe_increment(state.count)
+    # Under an Explicit mesh, the gradients' specs (sharding.explicit_update records them).
+    entries = sharding.update_entries() or [None] * len(leaves)
     per_leaf = [
-      update_leaf(g, mu, nu, stored, sub, lay, state.count, count_inc, tensor_id, hp)
-      for g, mu, nu, stored, sub, (lay, tensor_id) in zip(
+      update_leaf(g, mu, nu, stored, sub, lay, state.count, count_inc, tensor_id, hp, spec)
+      for g, mu, nu, stored, sub, (lay, tensor_id), spec in zip(
         leaves,
         trees.unpack(treedef, state.mu, moment_cls),
         trees.unpack(treedef, state.nu, moment_cls),
         trees.unpack(treedef, state.projector, projector_cls),
         trees.structs_per_leaf(schedule.SubspaceState, treedef, state.subspace),
         layouts,
+        entries,
         strict=True,
       )
     ]

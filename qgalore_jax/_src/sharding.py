@@ -6,16 +6,20 @@ Three pieces:
   (:func:`entry_if_divisible`, :func:`param_axes`, used by each transform's ``init``);
 * :func:`explicit_update`: a transform's ``update`` under a mesh with Explicit axes, run
   with those axes made Auto (the compiler partitions the SVD, the projections and the
-  moment codes as under an Auto mesh) and its outputs placed as its inputs were; INT8
-  weights (``int8.py``) run so too, with :func:`int8_weight_specs` and
-  :func:`dequantized_spec` placing what they create;
+  moment codes as under an Auto mesh) and its outputs placed as its inputs were; while it
+  traces, :func:`update_entries` gives the gradients' specs, with which the projections
+  pin their operands (:func:`projection_specs`); INT8 weights (``int8.py``) run under Auto
+  axes too, with :func:`int8_weight_specs` and :func:`dequantized_spec` placing what they
+  create;
 * :func:`state_shardings`: the ``NamedSharding`` of every leaf of ``tx.init(params)``, for
   ``jax.jit(tx.init, out_shardings=...)`` and orbax restore targets.
 """
 
+import contextvars
 import functools
 import math
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import optax
@@ -23,6 +27,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
 from qgalore_jax._src import trees
+
+# The spec entries of each leaf of the gradients (``spec_entries``, in leaf order) while
+# ``explicit_update`` traces an update under Auto axes, where the arrays no longer carry them.
+_UPDATE_ENTRIES: contextvars.ContextVar = contextvars.ContextVar(
+  "qgalore_update_entries", default=None
+)
 
 
 def explicit_mesh(tree) -> jax.sharding.AbstractMesh | None:
@@ -147,10 +157,69 @@ def explicit_update(update_fn, hyperparams: dict):
     if mesh is None:
       return update_fn(updates, state, params, hyperparams)
     out = jax.tree.map(lambda x: PartitionSpec(*spec_entries(x)), (updates, state))
-    body = lambda u, s, p, a: update_fn(u, s, p, {**hyperparams, **a})
+    entries = [spec_entries(x) for x in jax.tree.leaves(updates)]
+
+    def body(u, s, p, a):
+      token = _UPDATE_ENTRIES.set(entries)
+      try:
+        return update_fn(u, s, p, {**hyperparams, **a})
+      finally:
+        _UPDATE_ENTRIES.reset(token)
+
     return in_auto_axes(body, out, mesh, updates, state, params, arrays)
 
   return wrapped
+
+
+def update_entries() -> list[tuple] | None:
+  """The gradients' spec entries, one tuple per leaf, while :func:`explicit_update` traces
+  an update; None otherwise (no Explicit mesh: the compiler alone places the arrays)."""
+  return _UPDATE_ENTRIES.get()
+
+
+class ProjectionSpecs(NamedTuple):
+  """Where the arrays of one matrix's projected update live (docs/spec.md section 9.5):
+  partition specs of the canonical gradient (m, n), the stored projector's arrays (whole on
+  every device), its dequantized basis (r, k), the projected gradient and moments, the
+  low-rank update before back-projection, and the slice's update in the leaf's layout."""
+
+  grad: PartitionSpec
+  stored: PartitionSpec
+  basis: PartitionSpec
+  low_rank: PartitionSpec
+  back: PartitionSpec
+  update: PartitionSpec
+
+
+def projection_specs(entries, lay, right: bool, low_rank_shape, mesh) -> ProjectionSpecs | None:
+  """The :class:`ProjectionSpecs` of a slice of a leaf whose spec entries are ``entries``.
+
+  The gradient stays as its param is split, so the projection contracts it where it lies:
+  over a split contracted side each device projects its own block and the partial low-rank
+  results are summed into the moments' placement (section 9.2), and the low-rank update is
+  gathered along its rank side before back-projection, so that each device writes its own
+  block of the update; over a split kept side nothing moves. The basis is split along
+  ``k`` as the gradient's side of that length. None (the compiler chooses) where the
+  gradient's matrix axes are not split, or where the output or reduction side of the leaf
+  spans several axes.
+  """
+  if len(lay.output) != 1 or len(lay.reduction) != 1:
+    return None
+  m_entry, n_entry = entries[lay.output[0]], entries[lay.reduction[0]]
+  if m_entry is None and n_entry is None:
+    return None
+  matrix = param_axes(entries, lay.output + lay.reduction)
+  full = low_rank_shape[0] if right else low_rank_shape[1]
+  full_entry = entry_if_divisible(full, matrix, mesh)
+  rest = [a for a in range(len(lay.shape)) if a not in lay.batch]
+  return ProjectionSpecs(
+    grad=PartitionSpec(m_entry, n_entry),
+    stored=PartitionSpec(),
+    basis=PartitionSpec(None, n_entry if right else m_entry),
+    low_rank=PartitionSpec(full_entry, None) if right else PartitionSpec(None, full_entry),
+    back=PartitionSpec(m_entry, None) if right else PartitionSpec(None, n_entry),
+    update=PartitionSpec(*(entries[a] for a in rest)),
+  )
 
 
 def _mesh_of(params) -> jax.sharding.Mesh:

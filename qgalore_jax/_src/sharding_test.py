@@ -351,3 +351,53 @@ def test_int8_weights_sharded_along_explicit_axes_keep_their_values_and_types():
     assert jax.tree.map(jax.typeof, got[0]) == jax.tree.map(jax.typeof, q)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_pinned_projections_compute_the_unpinned_values_on_one_device(monkeypatch):
+  """Section 9.5: the sharding constraints of the projections change no value."""
+  import jax
+  import numpy as np
+  from jax.sharding import AxisType
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from qgalore_jax import DimensionNumbers
+  from qgalore_jax import qgalore_adamw
+  from qgalore_jax._src import sharding
+
+  rng = np.random.default_rng(0)
+  # Two stacks, each split along the side its projection contracts ("right" and "left").
+  shapes = {"stack": (2, 32, 16), "down": (2, 16, 32)}
+  specs = {"stack": P(None, "fsdp", None), "down": P(None, None, "fsdp")}
+  numbers = {k: DimensionNumbers(1, 2, 0) for k in shapes}
+  params = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+  grads = [{k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()} for _ in range(3)]
+  mesh = jax.make_mesh((1,), ("fsdp",), axis_types=(AxisType.Explicit,))
+  put = lambda t: jax.device_put(t, {k: NamedSharding(mesh, specs[k]) for k in t})
+  pinned = []
+  real = sharding.projection_specs
+
+  def run():
+    tx = qgalore_adamw(1e-2, rank=4, update_proj_gap=2, dimension_numbers=numbers)
+    out = []
+    with jax.set_mesh(mesh):
+      p = put(params)
+      state = jax.jit(tx.init)(p)
+      update = jax.jit(tx.update)
+      for g in grads:  # refreshes on steps 0 and 2
+        u, state = update(put(g), state, p)
+        out.append(jax.tree.map(np.asarray, (u, state)))
+    return out
+
+  def spying(*args):
+    specs = real(*args)
+    pinned.append(specs is not None)
+    return specs
+
+  monkeypatch.setattr(sharding, "projection_specs", spying)
+  want = run()
+  assert pinned == [True, True], pinned  # every leaf's projection was pinned
+  monkeypatch.setattr(sharding, "projection_specs", lambda *args: None)
+  got = run()
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+    np.testing.assert_array_equal(a, b)
