@@ -201,8 +201,7 @@ def _block_vjp_in_parts(block_fn, params_fn, xs, g_ys):
   """One block's VJP over micro-batches (inputs ``xs`` and output cotangents ``g_ys``
   stacked on a leading axis): the parameter gradients summed in float32 (returned in the
   parameters' dtypes) and each part's input cotangent. ``params_fn()`` gives the block's
-  float parameters; it is called in the loop over the parts, so XLA keeps the weights
-  stored (INT8) across the loop rather than dequantised."""
+  float parameters (dequantised in the loop over the parts, where XLA may hoist it out)."""
   params = jax.eval_shape(params_fn)
 
   def part(acc, xs_c):
