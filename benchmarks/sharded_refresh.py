@@ -48,13 +48,14 @@ import statistics
 import sys
 import time
 
+from benchmarks import llama_shapes
 from benchmarks import sharded_state
 from benchmarks.tables import write_results
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 DEVICES = sharded_state.DEVICES
 STACKS = {"stacks": (48, 80), "stacks-1b": (2048, 5461)}  # (d, ff)
-RANKS = {"stacks": 4, "stacks-1b": 512, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
+RANKS = {"stacks": 4, "stacks-1b": 512, **{k.lower(): r for k, r in llama_shapes.RANKS.items()}}
 LABELS = ("grad-sized", "low-rank", "projector", "scalar", "other")
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{$")
@@ -62,9 +63,6 @@ _CALLEE = re.compile(
   r"(?:calls|to_apply|body|condition|true_computation|false_computation)=%([\w.\-]+)"
 )
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
-_COLLECTIVE = re.compile(
-  r"^\s*(?:ROOT )?%[\w.\-]+ = (.*?) (" + "|".join(sharded_state.COLLECTIVES) + r")(?:-start)?\("
-)
 _ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
 _SVD = re.compile(r'custom_call_target="[^"]*ge(?:sdd|svd)[^"]*"')
 _SVD_OPERAND = re.compile(r"operand_layout_constraints=\{[a-z]+\d*\[(\d+),(\d+)\]")
@@ -218,7 +216,7 @@ def collectives(hlo: str, devices: int) -> tuple[list[Collective], list[tuple[in
   found, svds = [], []
   for name in sorted(runs):
     for line in comps[name]:
-      match = _COLLECTIVE.match(line)
+      match = sharded_state.COLLECTIVE_LINE.match(line)
       if match:
         arrays = _ARRAY.findall(match.group(1))
         kind, (dtype, dims) = match.group(2), arrays[0]

@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -137,6 +138,11 @@ def measure(config: str, rank: int, refresh: bool = True) -> dict:
 
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+# A collective's line in HLO text: group 1 its result type (a tuple may hold spaces, e.g. an
+# all-to-all of 8 pieces), group 2 its kind.
+COLLECTIVE_LINE = re.compile(
+  r"^\s*(?:ROOT )?%[\w.\-]+ = (.*?) (" + "|".join(COLLECTIVES) + r")(?:-start)?\(", re.M
+)
 
 
 def svd_flops(a: int, b: int) -> float:
@@ -149,16 +155,13 @@ def svd_flops(a: int, b: int) -> float:
 def refresh_report(tx, params, state, mesh, dimension_numbers) -> dict:
   """SVDs per device on a step where every matrix refreshes, and the collectives of the
   compiled update (the gradient given as a param-shaped array, sharded as the param)."""
-  import re
-
   import jax
 
   update = jax.jit(lambda g, s, p: tx.update(g, s, p))
   with jax.set_mesh(mesh):
     hlo = update.lower(params, state, params).compile().as_text()
-  # A result type may be a tuple (spaces inside), e.g. an all-to-all of 8 pieces.
-  pattern = lambda kind: rf"^\s*(?:ROOT )?%\S+ = .*? {kind}(?:-start)?\("
-  collectives = {kind: len(re.findall(pattern(kind), hlo, re.M)) for kind in COLLECTIVES}
+  found = collections.Counter(m.group(2) for m in COLLECTIVE_LINE.finditer(hlo))
+  collectives = {kind: found[kind] for kind in COLLECTIVES}
   svd_calls = re.findall(r"custom_call_target=\"[a-z_]*gesdd", hlo)
   return {
     "collectives_in_hlo": collectives,
