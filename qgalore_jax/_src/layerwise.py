@@ -197,16 +197,14 @@ def _head_in_parts(head_fn, outer, xs, batches, head_read):
   return loss, g_head, g_x
 
 
-def _block_vjp_in_parts(block_fn, params_fn, xs, g_ys):
+def _block_vjp_in_parts(block_fn, params, xs, g_ys):
   """One block's VJP over micro-batches (inputs ``xs`` and output cotangents ``g_ys``
   stacked on a leading axis): the parameter gradients summed in float32 (returned in the
-  parameters' dtypes) and each part's input cotangent. ``params_fn()`` gives the block's
-  float parameters (dequantised in the loop over the parts, where XLA may hoist it out)."""
-  params = jax.eval_shape(params_fn)
+  parameters' dtypes) and each part's input cotangent."""
 
   def part(acc, xs_c):
     x, g_y = xs_c
-    _, block_vjp = jax.vjp(block_fn, params_fn(), x)
+    _, block_vjp = jax.vjp(block_fn, params, x)
     g_params, g_x = block_vjp(g_y)
     return _sum_f32(acc, g_params), g_x
 
@@ -398,13 +396,11 @@ def layerwise_train_step(
     # 2. The head: loss, gradients, and the update of what the embedding does not read.
     outer_def = jax.tree.structure(outer)
     read = flat_of(jax.tree.unflatten(outer_def, _read_by(embed_fn, outer, batch)))
+    whole_head = lambda o, x: head_fn(o, x, batch)
+    head_read = _read_by(whole_head, outer, x_last if parts == 1 else _merge(x_last))
     if parts == 1:
-      loss, (g_head, g_x) = jax.value_and_grad(lambda o, x: head_fn(o, x, batch), (0, 1))(
-        outer, x_last
-      )
-      head_read = _read_by(lambda o, x: head_fn(o, x, batch), outer, x_last)
+      loss, (g_head, g_x) = jax.value_and_grad(whole_head, (0, 1))(outer, x_last)
     else:
-      head_read = _read_by(lambda o, x: head_fn(o, x, batch), outer, _merge(x_last))
       loss, g_head, g_x = _head_in_parts(head_fn, outer, x_last, batches, head_read)
     early = [not b and not r for b, r in zip(in_blocks, read)]
     new_leaves, state_early = update(
@@ -436,7 +432,7 @@ def layerwise_train_step(
         _, block_vjp = jax.vjp(block_fn, params_i, x_in)
         g_block, g_x = block_vjp(g_x)
       else:
-        g_block, g_x = _block_vjp_in_parts(block_fn, partial(block_params, i, now), x_in, g_x)
+        g_block, g_x = _block_vjp_in_parts(block_fn, params_i, x_in, g_x)
       g_flat = flat_of(block=g_block)
       grads = [g[None] if s else g for g, s in zip(g_flat, in_scan)]
       params = [p[None] if s else p for p, s in zip(flat_of(block=params_i), in_scan)]
