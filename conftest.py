@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: the authors' projector as an independent oracle, one torch thread."""
+"""Shared pytest fixtures (the authors' projector as an independent oracle, one torch thread)
+and the order of the tests (slow ones first)."""
 
 import os
 
@@ -9,6 +10,13 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import pytest
 
 from parity_tests import authors
+
+
+def pytest_collection_modifyitems(items):
+  """Runs the tests marked ``slow`` first (in their collected order, as the rest): with
+  pytest-xdist the long ones then start early on every worker and the short ones fill the
+  gaps, rather than one long test running alone at the end."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")

@@ -233,6 +233,7 @@ def test_study_svd_ratio_skips_missing_and_broken_files(tmp_path):
   assert update_speed.study_svd_ratio(tmp_path / "broken.json")[0] is None
 
 
+@pytest.mark.slow
 def test_update_speed_main_writes_json_and_markdown_per_config(tmp_path, monkeypatch):
   tiny = llama_param_shapes(hidden=32, ffn=48, layers=2, vocab=64)
   monkeypatch.setattr(update_speed, "llama_param_shapes", lambda **_: tiny)

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from benchmarks import jax_layerwise_memory
 
 
+@pytest.mark.slow
 def test_writes_the_layerwise_peak_in_bytes(tmp_path):
   out = tmp_path / "m.json"
   argv = ["--config", "tiny", "--batch", "2", "--seq", "32", "--json", str(out)]

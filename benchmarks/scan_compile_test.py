@@ -2,11 +2,14 @@
 
 import json
 
+import pytest
+
 from benchmarks import scan_compile
 from examples.llama import configs
 from examples.llama import model
 
 
+@pytest.mark.slow
 def test_measures_both_layouts_and_checks_the_bytes(tmp_path, monkeypatch):
   small = configs.Config(vocab_size=32, d_model=16, d_ff=24, num_layers=2, num_heads=2, seq_len=8)
   monkeypatch.setitem(model.CONFIGS, "small", small)

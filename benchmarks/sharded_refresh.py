@@ -1,6 +1,7 @@
 """What a Q-GaLore step computes and communicates on 8 devices: SVD flops, collectives, time.
 
-The scanned LLaMA of ``--config`` (``examples/llama/model.py``), FSDP-sharded over 8
+The LLaMA of ``--config`` (``examples/llama/model.py``; scanned, or with ``-unscanned`` a
+2-D kernel per layer), FSDP-sharded over 8
 simulated CPU devices as ``benchmarks/sharded_state.py`` shards it (each leaf along its
 largest axis that 8 divides, a stack's layer axis whole), with ``qgalore_adamw`` (the
 paper's rank for the config, float32 moments) on a mesh of Explicit axes. From the compiled
@@ -9,9 +10,10 @@ update (the gradient given sharded as its param):
 * **SVD flops per device.** A step where every matrix refreshes (the first) runs one SVD per
   matrix, ``6 M N^2 + 20 N^3`` flops for an ``M x N`` matrix, ``M >= N`` (thin SVD with both
   sets of vectors; Golub and Van Loan). The SVD shapes are read from the compiled HLO (its
-  LAPACK ``gesdd`` calls, one per stack, checked against the stacks' matrix shapes); each
-  device runs the SVDs of ``L / 8`` slices of a stack of ``L`` that 8 divides (refreshed
-  inside ``shard_map``), and of every slice otherwise.
+  LAPACK ``gesdd`` calls, checked against the expected shapes); each device runs the SVDs
+  of ``L / 8`` slices of a stack of ``L`` that 8 divides, and of its share of the other
+  leaves' matrices, stacked by shape and padded to a multiple of 8 (both refreshed inside
+  ``shard_map``, docs/spec.md section 9.2).
 * **Collectives**, from the HLO: those of a normal step (outside the refresh branches, the
   ``lax.cond`` branches that hold an SVD) and those a refresh adds, each with its kind,
   element type, shape on one device and what it moves, judged by the number of elements of
@@ -32,6 +34,7 @@ Results go to ``benchmarks/results/sharded_refresh_<config>.json`` and ``.md``.
   python -m benchmarks.sharded_refresh --config 60m
   python -m benchmarks.sharded_refresh --config 1b --repeats 0 --no-count   # HLO only
   python -m benchmarks.sharded_refresh --config stacks-1b --repeats 1   # the 1B's shapes
+  python -m benchmarks.sharded_refresh --config 60m-unscanned   # a 2-D kernel per layer
   python -m benchmarks.sharded_refresh --config stacks --repeats 0   # for the tests
 """
 
@@ -55,6 +58,10 @@ from benchmarks.tables import write_results
 RESULTS = pathlib.Path(__file__).parent / "results"
 DEVICES = sharded_state.DEVICES
 STACKS = {"stacks": (48, 80), "stacks-1b": (2048, 5461)}  # (d, ff)
+# The test config's 2-D kernels (as an unscanned model's): (attn, down) of them, neither
+# count a multiple of 8.
+MATRICES = (6, 3)
+UNSCANNED = "-unscanned"
 RANKS = {"stacks": 4, "stacks-1b": 512, **{k.lower(): r for k, r in llama_shapes.RANKS.items()}}
 LABELS = ("grad-sized", "low-rank", "projector", "scalar", "other")
 
@@ -79,11 +86,13 @@ def mesh_of(devices: int):
 def abstract_problem(config: str, mesh, layers: int | None = None):
   """``(params, dimension_numbers)``: the params as ``jax.ShapeDtypeStruct`` placed on
   ``mesh``. A LLaMA config is the scanned model FSDP-sharded by ``sharded_state.fsdp_spec``
-  (``layers`` replaces its depth). ``stacks`` is two stacks of 8 kernels (in, out), each
-  split along the side that its projection contracts, as FSDP splits a LLaMA's q and down
-  kernels (``attn``: d x d, "right"; ``down``: in ff, out d, "left"), with ``(d, ff)`` =
-  (48, 80) for the tests (no gradient, low-rank or projector array of rank 4 has another's
-  element count) and the 1B's (2048, 5461) for ``stacks-1b``."""
+  (``layers`` replaces its depth), ``<config>-unscanned`` the model with a 2-D kernel per
+  layer. ``stacks`` is two stacks of 8 kernels (in, out), each split along the side that
+  its projection contracts, as FSDP splits a LLaMA's q and down kernels (``attn``: d x d,
+  "right"; ``down``: in ff, out d, "left"), with ``(d, ff)`` = (48, 80) for the tests (no
+  gradient, low-rank or projector array of rank 4 has another's element count) and the
+  1B's (2048, 5461) for ``stacks-1b``; the test config adds 2-D kernels of both shapes
+  (``MATRICES``), refreshed together by shape."""
   import jax
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
@@ -92,20 +101,29 @@ def abstract_problem(config: str, mesh, layers: int | None = None):
   from examples.llama import model
 
   if config not in STACKS:
-    cfg = model.CONFIGS[config]
+    cfg = model.CONFIGS[config.removesuffix(UNSCANNED)]
     cfg = cfg if layers is None else dataclasses.replace(cfg, num_layers=layers)
-    llama, params = sharded_state.sharded_llama(cfg, mesh)
+    scan = not config.endswith(UNSCANNED)
+    llama, params = sharded_state.sharded_llama(cfg, mesh, scan)
     return params, model.dimension_numbers(llama)
   d, ff = STACKS[config]
+  place = lambda shape, spec: jax.ShapeDtypeStruct(
+    shape, "float32", sharding=NamedSharding(mesh, spec)
+  )
   specs = {
     "attn": ((layers or 8, d, d), P(None, "fsdp", None)),
     "down": ((layers or 8, ff, d), P(None, None, "fsdp")),
   }
-  place = lambda shape, spec: jax.ShapeDtypeStruct(
-    shape, "float32", sharding=NamedSharding(mesh, spec)
-  )
   params = {k: place(*v) for k, v in specs.items()}
-  return params, qgalore_jax.DimensionNumbers(reduction_axis=1, output_axis=2, batch_axis=0)
+  stacked = qgalore_jax.DimensionNumbers(reduction_axis=1, output_axis=2, batch_axis=0)
+  numbers = {k: stacked for k in specs}
+  if config == "stacks":
+    attn, down = MATRICES
+    kernel = qgalore_jax.DimensionNumbers(reduction_axis=0, output_axis=1)
+    params |= {f"attn{i}": place((d, d), P("fsdp", None)) for i in range(attn)}
+    params |= {f"down{i}": place((ff, d), P(None, "fsdp")) for i in range(down)}
+    numbers |= {k: kernel for k in params if k not in specs}
+  return params, numbers
 
 
 def concrete(params):
@@ -179,8 +197,9 @@ def collectives(hlo: str, devices: int) -> tuple[list[Collective], list[tuple[in
 
   Each instruction is counted once, as written in the HLO text. A collective is
   ``refresh_only`` where it is reached only through a conditional branch that holds an SVD.
-  Its ``elements`` bound those of the whole array it works on: an all-reduce's operand, and
-  otherwise the piece on one device (an all-gather's operand) times ``devices``.
+  Its ``elements`` bound those of the whole array it works on: an all-reduce's operand (the
+  first of a tuple), an all-gather's (the first of a tuple) times ``devices``, and an
+  all-to-all's pieces on one device together times ``devices``.
   """
   comps, entry = computations(hlo)
   calls = {name: [_callees(line) for line in lines] for name, lines in comps.items()}
@@ -222,10 +241,12 @@ def collectives(hlo: str, devices: int) -> tuple[list[Collective], list[tuple[in
         kind, (dtype, dims) = match.group(2), arrays[0]
         local = sum(_size(d) for _, d in arrays)
         itemsize = int(re.sub(r"\D", "", dtype) or 8) // 8 or 1  # pred: 1 byte
+        # A tuple all-reduce or all-gather works on several arrays (combined collectives),
+        # an all-to-all's tuple holds the pieces of one.
         if kind == "all-reduce":
-          elements = local
+          elements = _size(dims)
         elif kind == "all-gather":
-          elements = local // _group_size(line, devices) * devices
+          elements = _size(dims) // _group_size(line, devices) * devices
         else:
           elements = local * devices
         shape = f"{dtype}[{dims}]" if len(arrays) == 1 else f"{len(arrays)} x {dtype}[{dims}]"
@@ -247,10 +268,12 @@ def label_sizes(layouts, rank: int, group_size: int = 256) -> dict:
   and the top vector (k). The stored codes are told apart by their type, bytes.
   """
   sizes = {"grad-sized": set(), "low-rank": set(), "projector": set()}
-  for lay in layouts:
-    m, n = lay.matrix_shape
+  stacks = [(lay.matrix_shape, (lay.num_slices,)) for lay in layouts]
+  units = sharded_state.refresh_units(layouts, DEVICES)
+  stacks += [(shape, (n, padded)) for shape, n, padded in units]
+  for (m, n), counts in stacks:
     r, k = min(rank, m, n), (n if m >= n else m)
-    for times in (1, lay.num_slices):
+    for times in (1, *counts):
       sizes["grad-sized"].add(times * m * n)
       sizes["low-rank"] |= {times * r * (m if m >= n else n), times * r * k}
       sizes["projector"] |= {times * -(-r * k // group_size), times * k}
@@ -339,9 +362,10 @@ def analyse(compiled, params, numbers, rank: int) -> dict:
   """SVD flops per device and the collectives of ``compiled`` (:func:`compile_update`)."""
   layouts = sharded_state.projected_layouts(params, numbers)
   found, svd_shapes = collectives(compiled.as_text(), DEVICES)
-  expected = sorted(tuple(sorted(lay.matrix_shape)) for lay in layouts)
+  units = sharded_state.refresh_units(layouts, DEVICES)
+  expected = sorted(tuple(sorted(shape)) for shape, _, _ in units)
   if sorted(tuple(sorted(s)) for s in svd_shapes) != expected:
-    raise AssertionError(f"SVDs in the HLO {svd_shapes} are not the stacks' {expected}")
+    raise AssertionError(f"SVDs in the HLO {svd_shapes} are not the expected {expected}")
   split = sharded_state.svd_split(layouts, DEVICES)
   return {
     **split,
@@ -410,7 +434,7 @@ def measure(config: str, rank: int, repeats: int, timing_layers: int | None, cou
   from examples.llama import model
 
   assert jax.device_count() == DEVICES, jax.devices()
-  layers = 8 if config in STACKS else model.CONFIGS[config].num_layers
+  layers = 8 if config in STACKS else model.CONFIGS[config.removesuffix(UNSCANNED)].num_layers
   result = {
     "config": config,
     "rank": rank,
@@ -439,20 +463,30 @@ def measure(config: str, rank: int, repeats: int, timing_layers: int | None, cou
   return result
 
 
+def scanned(config: str) -> str:
+  """How ``config``'s layers are held: ``scanned`` (stacks) or as 2-D kernels."""
+  if config == "stacks":
+    return f"scanned, with {' and '.join(map(str, MATRICES))} 2-D kernels of each shape"
+  return "unscanned: 2-D kernels" if config.endswith(UNSCANNED) else "scanned"
+
+
 def table(result: dict) -> str:
   a, run = result["analysis"], result.get("svds_run")
   d = result["devices"]
   lines = [
-    f"{result['config']} ({result['layers']} layers, scanned), rank {result['rank']},"
+    f"{result['config']} ({result['layers']} layers, {scanned(result['config'])}), rank"
+    f" {result['rank']},"
     f" float32 moments, FSDP over an Explicit mesh of {d} devices (JAX {result['jax']},"
     f" {result['date']})",
     "",
     f"SVD flops of a step where every matrix refreshes (6 M N^2 + 20 N^3 per M x N SVD,"
     f" M >= N): {a['svds_per_refresh_step']} SVDs, {a['svd_gflops_per_refresh_step']:.2f}"
-    f" GFLOP in all; each device runs {a['svds_per_device']} of them,"
+    f" GFLOP in all; the busiest device runs {a['svds_per_device']} of them,"
     f" {a['svd_gflops_per_device']:.2f} GFLOP: **{a['svd_fraction_per_device']:.3f} of the"
     f" total** (1/{d} = {1 / d:.3f}). The compiled update holds"
-    f" {len(a['svd_shapes_in_hlo'])} SVD calls, one per stack, of the stacks' matrix shapes."
+    f" {len(a['svd_shapes_in_hlo'])} SVD calls of the expected matrix shapes: one per stack"
+    f" that splits over the {d} devices, one per matrix shape of the other leaves, refreshed"
+    " together."
     + (
       ""
       if run is None
@@ -532,7 +566,7 @@ def main(argv=None) -> dict:
   os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
   if sharded_state.rerun_on_devices("benchmarks.sharded_refresh", argv or sys.argv[1:]):
     return json.loads(path.read_text())
-  rank = args.rank or RANKS[args.config]
+  rank = args.rank or RANKS[args.config.removesuffix(UNSCANNED)]
   result = measure(args.config, rank, args.repeats, args.timing_layers, args.count)
   write_results(path, result, table(result))
   return result

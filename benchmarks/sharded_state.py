@@ -46,20 +46,21 @@ def fsdp_spec(path, shape, stacked: bool):
   return P(*("fsdp" if a == axis else None for a in range(len(shape))))
 
 
-def sharded_llama(cfg, mesh):
-  """The scanned LLaMA of ``cfg``, built abstractly: ``(model, params)``, the params as
-  ``jax.ShapeDtypeStruct`` placed FSDP-style on ``mesh`` (:func:`fsdp_spec`)."""
+def sharded_llama(cfg, mesh, scan: bool = True):
+  """The LLaMA of ``cfg`` (its blocks scanned, or a Python loop of 2-D kernels), built
+  abstractly: ``(model, params)``, the params as ``jax.ShapeDtypeStruct`` placed
+  FSDP-style on ``mesh`` (:func:`fsdp_spec`)."""
   import jax
   from flax import nnx
   from jax.sharding import NamedSharding
 
   from examples.llama import model
 
-  llama = nnx.eval_shape(lambda: model.Llama(cfg, nnx.Rngs(0), scan=True))
+  llama = nnx.eval_shape(lambda: model.Llama(cfg, nnx.Rngs(0), scan=scan))
   abstract = nnx.to_pure_dict(nnx.state(llama, nnx.Param))
 
   def place(path, a):
-    stacked = jax.tree_util.keystr(path).startswith("['layers']")
+    stacked = scan and jax.tree_util.keystr(path).startswith("['layers']")
     sharding = NamedSharding(mesh, fsdp_spec(path, a.shape, stacked))
     return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
 
@@ -185,19 +186,31 @@ def projected_layouts(params, dimension_numbers) -> list:
   return [spec.resolve(p.shape) for p, spec in pairs if spec is not None]
 
 
-def svd_split(layouts, devices: int) -> dict:
-  """SVDs and their flops on a step where every matrix refreshes, in all and on each device:
-  a stack whose slices split evenly over the devices is refreshed where each slice lives
-  (docs/spec.md section 9.2), any other matrix on every device."""
-  svds_total = svds_device = flops_total = flops_device = 0
+def refresh_units(layouts, devices: int) -> list[tuple[tuple[int, int], int, int]]:
+  """How a step where every matrix refreshes runs its SVDs on ``devices`` devices
+  (docs/spec.md section 9.2): one stack split over the devices for each stack whose slices
+  split evenly over them, and one for each matrix shape of the other leaves, their slices
+  together, padded to a multiple of ``devices``. Each as ``(matrix shape, slices,
+  padded)``; a device runs ``padded / devices`` SVDs of each, at most."""
+  units = [(lay.matrix_shape, lay.num_slices) for lay in layouts if lay.num_slices % devices == 0]
+  together = collections.Counter()
   for lay in layouts:
-    one = svd_flops(*lay.matrix_shape)
-    split = lay.num_slices % devices == 0
-    on_device = lay.num_slices // devices if split else lay.num_slices
-    svds_total += lay.num_slices
-    svds_device += on_device
-    flops_total += lay.num_slices * one
-    flops_device += on_device * one
+    if lay.num_slices % devices:
+      together[lay.matrix_shape] += lay.num_slices
+  units += together.items()
+  return [(shape, n, -(-n // devices) * devices) for shape, n in units]
+
+
+def svd_split(layouts, devices: int) -> dict:
+  """SVDs and their flops on a step where every matrix refreshes, in all and on the
+  busiest device (:func:`refresh_units`)."""
+  svds_total = svds_device = flops_total = flops_device = 0
+  for shape, slices, padded in refresh_units(layouts, devices):
+    one = svd_flops(*shape)
+    svds_total += slices
+    svds_device += padded // devices
+    flops_total += slices * one
+    flops_device += padded // devices * one
   return {
     "svds_per_refresh_step": svds_total,
     "svds_per_device": svds_device,

@@ -62,6 +62,7 @@ def possible_gaps(refresh_steps: list[int], gap: int, gamma: int) -> set[int]:
   return {g2 for g in gaps for g2 in ({g, g * gamma} if k >= QUEUE_SIZE else {g})}
 
 
+@pytest.mark.slow
 def test_results_are_well_formed(study):
   results = json.loads((study / "svd_study.json").read_text())
   rows = results["optimizers"]

@@ -59,6 +59,7 @@ def test_skip_reason_is_read_from_the_line_before_the_block():
   assert python_blocks(text) == [(2, "x = 1\n", "needs a GPU")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   ("line", "code", "skip_reason"), BLOCKS, ids=[f"README.md:{b[0]}" for b in BLOCKS]
 )

@@ -10,6 +10,7 @@ no codes for them.
 
 import jax
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck
 from hypothesis import given
@@ -35,6 +36,7 @@ def matrices(draw, max_rows=24, max_cols=40):
   return (np.random.default_rng(seed).normal(size=shape) * scale).astype(np.float32)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(w=matrices(), bits=st.integers(1, 8), group_size=st.sampled_from([1, 7, 16, 31, 64, 256]))
 def test_weight_quantiser_is_bit_identical(w, bits, group_size):
@@ -53,6 +55,7 @@ def test_int4_packing_is_bit_identical_and_round_trips(codes):
   np.testing.assert_array_equal(np.asarray(qgalore_jax.unpack_int4(packed, codes.size)), codes)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(x=matrices(max_rows=40, max_cols=40), signed=st.booleans())
 def test_moment_codec_is_bit_identical(x, signed):

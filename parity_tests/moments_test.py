@@ -18,6 +18,7 @@ def test_moment_quantiser_bit_identical(case, dev):
     assert check.passed, check
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lockstep", [True, False], ids=["lockstep", "free-running"])
 def test_llama_block_with_8bit_moments_agrees(lockstep, dev):
   for check in moments.measure_optimizer(lockstep, dev.name):

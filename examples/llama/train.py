@@ -204,11 +204,20 @@ def pin_shardings(train_step, params, opt_state):
   """``train_step`` returning params and optimizer state placed as ``params`` and
   ``opt_state`` are (the loss replicated), still jitted with both donated: without this
   XLA picks the outputs' shardings, which may gather a weight whole or change from step
-  to step (a recompilation)."""
+  to step (a recompilation). It runs under ``jax.set_mesh`` of the params' mesh, so that
+  the optimizer sees the mesh while it is traced and splits each refresh's SVDs over the
+  devices (docs/spec.md section 9.2) instead of running every SVD on every device."""
   shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
   mesh = jax.tree.leaves(params)[0].sharding.mesh
   out = (shardings(params), shardings(opt_state), NamedSharding(mesh, PartitionSpec()))
-  return jax.jit(train_step, out_shardings=out, donate_argnums=(0, 1))
+  jitted = jax.jit(train_step, out_shardings=out, donate_argnums=(0, 1))
+
+  @functools.wraps(train_step)
+  def on_mesh(*args):
+    with jax.set_mesh(mesh):
+      return jitted(*args)
+
+  return on_mesh
 
 
 def make_data(cfg: RunConfig, mesh: jax.sharding.Mesh | None = None):

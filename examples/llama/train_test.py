@@ -75,6 +75,7 @@ def train_steps(cfg, float_weights: bool = False):
 # (measured: at most one ulp of the loss, 5e-7), not bit for bit. With INT8 weights both
 # layouts draw the same uniforms (``model.tensor_ids``), so a weight rounds alike unless a
 # one-ulp difference moves it across a code boundary.
+@pytest.mark.slow
 @pytest.mark.parametrize(
   ("name", "float_weights", "rtol"),
   [("adamw", False, 1e-6), ("qgalore", True, 1e-6), ("qgalore", False, 1e-5)],
@@ -115,6 +116,7 @@ def test_c4_needs_a_t5_sized_vocabulary():
     train.make_data(dataclasses.replace(CFG, dataset="c4"))
 
 
+@pytest.mark.slow
 def test_checkpoint_resume_gives_the_identical_next_loss(tmp_path):
   # qgalore has the richest state: INT8 weights, a packed INT4 projector, refresh schedules.
   name = "qgalore"

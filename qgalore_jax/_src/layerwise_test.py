@@ -64,6 +64,7 @@ def _distance(a, b) -> float:
   return (num / sum(float(jnp.sum(y**2)) for y in jax.tree.leaves(b))) ** 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moment_bits", [None, 8])
 def test_matches_the_ordinary_step(moment_bits):
   """12 steps, refreshes every 3: within the chaos floor of the ordinary step, and the first
@@ -110,13 +111,13 @@ def batch_loss_fn(p, tokens):
 BATCH = (jnp.arange(4 * 12) * 7 % 16).reshape(4, 12)
 
 
-@pytest.mark.parametrize("micro_batches", [2, 4])
-def test_micro_batches_train_as_the_whole_batch(micro_batches):
-  """12 steps of micro-batches, refreshes every 3, against the ordinary step on the whole
+@pytest.mark.slow
+def test_micro_batches_train_as_the_whole_batch():
+  """12 steps of 4 micro-batches, refreshes every 3, against the ordinary step on the whole
   batch: within the chaos floor (the gradients are summed over the parts, so only their
   rounding differs), the same refresh decisions, and the loss the mean over the batch."""
   tx = qgalore_jax.qgalore_adamw(1e-2, rank=4, update_proj_gap=3, dimension_numbers=DIMS)
-  step = qgalore_jax.layerwise_train_step(embed, block, batch_head, tx, micro_batches=micro_batches)
+  step = qgalore_jax.layerwise_train_step(embed, block, batch_head, tx, micro_batches=4)
   ordinary = qgalore_jax.int8_train_step(batch_loss_fn, tx)
   got, got_state, got_losses = _run(step, tx, _params(), 12, BATCH)
   want, want_state, want_losses = _run(ordinary, tx, _params(), 12, BATCH)
@@ -140,6 +141,7 @@ def test_micro_batches_must_split_the_batch_evenly():
     step(params, tx.init(params), BATCH, jnp.int32(0))
 
 
+@pytest.mark.slow
 def test_randomized_refresh_draws_each_slice_its_own_sketch():
   """A block's slice of a stack keys its sketch by its index in the whole stack: the first
   step's projectors equal the ordinary step's (a wrong key gives another basis)."""

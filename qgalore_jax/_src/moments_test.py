@@ -261,6 +261,7 @@ def test_state_bytes_per_element():
   assert sum(x.nbytes for x in jax.tree.leaves(low_rank)) == 512 * 64 * (1 + 4 / 256)
 
 
+@pytest.mark.slow
 def test_first_step_equals_float_moments_and_later_steps_stay_close():
   rng = np.random.default_rng(5)
   params = {"w": jnp.asarray(rng.normal(size=(96, 64)), jnp.float32), "b": jnp.zeros(64)}

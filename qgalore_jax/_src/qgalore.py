@@ -5,7 +5,10 @@ no learning rate and no decay. The user alias ``qgalore_adamw`` lives in ``alias
 ``projection_stats`` reads the refresh statistics out of either one's state.
 """
 
+import collections
 import contextvars
+import functools
+import itertools
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -289,53 +292,90 @@ def scale_by_qgalore(
     )
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, carry)
 
-  def refresh_due_slices(g, lay, due, carry, count, tensor_id, hp):
-    """Refreshes the slices flagged in ``due``, one SVD each, none for the others.
+  def refresh_in_turn(g_slices, canonical, due, carry, count, hp, keys):
+    """Refreshes the slices of ``g_slices`` flagged in ``due``, one SVD each, in a loop.
+
+    ``canonical`` reads a slice as its float32 (m, n) matrix; ``keys`` are two int32 arrays
+    (S,), each slice's tensor id and index in its stack, which key its sketch.
+    """
+    order = jnp.nonzero(due, size=due.shape[0], fill_value=0)[0]
+
+    def body(j, carry):
+      i = order[j]
+      one = jax.tree.map(lambda a: a[i], carry)
+      new = refresh_slice(canonical(g_slices[i]), one, (count, keys[0][i], keys[1][i]), hp)
+      return jax.tree.map(lambda a, v: a.at[i].set(v), carry, new)
+
+    return jax.lax.fori_loop(jnp.int32(0), jnp.sum(due, dtype=jnp.int32), body, carry)
+
+  def refresh_split(mesh, g_slices, canonical, due, carry, count, hp, keys):
+    """:func:`refresh_in_turn` with the slices split over every device of ``mesh`` (their
+    number a multiple of its size) inside ``shard_map``: each device refreshes its own due
+    slices, so each SVD runs once on the mesh, not once per device (docs/spec.md 9.2)."""
+    arrays = {k: v for k, v in hp.items() if isinstance(v, jax.Array)}
+
+    def local(g_slices, due, carry, keys, count, arrays):
+      return refresh_in_turn(g_slices, canonical, due, carry, count, {**hp, **arrays}, keys)
+
+    split = jax.sharding.PartitionSpec(mesh.axis_names)
+    whole = jax.sharding.PartitionSpec()
+    in_specs = (split, split, split, split, whole, jax.tree.map(lambda _: whole, arrays))
+    run = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=split)
+    return run(g_slices, due, carry, keys, count, arrays)
+
+  def slice_keys(lay, tensor_id):
+    """Each slice's (tensor id, index in the whole stack), as two int32 arrays (S,)."""
+    # A stack updated one block at a time (layer-wise training) keys its sketches by the
+    # slice's index in the whole stack.
+    block = BLOCK_INDEX.get()
+    first = 0 if block is None else block * lay.num_slices
+    ids = jnp.full((lay.num_slices,), tensor_id, jnp.int32)
+    return ids, first + jnp.arange(lay.num_slices, dtype=jnp.int32)
+
+  def refresh_due_slices(g, lay, due, carry, *, count, tensor_id, hp, mesh):
+    """Refreshes the slices flagged in ``due``, one SVD each, none for the others; split
+    over the devices of ``mesh`` (None: not split) where its size divides the slices.
 
     Each canonical matrix is formed inside this branch: a transposed operand of the cond
     would be materialised on every step, refresh or not.
     """
     g_slices = lay.to_slices(g)
     canonical = lambda x: lay.slice_layout.to_stack(x)[0].astype(jnp.float32)
-    # A stack updated one block at a time (layer-wise training) keys its sketches by the
-    # slice's index in the whole stack.
-    block = BLOCK_INDEX.get()
-    first = 0 if block is None else block * lay.num_slices
+    keys = slice_keys(lay, tensor_id)
     if lay.num_slices == 1:
       one = jax.tree.map(lambda a: a[0], carry)
-      new = refresh_slice(canonical(g_slices[0]), one, (count, tensor_id, first), hp)
+      new = refresh_slice(canonical(g_slices[0]), one, (count, tensor_id, keys[1][0]), hp)
       return jax.tree.map(lambda a: a[None], new)
+    if mesh is None or lay.num_slices % mesh.size:
+      return refresh_in_turn(g_slices, canonical, due, carry, count, hp, keys)
+    # The stack is resharded along its slices (an all-to-all of the gradient).
+    return refresh_split(mesh, g_slices, canonical, due, carry, count, hp, keys)
 
-    def refresh_in_turn(g_slices, due, carry, count, hp, first=0):
-      order = jnp.nonzero(due, size=due.shape[0], fill_value=0)[0]
+  def refresh_together(members, count, hp, mesh):
+    """The (stored projector, schedule) of each of ``members``, ``(g, lay, due, carry,
+    tensor_id)`` of leaves whose matrices have one shape, refreshed as one stack split over
+    the devices of ``mesh``: the due slices of 2-D leaves, and of stacks that do not split
+    evenly, run their SVDs once on the mesh, each on one device (docs/spec.md 9.2).
 
-      def body(j, carry):
-        i = order[j]
-        one = jax.tree.map(lambda a: a[i], carry)
-        new = refresh_slice(canonical(g_slices[i]), one, (count, tensor_id, first + i), hp)
-        return jax.tree.map(lambda a, v: a.at[i].set(v), carry, new)
+    In the refresh branch the leaves' canonical matrices are stacked (padded with slices
+    that are never due to a multiple of the mesh's size) and resharded along the stack.
+    """
+    due = jnp.concatenate([m[2] for m in members])
+    concat = lambda *xs: jnp.concatenate(xs)
 
-      return jax.lax.fori_loop(jnp.int32(0), jnp.sum(due, dtype=jnp.int32), body, carry)
+    def refresh(carries):
+      g = concat(*(lay.to_stack(g).astype(jnp.float32) for g, lay, *_ in members))
+      keys = jax.tree.map(concat, *(slice_keys(m[1], m[4]) for m in members))
+      carry = jax.tree.map(concat, *carries)
+      total = g.shape[0]
+      pad = lambda a: jnp.pad(a, [(0, -total % mesh.size)] + [(0, 0)] * (a.ndim - 1))
+      g, padded_due, carry, keys = jax.tree.map(pad, (g, due, carry, keys))
+      carry = refresh_split(mesh, g, lambda x: x, padded_due, carry, count, hp, keys)
+      bounds = itertools.accumulate((m[1].num_slices for m in members), initial=0)
+      part = lambda start, stop: jax.tree.map(lambda a: a[start:stop], carry)
+      return [part(start, stop) for start, stop in itertools.pairwise(bounds)]
 
-    mesh = jax.sharding.get_abstract_mesh()
-    # Inside a caller's shard_map (manual axes) the slices are already where they stay.
-    if mesh.empty or mesh.size == 1 or mesh.manual_axes or lay.num_slices % mesh.size:
-      return refresh_in_turn(g_slices, due, carry, count, hp, first)
-    # On a mesh the stack is split over every device (an all-to-all of the gradient), and
-    # each device refreshes its own due slices: each SVD runs once, not once per device.
-    per_device = lay.num_slices // mesh.size
-
-    arrays = {k: v for k, v in hp.items() if isinstance(v, jax.Array)}
-
-    def local(g_slices, due, carry, count, arrays):
-      mine = first + jax.lax.axis_index(mesh.axis_names) * per_device
-      return refresh_in_turn(g_slices, due, carry, count, {**hp, **arrays}, mine)
-
-    split = jax.sharding.PartitionSpec(mesh.axis_names)
-    whole = jax.sharding.PartitionSpec()
-    in_specs = (split, split, split, whole, jax.tree.map(lambda _: whole, arrays))
-    run = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=split)
-    return run(g_slices, due, carry, count, arrays)
+    return jax.lax.cond(jnp.any(due), refresh, lambda c: c, [m[3] for m in members])
 
   def update_slice(g, mu, nu, stored, lay, count_inc, hp, specs=None):
     """Projected Adam on one matrix ``g`` (a slice, laid out as ``lay``; no batch axes).
@@ -380,17 +420,8 @@ def scale_by_qgalore(
     nu = moments.store_moment(nu, False, moment_bits, min_size=min_8bit_size)
     return direction.astype(g.dtype), mu, nu
 
-  def update_leaf(g, mu, nu, stored, subspace, lay, count, count_inc, tensor_id, hp, entries):
-    # State arrays hold the batch shape in front; the update works on (S, ...) stacks.
-    to_batch = lambda t: jax.tree.map(lay.slices_to_batch, t)
-    mu, nu, stored, subspace = jax.tree.map(lay.batch_to_slices, (mu, nu, stored, subspace))
-    due = schedule.refresh_due(subspace, count)
-    stored, subspace = jax.lax.cond(
-      jnp.any(due),
-      lambda carry: refresh_due_slices(g, lay, due, carry, count, tensor_id, hp),
-      lambda carry: carry,
-      (stored, subspace),
-    )
+  def update_leaf(g, mu, nu, stored, lay, count_inc, hp, entries):
+    """Projected Adam on each slice of a leaf (state as (S, ...) stacks, refreshed)."""
     specs = None
     mesh = jax.sharding.get_abstract_mesh()
     if entries is not None and not mesh.empty and not mesh.manual_axes:
@@ -401,7 +432,32 @@ def scale_by_qgalore(
       return update_slice(g, mu, nu, stored, lay.slice_layout, count_inc, hp, specs)
 
     direction, mu, nu = layout.map_slices(one, (lay.to_slices(g), mu, nu, stored))
-    return (lay.from_slices(direction), *to_batch((mu, nu, stored, subspace)))
+    return lay.from_slices(direction), mu, nu
+
+  def refresh_leaves(grads, layouts, carries, count, hp):
+    """Each leaf's (stored projector, schedule), as (S, ...) stacks, after the refreshes due
+    at ``count``. On a mesh (the context's, of more than one device, outside a caller's
+    ``shard_map``) each SVD runs on one device: a stack that splits evenly over the devices
+    alone, the other leaves together with those whose matrices have their shape."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+      mesh = None
+    dues = [schedule.refresh_due(carry[1], count) for carry in carries]
+    carries = list(carries)
+    together = collections.defaultdict(list)
+    for i, (g, (lay, tensor_id), due, carry) in enumerate(zip(grads, layouts, dues, carries)):
+      if mesh is not None and lay.num_slices % mesh.size:
+        together[lay.matrix_shape].append(i)
+        continue
+      refresh = functools.partial(
+        refresh_due_slices, g, lay, due, count=count, tensor_id=tensor_id, hp=hp, mesh=mesh
+      )
+      carries[i] = jax.lax.cond(jnp.any(due), refresh, lambda c: c, carry)
+    for group in together.values():
+      members = [(grads[i], layouts[i][0], dues[i], carries[i], layouts[i][1]) for i in group]
+      for i, carry in zip(group, refresh_together(members, count, hp, mesh), strict=True):
+        carries[i] = carry
+    return carries
 
   projector_cls = None if proj_bits is None else QuantizedArray
   moment_cls = moments.moment_cls(moment_bits)
@@ -449,19 +505,26 @@ def scale_by_qgalore(
     count_inc = optax.safe_increment(state.count)
     # Under an Explicit mesh, the gradients' specs (sharding.explicit_update records them).
     entries = sharding.update_entries() or [None] * len(leaves)
-    per_leaf = [
-      update_leaf(g, mu, nu, stored, sub, lay, state.count, count_inc, tensor_id, hp, spec)
-      for g, mu, nu, stored, sub, (lay, tensor_id), spec in zip(
-        leaves,
-        trees.unpack(treedef, state.mu, moment_cls),
-        trees.unpack(treedef, state.nu, moment_cls),
-        trees.unpack(treedef, state.projector, projector_cls),
-        trees.structs_per_leaf(schedule.SubspaceState, treedef, state.subspace),
-        layouts,
-        entries,
-        strict=True,
-      )
+    # State arrays hold the batch shape in front; the update works on (S, ...) stacks.
+    per_leaf_state = zip(
+      trees.unpack(treedef, state.mu, moment_cls),
+      trees.unpack(treedef, state.nu, moment_cls),
+      trees.unpack(treedef, state.projector, projector_cls),
+      trees.structs_per_leaf(schedule.SubspaceState, treedef, state.subspace),
+      strict=True,
+    )
+    states = [
+      jax.tree.map(lay.batch_to_slices, leaf)
+      for leaf, (lay, _) in zip(per_leaf_state, layouts, strict=True)
     ]
+    carries = refresh_leaves(leaves, layouts, [s[2:] for s in states], state.count, hp)
+    per_leaf = []
+    for g, (mu, nu, _, _), (stored, subspace), (lay, _), spec in zip(
+      leaves, states, carries, layouts, entries, strict=True
+    ):
+      direction, mu, nu = update_leaf(g, mu, nu, stored, lay, count_inc, hp, spec)
+      to_batch = lambda t, lay=lay: jax.tree.map(lay.slices_to_batch, t)
+      per_leaf.append((direction, *to_batch((mu, nu, stored, subspace))))
     new_updates, mu, nu, stored, subspace = ([leaf[i] for leaf in per_leaf] for i in range(5))
     return treedef.unflatten(new_updates), ScaleByQGaLoreState(
       count=count_inc,

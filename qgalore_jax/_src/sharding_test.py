@@ -17,6 +17,7 @@ from qgalore_jax._src.integration_test import run_on_8_cpu_devices
 # 256-element projector group in two.
 PROBLEM = textwrap.dedent(
   """
+  import re
   import jax, jax.numpy as jnp, numpy as np, optax
   from jax.sharding import NamedSharding, PartitionSpec as P, AxisType
   import qgalore_jax
@@ -290,19 +291,46 @@ PLACEMENT = PROBLEM + textwrap.dedent(
   for a, b in zip(jax.tree.leaves(got_q), jax.tree.leaves(want_q)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-  # A stack of 8 slices on 8 devices: each device refreshes its own slice (one SVD each),
-  # and the projectors and schedules are one device's, bit for bit.
-  g = {"w": jnp.asarray(rng.normal(size=(8, 64, 96)), jnp.float32)}
-  galore = qgalore_jax.scale_by_qgalore(rank=8, dimension_numbers=DimensionNumbers(1, 2, 0))
+  # A stack of 8 slices on 8 devices: each device refreshes its own slice (one SVD each).
+  # 2-D leaves and a stack of 3 are refreshed together by matrix shape: a Flax kernel
+  # (in, out), a (out, in) matrix and the stack's 3 slices, all (96, 64), padded to 8 slices;
+  # a (24, 40) kernel alone, padded to 8. Projectors and schedules are one device's, bit for
+  # bit, and each matrix is refreshed once.
+  g = {
+    "w": rng.normal(size=(8, 64, 96)),
+    "a": rng.normal(size=(64, 96)),
+    "b": rng.normal(size=(96, 64)),
+    "c": rng.normal(size=(3, 96, 64)),
+    "d": rng.normal(size=(40, 24)),
+  }
+  g = {k: jnp.asarray(v, jnp.float32) for k, v in g.items()}
+  numbers = {
+    "w": DimensionNumbers(1, 2, 0),
+    "a": DimensionNumbers(0, 1),
+    "b": DimensionNumbers(1, 0),
+    "c": DimensionNumbers(2, 1, 0),
+    "d": DimensionNumbers(0, 1),
+  }
+  cuts = {"w": P(None, "fsdp", None), "a": P("fsdp", None), "b": P(None, "fsdp"),
+          "c": P(None, "fsdp", None), "d": P("fsdp", None)}
+  galore = qgalore_jax.scale_by_qgalore(rank=8, dimension_numbers=numbers)
   refresh = jax.jit(lambda g, s: galore.update(g, s)[1])
   with jax.set_mesh(mesh_of(1)):
     want_state = refresh(g, galore.init(g))
-  with jax.set_mesh(explicit):
-    gs = jax.device_put(g, {"w": NamedSharding(explicit, P(None, "fsdp", None))})
-    got_state = refresh(gs, jax.jit(galore.init)(gs))
-  assert np.asarray(got_state.subspace.svd_count["w"]).tolist() == [1] * 8
-  for a, b in zip(jax.tree.leaves(got_state[3:]), jax.tree.leaves(want_state[3:])):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for mesh in (explicit, jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))):
+    with jax.set_mesh(mesh):
+      gs = jax.device_put(g, {k: NamedSharding(mesh, s) for k, s in cuts.items()})
+      state = jax.jit(galore.init)(gs)
+      text = refresh.lower(gs, state).compile().as_text()
+      got_state = refresh(gs, state)
+    # One SVD call in the program per stack of 8 and per matrix shape, each inside shard_map
+    # on a device's own slices: (1, 64, 96), (1, 96, 64) and (1, 24, 40) per device.
+    svds = re.findall(r'custom_call_target="[^"]*ge(?:sdd|svd)', text)
+    assert len(svds) == 3, svds
+    counts = jax.tree.map(lambda a: np.asarray(a).tolist(), got_state.subspace.svd_count)
+    assert counts == {"w": [1] * 8, "a": 1, "b": 1, "c": [1] * 3, "d": 1}, counts
+    for a, b in zip(jax.tree.leaves(got_state[3:]), jax.tree.leaves(want_state[3:])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   print("SHARDED_OK")
   """
 )

@@ -200,6 +200,7 @@ def count_svds(slices: int, steps: int) -> dict:
   }
 
 
+@pytest.mark.slow
 def test_svd_work_is_proportional_to_the_due_slices():
   slices, steps = 32, 400
   got = count_svds(slices, steps)
