@@ -13,9 +13,12 @@ from parity_tests import authors
 
 
 def pytest_collection_modifyitems(items):
-  """Runs the tests marked ``slow`` first (in their collected order, as the rest): with
-  pytest-xdist the long ones then start early on every worker and the short ones fill the
-  gaps, rather than one long test running alone at the end."""
+  """Runs the tests marked ``slow`` first (in their collected order, as the rest).
+
+  pytest-xdist (``-n``) hands out tests one at a time as workers finish
+  (``--maxschedchunk=1`` in pyproject.toml), so the long ones are spread over the workers
+  from the start and the short ones fill the gaps, rather than one long test running alone
+  at the end while the other workers wait."""
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 

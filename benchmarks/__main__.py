@@ -104,6 +104,15 @@ BENCHMARKS = (
   ),
   (
     "sharded_refresh",
+    ["--config", "60m-unscanned"],
+    "What a step communicates under FSDP, unscanned LLaMA-60M",
+    "As above for the LLaMA-60M with a 2-D kernel per layer: the refresh stacks the"
+    " gradients of the kernels of each shape and splits them over the devices, so each SVD"
+    " runs on one device here too.",
+    ["sharded_refresh_60m-unscanned"],
+  ),
+  (
+    "sharded_refresh",
     ["--config", "1b", "--repeats", "0", "--no-count"],
     "What a step communicates under FSDP, LLaMA-1B (compiled only)",
     "As above for the 1B, from the compiled program only: its refresh step does not fit this"

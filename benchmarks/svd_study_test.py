@@ -31,6 +31,8 @@ NAMES = ("qgalore", "qgalore-fixedgap")
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
+  """The study's output folder. One test reads it (``test_study``): tests of one fixture
+  may run on different pytest-xdist workers, each of which would run the study again."""
   with pytest.MonkeyPatch.context() as mp:
     mp.setitem(model.CONFIGS, "test", TEST_MODEL)
     out = tmp_path_factory.mktemp("svd_study")
@@ -63,7 +65,13 @@ def possible_gaps(refresh_steps: list[int], gap: int, gamma: int) -> set[int]:
 
 
 @pytest.mark.slow
-def test_results_are_well_formed(study):
+def test_study(study):
+  check_results_are_well_formed(study)
+  check_fixed_gap_count_is_matrices_times_refreshes(study)
+  check_adaptive_count_follows_the_refresh_rule(study)
+
+
+def check_results_are_well_formed(study):
   results = json.loads((study / "svd_study.json").read_text())
   rows = results["optimizers"]
   assert list(rows) == list(NAMES)
@@ -77,7 +85,7 @@ def test_results_are_well_formed(study):
   assert (study / "runs" / "qgalore" / "metrics.jsonl").exists()
 
 
-def test_fixed_gap_count_is_matrices_times_refreshes(study):
+def check_fixed_gap_count_is_matrices_times_refreshes(study):
   row = json.loads((study / "svd_study.json").read_text())["optimizers"]["qgalore-fixedgap"]
   assert row["svd_count"] == MATRICES * math.ceil(STEPS / GAP) == 84
   assert len(row["refresh_steps"]) == MATRICES
@@ -86,7 +94,7 @@ def test_fixed_gap_count_is_matrices_times_refreshes(study):
   assert row["svd_percent_of_fixed"] == 100.0
 
 
-def test_adaptive_count_follows_the_refresh_rule(study):
+def check_adaptive_count_follows_the_refresh_rule(study):
   rows = json.loads((study / "svd_study.json").read_text())["optimizers"]
   row = rows["qgalore"]
   steps_of = row["refresh_steps"]

@@ -321,8 +321,9 @@ PLACEMENT = PROBLEM + textwrap.dedent(
     with jax.set_mesh(mesh):
       gs = jax.device_put(g, {k: NamedSharding(mesh, s) for k, s in cuts.items()})
       state = jax.jit(galore.init)(gs)
-      text = refresh.lower(gs, state).compile().as_text()
-      got_state = refresh(gs, state)
+      compiled = refresh.lower(gs, state).compile()
+      text = compiled.as_text()
+      got_state = compiled(gs, state)
     # One SVD call in the program per stack of 8 and per matrix shape, each inside shard_map
     # on a device's own slices: (1, 64, 96), (1, 96, 64) and (1, 24, 40) per device.
     svds = re.findall(r'custom_call_target="[^"]*ge(?:sdd|svd)', text)
