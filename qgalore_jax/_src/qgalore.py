@@ -334,7 +334,8 @@ def scale_by_qgalore(
 
   def refresh_due_slices(g, lay, due, carry, *, count, tensor_id, hp, mesh):
     """Refreshes the slices flagged in ``due``, one SVD each, none for the others; split
-    over the devices of ``mesh`` (None: not split) where its size divides the slices.
+    over the devices of ``mesh`` (None: not split), whose size divides the slices (others
+    are refreshed by :func:`refresh_together`).
 
     Each canonical matrix is formed inside this branch: a transposed operand of the cond
     would be materialised on every step, refresh or not.
@@ -346,7 +347,7 @@ def scale_by_qgalore(
       one = jax.tree.map(lambda a: a[0], carry)
       new = refresh_slice(canonical(g_slices[0]), one, (count, tensor_id, keys[1][0]), hp)
       return jax.tree.map(lambda a: a[None], new)
-    if mesh is None or lay.num_slices % mesh.size:
+    if mesh is None:
       return refresh_in_turn(g_slices, canonical, due, carry, count, hp, keys)
     # The stack is resharded along its slices (an all-to-all of the gradient).
     return refresh_split(mesh, g_slices, canonical, due, carry, count, hp, keys)
